@@ -1,0 +1,67 @@
+"""The ``evomerge`` command line: thin wrappers over the library.
+
+Exit codes: 0 success, 2 bad input (config, model files, options), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from evomerge.errors import EvomergeError
+from evomerge.io.writer import parse_size
+
+log = logging.getLogger("evomerge")
+
+
+class _Group(click.Group):
+    """Turns EvomergeError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EvomergeError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="evomerge")
+def main() -> None:
+    """Merge fine-tuned LLMs that share a base model, and search for the best merge."""
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed for DARE/DELLA masks (with the tensor name).")
+@click.option("--out-shard-size", default="5GB", show_default=True,
+              help="Largest output shard, e.g. 5GB or 500M.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty OUT_DIR.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: str, force: bool,
+          quiet: bool, verbose: bool) -> None:
+    """Merge the models of a mergekit-style CONFIG.yaml into OUT_DIR."""
+    from evomerge.merger import merge as run_merge
+
+    _setup_logging(quiet, verbose)
+    shard_size = parse_size(out_shard_size)
+    path = run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size,
+                     force=force, progress=not quiet)
+    if not quiet:
+        click.echo(f"merged model written to {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

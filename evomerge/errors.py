@@ -1,0 +1,23 @@
+"""Errors that reach the user as one clear line (the CLI exits with code 2)."""
+
+
+class EvomergeError(Exception):
+    """A problem with the user's input: config, model files, or options."""
+
+
+class ConfigError(EvomergeError):
+    """An invalid merge or experiment config: names the file, field and YAML line."""
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
+                 line: int | None = None):
+        where = file or "<config>"
+        if line is not None:
+            where += f":{line}"
+        if field:
+            where += f": {field}"
+        super().__init__(f"{where}: {message}")
+        self.file, self.field, self.line = file, field, line
+
+
+class ModelError(EvomergeError):
+    """A model folder that cannot be read, or models that cannot be merged together."""

@@ -1,0 +1,109 @@
+"""Lazy reading of Hugging Face model folders, one tensor at a time through memory maps.
+
+Accepts ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
+``pytorch_model.bin`` and sharded ``.bin`` with ``pytorch_model.bin.index.json`` (loaded
+with ``weights_only=True`` and ``mmap=True``, so no pickle code runs and nothing is read
+until a tensor is used). Every file is opened and its header checked when the folder is
+opened, so a truncated or corrupt file fails before any merge work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from evomerge.errors import ModelError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class ModelFolder:
+    """A read-only view of a model folder: its config and its tensors by name."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelError(f"model folder not found: {self.path} (no hub access: give a local path)")
+        self.config = self._read_config()
+        self._handles: dict[Path, object] = {}
+        self._files: dict[str, Path] = self._tensor_files()
+        for file in dict.fromkeys(self._files.values()):
+            self._open(file)
+        self._check_index()
+
+    def _read_config(self) -> dict:
+        config_path = self.path / "config.json"
+        try:
+            return json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{config_path}: missing config.json") from None
+        except json.JSONDecodeError as error:
+            raise ModelError(f"{config_path}: invalid JSON ({error.msg}, line {error.lineno})") from None
+
+    def _tensor_files(self) -> dict[str, Path]:
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index_path = self.path / index_name
+            if index_path.exists():
+                try:
+                    weight_map = json.loads(index_path.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ModelError(f"{index_path}: expected JSON with a 'weight_map'") from None
+                return {name: self.path / file for name, file in weight_map.items()}
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / single).exists():
+                return {name: self.path / single for name in self._names_in(self.path / single)}
+        raise ModelError(f"{self.path}: no model.safetensors, pytorch_model.bin or index file")
+
+    def _names_in(self, file: Path) -> list[str]:
+        return list(self._open(file).keys())
+
+    def _open(self, file: Path):
+        if file in self._handles:
+            return self._handles[file]
+        if not file.exists():
+            raise ModelError(f"{file}: listed in the index but missing")
+        try:
+            if file.suffix == ".safetensors":
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            else:
+                handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # safetensors/torch raise several types for bad files
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelError(f"{file}: corrupt or truncated weights file ({reason})") from None
+        self._handles[file] = handle
+        return handle
+
+    def _check_index(self) -> None:
+        for name, file in self._files.items():
+            if name not in self._open(file).keys():
+                raise ModelError(f"{file}: index lists tensor {name} but the file lacks it")
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor (CPU, stored dtype)."""
+        try:
+            handle = self._open(self._files[name])
+        except KeyError:
+            raise ModelError(f"{self.path}: no tensor named {name}") from None
+        if isinstance(handle, dict):
+            return handle[name]
+        return handle.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._open(self._files[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in dict.fromkeys(self._files.values()))

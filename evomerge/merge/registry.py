@@ -1,0 +1,168 @@
+"""Merge methods by name: their parameters (scope, type, default, range), input contract
+and the kernel that computes one output tensor from its inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from evomerge.merge.linear import linear_merge
+from evomerge.merge.model_stock import model_stock_merge
+from evomerge.merge.slerp import slerp_merge
+from evomerge.merge.sparsify import Sparsify
+from evomerge.merge.task_arithmetic import task_arithmetic_merge
+
+REQUIRED = object()
+Scope = Literal["shared", "input", "non_base"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter. ``scope``: shared by all inputs, per input, or per non-base input."""
+
+    name: str
+    kind: type
+    scope: Scope
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    optional: bool = False  # None is a valid value (e.g. passthrough ``scale``)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a kernel sees for one output tensor; per-input lists are in input order."""
+
+    tensors: Sequence[torch.Tensor]
+    base_index: int | None
+    shared: Mapping[str, Any]
+    per_input: Sequence[Mapping[str, Any]]
+    keys: Sequence[int]  # random-stream keys, one per input
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self.tensors[self.base_index]
+
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base_index]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    kernel: Callable[[MergeInputs], torch.Tensor]
+    params: tuple[Param, ...]
+    needs_base: bool
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    reference: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class TaskArithmeticVariant:
+    """How one member of the generalized task-arithmetic family configures the core."""
+
+    sparsify: Sparsify | None
+    consensus: bool
+    normalize: bool
+    rescale: bool
+
+
+def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], torch.Tensor]:
+    def kernel(inputs: MergeInputs) -> torch.Tensor:
+        base = inputs.base
+        others = inputs.non_base()
+        per = [inputs.per_input[i] for i in others]
+        return task_arithmetic_merge(
+            base, [inputs.tensors[i] - base for i in others], [p["weight"] for p in per],
+            densities=[p["density"] for p in per], sparsify_method=variant.sparsify,
+            consensus=variant.consensus, normalize=inputs.shared["normalize"],
+            rescale=inputs.shared["rescale"], lam=inputs.shared["lambda"],
+            gammas=[p.get("gamma", 0.0) for p in per], epsilons=[p.get("epsilon", 0.0) for p in per],
+            keys=[inputs.keys[i] for i in others])
+    return kernel
+
+
+def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return linear_merge(inputs.tensors, [p["weight"] for p in inputs.per_input],
+                        normalize=inputs.shared["normalize"])
+
+
+def _slerp_kernel(inputs: MergeInputs) -> torch.Tensor:
+    other = inputs.tensors[1 - inputs.base_index]
+    return slerp_merge(inputs.shared["t"], inputs.base, other)
+
+
+def _model_stock_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return model_stock_merge(inputs.base, [inputs.tensors[i] for i in inputs.non_base()],
+                             filter_wise=inputs.shared["filter_wise"])
+
+
+def _passthrough_kernel(inputs: MergeInputs) -> torch.Tensor:
+    scale = inputs.per_input[0]["scale"]
+    tensor = inputs.tensors[0]
+    return tensor if scale is None else tensor * scale
+
+
+def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference: str) -> MergeMethod:
+    params = [
+        Param("weight", float, "non_base"),
+        Param("density", float, "non_base", 1.0, 0.0, 1.0),
+        Param("int8_mask", bool, "shared", False),
+        Param("normalize", bool, "shared", variant.normalize),
+        Param("rescale", bool, "shared", variant.rescale),
+        Param("lambda", float, "shared", 1.0),
+    ]
+    if variant.sparsify is Sparsify.magnitude_outliers:
+        params.append(Param("gamma", float, "non_base", 0.01, 0.0, 1.0))
+    if variant.sparsify is Sparsify.della:
+        params.append(Param("epsilon", float, "non_base", 0.15, 0.0, 1.0))
+    return MergeMethod(name, _task_arithmetic_kernel(variant), tuple(params), needs_base=True,
+                       reference=reference, extra={"variant": variant})
+
+
+_TA = TaskArithmeticVariant
+METHODS: dict[str, MergeMethod] = {m.name: m for m in [
+    MergeMethod("linear", _linear_kernel,
+                (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
+                needs_base=False, reference="https://arxiv.org/abs/2203.05482"),
+    _task_arithmetic_method("task_arithmetic", _TA(None, False, False, False),
+                            "https://arxiv.org/abs/2212.04089"),
+    _task_arithmetic_method("ties", _TA(Sparsify.magnitude, True, True, False),
+                            "https://arxiv.org/abs/2306.01708"),
+    _task_arithmetic_method("dare_ties", _TA(Sparsify.random, True, False, True),
+                            "https://arxiv.org/abs/2311.03099"),
+    _task_arithmetic_method("dare_linear", _TA(Sparsify.random, False, False, True),
+                            "https://arxiv.org/abs/2311.03099"),
+    _task_arithmetic_method("breadcrumbs", _TA(Sparsify.magnitude_outliers, False, False, False),
+                            "https://arxiv.org/abs/2312.06795"),
+    _task_arithmetic_method("breadcrumbs_ties", _TA(Sparsify.magnitude_outliers, True, False, False),
+                            "https://arxiv.org/abs/2312.06795"),
+    _task_arithmetic_method("della", _TA(Sparsify.della, True, True, True),
+                            "https://arxiv.org/abs/2406.11617"),
+    _task_arithmetic_method("della_linear", _TA(Sparsify.della, False, False, True),
+                            "https://arxiv.org/abs/2406.11617"),
+    MergeMethod("slerp", _slerp_kernel, (Param("t", float, "shared", low=0.0, high=1.0),),
+                needs_base=True, min_inputs=2, max_inputs=2,
+                reference="https://en.wikipedia.org/wiki/Slerp"),
+    MergeMethod("model_stock", _model_stock_kernel, (Param("filter_wise", bool, "shared", False),),
+                needs_base=True, min_inputs=3, reference="https://arxiv.org/abs/2403.19522"),
+    MergeMethod("passthrough", _passthrough_kernel,
+                (Param("scale", float, "input", None, optional=True),),
+                needs_base=False, max_inputs=1),
+]}
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name (KeyError lists the known ones)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown merge_method {name!r}; expected one of: {', '.join(METHODS)}") from None

@@ -1,0 +1,34 @@
+"""Spherical linear interpolation between two whole tensors (mergekit semantics)."""
+
+from __future__ import annotations
+
+import torch
+
+DOT_THRESHOLD = 0.9995
+
+
+def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """Interpolate from ``v0`` (t = 0) to ``v1`` (t = 1) along the great circle.
+
+    Directions are compared on the flattened tensors; nearly collinear pairs
+    (|cos| > 0.9995) fall back to linear interpolation. Float32 math, output in v0's dtype.
+    """
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a = v0.reshape(-1).to(dtype)
+    b = v1.reshape(-1).to(dtype)
+    if a.numel() == 0:
+        return v0.clone()
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    t_ = torch.tensor(t, dtype=dtype, device=a.device)
+    if dot.abs() > DOT_THRESHOLD:
+        coef_a, coef_b = 1 - t_, t_
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((1 - t_) * theta) / sin_theta
+        coef_b = torch.sin(t_ * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)

@@ -1,0 +1,89 @@
+"""Sparsification of task vectors: magnitude (TIES), outliers (breadcrumbs), random (DARE), DELLA.
+
+All magnitude-based trims are expressed over one precomputable quantity, the order of
+``|delta|`` from largest to smallest (stable, so ties break by position). The in-memory
+materializer computes that order once per task vector and reuses it for every density;
+the merge engine computes it per call. Both then run the same code below, which is what
+makes them agree bit for bit. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
+for magnitude, ``gamma`` largest removed first for breadcrumbs, rank-scaled keep
+probabilities per row for DELLA, optional rescale to the original L1 norm).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from evomerge.merge.random import bernoulli_mask
+
+
+class Sparsify(str, Enum):
+    magnitude = "magnitude"
+    random = "random"
+    magnitude_outliers = "magnitude_outliers"
+    della = "della_magprune"
+
+
+def magnitude_order(delta: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``delta`` sorted by decreasing magnitude (stable)."""
+    return torch.argsort(delta.detach().abs().reshape(-1).float(), descending=True, stable=True)
+
+
+def della_rank(delta: torch.Tensor) -> torch.Tensor:
+    """Per-row magnitude rank scaled to [0, 1] (0 = smallest), float32, shaped like ``delta``."""
+    rows = delta.detach().reshape(1, -1) if delta.dim() < 2 else delta.detach()
+    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1, stable=True), dim=1)
+    ranks = ranks.to(torch.float32) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    return ((ranks - low) / (high - low)).clamp(0, 1).reshape(delta.shape)
+
+
+def _kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Positions [start, stop) of the magnitude order that a deterministic trim keeps."""
+    if method is Sparsify.magnitude:
+        return 0, max(1, int(density * numel))
+    target = int(density * numel)
+    n_bottom = max(0, numel - target - int(gamma * numel))
+    return numel - n_bottom - target, numel - n_bottom
+
+
+def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def sparsify(delta: torch.Tensor, method: Sparsify, density: float, *, rescale: bool,
+             gamma: float = 0.0, epsilon: float = 0.0, key: int = 0,
+             order: torch.Tensor | None = None, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """Return a sparsified copy of ``delta`` (same dtype); ``key`` seeds random methods.
+
+    ``order`` (from :func:`magnitude_order`) and ``rank`` (from :func:`della_rank`) may be
+    passed precomputed; they are derived from ``delta`` when omitted.
+    """
+    if density >= 1:
+        return delta
+    numel = delta.numel()
+    if method in (Sparsify.magnitude, Sparsify.magnitude_outliers):
+        if numel == 0 or (density <= 0 and method is Sparsify.magnitude):
+            return torch.zeros_like(delta)
+        order = magnitude_order(delta) if order is None else order
+        start, stop = _kept_range(method, numel, density, gamma)
+        mask = torch.zeros(numel, dtype=delta.dtype, device=delta.device)
+        mask[order[start:stop]] = 1
+        kept = delta * mask.reshape(delta.shape)
+    elif method is Sparsify.random:
+        kept = delta * bernoulli_mask(density, delta.shape, key, delta.device)
+    elif method is Sparsify.della:
+        if density <= 0:
+            return torch.zeros_like(delta)
+        rank = della_rank(delta) if rank is None else rank
+        probability = (density - epsilon) + rank * (2 * epsilon)
+        kept = delta * bernoulli_mask(probability, delta.shape, key, delta.device)
+    else:  # pragma: no cover - enum is closed
+        raise ValueError(f"unknown sparsification {method!r}")
+    return _rescale_l1(delta, kept) if rescale else kept

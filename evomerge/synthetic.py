@@ -1,0 +1,90 @@
+"""Synthetic model families: a randomly initialized base and fine-tune-like variants.
+
+Used by the tests, the benchmarks and the quick-start: real ``transformers`` models of
+real architectures (Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, GPT-NeoX), saved as real
+Hugging Face folders, built offline in seconds. A "fine-tune" is the base plus a Gaussian
+task vector whose scale is a fraction of each tensor's standard deviation.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from evomerge.io.reader import ModelFolder
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox")
+
+# name -> (hidden, layers, heads, kv heads, intermediate, vocab)
+SIZES = {
+    "tiny": (64, 4, 4, 2, 128, 256),
+    "small": (256, 6, 8, 4, 704, 2048),
+    "100m": (768, 12, 12, 4, 2048, 32000),
+    "tinyllama": (2048, 22, 32, 4, 5632, 32000),
+}
+
+
+def make_config(architecture: str, size: str = "tiny", *, tie_embeddings: bool = False):
+    """A ``transformers`` config of the given family and size."""
+    import transformers as tf
+
+    hidden, layers, heads, kv_heads, inter, vocab = SIZES[size]
+    common = dict(vocab_size=vocab, tie_word_embeddings=tie_embeddings, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if architecture in ("llama", "mistral", "qwen2", "gemma", "phi3"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}[architecture]
+        extra = {"head_dim": hidden // heads} if architecture == "gemma" else {}
+        return cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                   num_key_value_heads=kv_heads, intermediate_size=inter,
+                   max_position_embeddings=512, **extra, **common)
+    if architecture == "gpt2":
+        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+                             n_inner=inter, **common)
+    if architecture == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=inter,
+                                max_position_embeddings=512, **common)
+    raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+
+
+def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str = "tiny",
+                 sources: int = 3, seed: int = 0, delta_scale: float = 0.05,
+                 dtype: torch.dtype = torch.float32, tie_embeddings: bool = False,
+                 max_shard_size: str = "5GB") -> list[Path]:
+    """Write ``base`` and ``ft1..ftN`` model folders under ``out_dir``; return their paths."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        make_config(architecture, size, tie_embeddings=tie_embeddings), dtype=dtype)
+    base_dir = out_dir / "base"
+    shutil.rmtree(base_dir, ignore_errors=True)
+    model.save_pretrained(base_dir, max_shard_size=max_shard_size)
+    logging.getLogger(__name__).debug("saved %s base to %s", architecture, base_dir)
+    base = ModelFolder(base_dir)
+    paths = [base_dir]
+    generator = torch.Generator().manual_seed(seed + 1)
+    for i in range(1, sources + 1):
+        ft_dir = out_dir / f"ft{i}"
+        shutil.rmtree(ft_dir, ignore_errors=True)
+        ft_dir.mkdir(parents=True)
+        for extra in base_dir.glob("*.json"):
+            if extra.name != "model.safetensors.index.json":
+                shutil.copy2(extra, ft_dir / extra.name)
+        tuned = {}
+        for name in base.names():
+            tensor = base.tensor(name)
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                scale = delta_scale * float(tensor.float().std().clamp(min=1e-3))
+                tensor = (tensor.float() + noise * scale).to(tensor.dtype)
+            tuned[name] = tensor.contiguous()
+        save_file(tuned, str(ft_dir / "model.safetensors"), metadata={"format": "pt"})
+        paths.append(ft_dir)
+    return paths
