@@ -16,7 +16,7 @@ class ConfigError(EvomergeError):
         if field:
             where += f": {field}"
         super().__init__(f"{where}: {message}")
-        self.file, self.field, self.line = file, field, line
+        self.message, self.file, self.field, self.line = message, file, field, line
 
 
 class ModelError(EvomergeError):

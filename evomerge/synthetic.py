@@ -54,8 +54,15 @@ def make_config(architecture: str, size: str = "tiny", *, tie_embeddings: bool =
 def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str = "tiny",
                  sources: int = 3, seed: int = 0, delta_scale: float = 0.05,
                  dtype: torch.dtype = torch.float32, tie_embeddings: bool = False,
-                 max_shard_size: str = "5GB") -> list[Path]:
-    """Write ``base`` and ``ft1..ftN`` model folders under ``out_dir``; return their paths."""
+                 max_shard_size: str = "5GB", distinct_deltas: bool = False) -> list[Path]:
+    """Write ``base`` and ``ft1..ftN`` model folders under ``out_dir``; return their paths.
+
+    ``distinct_deltas`` (float32, unsharded) builds task vectors whose magnitudes are all
+    different within each tensor and exactly recoverable as ``ft - base``: the base is
+    rounded to multiples of 2**-20 and each task vector is a random permutation of
+    ±(1..n)·2**-20. Magnitude trims (TIES, breadcrumbs) then have no ties to break, so two
+    correct implementations must agree exactly.
+    """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -67,6 +74,8 @@ def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str 
     shutil.rmtree(base_dir, ignore_errors=True)
     model.save_pretrained(base_dir, max_shard_size=max_shard_size)
     logging.getLogger(__name__).debug("saved %s base to %s", architecture, base_dir)
+    if distinct_deltas:
+        _quantize_base(base_dir)
     base = ModelFolder(base_dir)
     paths = [base_dir]
     generator = torch.Generator().manual_seed(seed + 1)
@@ -80,7 +89,9 @@ def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str 
         tuned = {}
         for name in base.names():
             tensor = base.tensor(name)
-            if tensor.is_floating_point():
+            if tensor.is_floating_point() and distinct_deltas:
+                tensor = tensor + _distinct_delta(tensor.numel(), generator).reshape(tensor.shape)
+            elif tensor.is_floating_point():
                 noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
                 scale = delta_scale * float(tensor.float().std().clamp(min=1e-3))
                 tensor = (tensor.float() + noise * scale).to(tensor.dtype)
@@ -88,3 +99,24 @@ def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str 
         save_file(tuned, str(ft_dir / "model.safetensors"), metadata={"format": "pt"})
         paths.append(ft_dir)
     return paths
+
+
+_GRID = 2.0**-20
+
+
+def _quantize_base(base_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = base_dir / "model.safetensors"
+    if not path.exists():
+        raise ValueError("distinct_deltas needs an unsharded float32 base")
+    folder = ModelFolder(base_dir)
+    tensors = {n: (torch.round(folder.tensor(n) / _GRID) * _GRID).contiguous() for n in folder.names()}
+    del folder
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _distinct_delta(numel: int, generator: torch.Generator) -> torch.Tensor:
+    magnitude = (torch.randperm(numel, generator=generator) + 1).to(torch.float32) * _GRID
+    sign = torch.randint(0, 2, (numel,), generator=generator).to(torch.float32) * 2 - 1
+    return magnitude * sign

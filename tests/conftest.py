@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny model families of real architectures, built offline in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from evomerge.synthetic import build_family
+
+
+@pytest.fixture(scope="session")
+def family_factory(tmp_path_factory):
+    """``family(arch, dtype, sources, distinct_deltas)`` → [base, ft1, ...], cached per session."""
+    cache: dict[tuple, list[Path]] = {}
+
+    def family(architecture: str = "llama", dtype: torch.dtype = torch.float32, sources: int = 3,
+               distinct_deltas: bool = False):
+        key = (architecture, dtype, sources, distinct_deltas)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{architecture}-{str(dtype).split('.')[-1]}")
+            cache[key] = build_family(out, architecture, sources=sources, dtype=dtype, seed=len(cache),
+                                      distinct_deltas=distinct_deltas)
+        return cache[key]
+
+    return family
+
+
+@pytest.fixture(scope="session")
+def llama(family_factory):
+    return family_factory("llama")
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors model folder (sharded or not)."""
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors

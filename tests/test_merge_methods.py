@@ -1,0 +1,195 @@
+"""Merge kernels against closed forms, hypothesis properties, and the DARE/DELLA semantics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evomerge.merge import (
+    Sparsify, della_rank, linear_merge, magnitude_order, model_stock_merge, sign_consensus,
+    slerp_merge, sparsify, task_arithmetic_merge,
+)
+from evomerge.merge.random import bernoulli_mask, random_key
+
+floats = st.floats(-2, 2, allow_nan=False, width=32)
+
+
+def tensors(shape=(5, 7), seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+# ------------------------------------------------------------------ closed forms
+
+
+@settings(max_examples=50, deadline=None)
+@given(weight=floats, lam=floats, seed=st.integers(0, 1000))
+def test_task_arithmetic_is_base_plus_scaled_delta(weight, lam, seed):
+    base, source = tensors(seed=seed, n=2)
+    merged = task_arithmetic_merge(base, [source - base], [weight], lam=lam)
+    torch.testing.assert_close(merged, base + lam * weight * (source - base))
+
+
+def test_negative_weight_subtracts_a_skill():
+    base, a, b = tensors()
+    merged = task_arithmetic_merge(base, [a - base, b - base], [1.0, -1.0])
+    torch.testing.assert_close(merged, base + (a - base) - (b - base))
+
+
+@settings(max_examples=50, deadline=None)
+@given(weights=st.lists(st.floats(0.1, 3), min_size=1, max_size=4), seed=st.integers(0, 1000))
+def test_linear_normalized_is_weighted_mean(weights, seed):
+    xs = tensors(seed=seed, n=len(weights))
+    expected = sum(w * x for w, x in zip(weights, xs)) / sum(weights)
+    torch.testing.assert_close(linear_merge(xs, weights), expected)
+    torch.testing.assert_close(linear_merge(xs, weights, normalize=False),
+                               sum(w * x for w, x in zip(weights, xs)))
+
+
+def test_ties_dense_same_sign_is_weighted_mean_of_deltas():
+    base = torch.zeros(4, dtype=torch.float64)
+    deltas = [torch.tensor([1.0, 2, 3, 4], dtype=torch.float64), torch.tensor([3.0, 2, 1, 2], dtype=torch.float64)]
+    merged = task_arithmetic_merge(base, deltas, [1.0, 3.0], sparsify_method=Sparsify.magnitude,
+                                   densities=[1.0, 1.0], consensus=True, normalize=True)
+    torch.testing.assert_close(merged, (1 * deltas[0] + 3 * deltas[1]) / 4)
+
+
+def test_ties_sign_election_drops_the_minority():
+    weighted = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 1.0, 0.5]])
+    # column sums: -2 (negative wins), -1 (negative), 1 (positive)
+    assert sign_consensus(weighted).tolist() == [[False, True, True], [True, False, True]]
+    merged = task_arithmetic_merge(torch.zeros(3), list(weighted), [1.0, 1.0],
+                                   sparsify_method=Sparsify.magnitude, densities=[1.0, 1.0],
+                                   consensus=True, normalize=True)
+    assert merged.tolist() == [-3.0, -2.0, 0.5]
+
+
+def test_magnitude_keeps_the_k_largest_and_breaks_ties_by_position():
+    delta = torch.tensor([0.1, -5.0, 2.0, 2.0, 2.0, -0.3])
+    kept = sparsify(delta, Sparsify.magnitude, 0.5, rescale=False)
+    assert kept.tolist() == [0.0, -5.0, 2.0, 2.0, 0.0, 0.0]  # k = 3; the first tied 2.0s win
+    assert sparsify(delta, Sparsify.magnitude, 0.01, rescale=False).tolist() == [0, -5.0, 0, 0, 0, 0]
+
+
+def test_magnitude_with_precomputed_order_is_identical():
+    delta = tensors(shape=(31, 9))[0].float()
+    order = magnitude_order(delta)
+    for density in (0.05, 0.3, 0.77):
+        assert torch.equal(sparsify(delta, Sparsify.magnitude, density, rescale=False),
+                           sparsify(delta, Sparsify.magnitude, density, rescale=False, order=order))
+
+
+def test_breadcrumbs_drops_top_gamma_then_bottom():
+    delta = torch.arange(1.0, 101.0)  # magnitudes 1..100
+    kept = sparsify(delta, Sparsify.magnitude_outliers, 0.5, rescale=False, gamma=0.1)
+    assert torch.nonzero(kept).flatten().tolist() == list(range(40, 90))  # values 41..90
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.2), (0.3, 0.0)])
+def test_breadcrumbs_matches_mergekit(density, gamma):
+    sparsify_mk = pytest.importorskip("mergekit.sparsify")
+    delta = torch.randperm(1000).float() - 500.5  # distinct magnitudes
+    ours = sparsify(delta, Sparsify.magnitude_outliers, density, rescale=False, gamma=gamma)
+    theirs = sparsify_mk.magnitude_outliers(delta, density=density, gamma=gamma)
+    assert torch.equal(ours, theirs)
+
+
+def test_slerp_endpoints_and_orthogonal_midpoint():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(slerp_merge(0.0, a, b), a)
+    torch.testing.assert_close(slerp_merge(1.0, a, b), b)
+    torch.testing.assert_close(slerp_merge(0.5, a, b), torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    # nearly collinear: falls back to linear interpolation
+    torch.testing.assert_close(slerp_merge(0.25, a, 2 * a), 1.25 * a)
+
+
+def test_model_stock_closed_forms():
+    base = torch.zeros(4, dtype=torch.float64)
+    same = torch.tensor([1.0, 2, 3, 4], dtype=torch.float64)
+    # identical task vectors: cos = 1 → t = 1 → the average of the fine-tunes
+    torch.testing.assert_close(model_stock_merge(base, [same, same]), same)
+    # orthogonal task vectors: cos = 0 → t = 0 → the base
+    ortho = [torch.tensor([1.0, 0, 0, 0], dtype=torch.float64), torch.tensor([0.0, 1, 0, 0], dtype=torch.float64)]
+    torch.testing.assert_close(model_stock_merge(base, ortho), base)
+    # k = 2, cos = 0.5 → t = 2·0.5 / (1 + 0.5) = 2/3
+    c = [torch.tensor([1.0, 0], dtype=torch.float64), torch.tensor([0.5, math.sqrt(3) / 2], dtype=torch.float64)]
+    expected = (2 / 3) * (c[0] + c[1]) / 2
+    torch.testing.assert_close(model_stock_merge(torch.zeros(2, dtype=torch.float64), c), expected)
+
+
+# ------------------------------------------------------------------ DARE / DELLA
+
+
+def test_dare_keep_rate_and_l1_rescale():
+    delta = tensors(shape=(200, 500))[0].float()
+    for density in (0.1, 0.5, 0.9):
+        kept = sparsify(delta, Sparsify.random, density, rescale=False, key=random_key(0, "w", 0))
+        n = delta.numel()
+        rate = (kept != 0).float().mean().item()
+        assert abs(rate - density) < 5 * math.sqrt(density * (1 - density) / n)  # 5 sigma
+        rescaled = sparsify(delta, Sparsify.random, density, rescale=True, key=random_key(0, "w", 0))
+        # same mask, scaled so the L1 norm matches the dense task vector (mergekit semantics)
+        assert torch.equal(rescaled != 0, kept != 0)
+        torch.testing.assert_close(rescaled.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
+
+
+def test_random_masks_depend_only_on_seed_name_and_input():
+    shape = torch.Size([64, 64])
+    one = bernoulli_mask(0.5, shape, random_key(7, "model.layers.0.mlp.up_proj.weight", 1), "cpu")
+    again = bernoulli_mask(0.5, shape, random_key(7, "model.layers.0.mlp.up_proj.weight", 1), "cpu")
+    assert torch.equal(one, again)
+    for other in (random_key(8, "model.layers.0.mlp.up_proj.weight", 1),
+                  random_key(7, "model.layers.1.mlp.up_proj.weight", 1),
+                  random_key(7, "model.layers.0.mlp.up_proj.weight", 2)):
+        different = bernoulli_mask(0.5, shape, other, "cpu")
+        agreement = (different == one).float().mean().item()
+        assert 0.4 < agreement < 0.6  # independent streams agree ~50% of the time
+
+
+def test_random_masks_do_not_depend_on_thread_count():
+    key = random_key(3, "t", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = bernoulli_mask(0.3, torch.Size([1 << 20]), key, "cpu")
+        torch.set_num_threads(max(2, threads))
+        multi = bernoulli_mask(0.3, torch.Size([1 << 20]), key, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, multi)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_random_masks_identical_on_cuda():
+    key = random_key(3, "t", 0)
+    probability = torch.rand(1000, 300)
+    cpu = bernoulli_mask(probability, probability.shape, key, "cpu")
+    gpu = bernoulli_mask(probability.cuda(), probability.shape, key, "cuda")
+    assert torch.equal(cpu, gpu.cpu())
+
+
+def test_random_words_are_uniform():
+    from evomerge.merge.random import random_words
+
+    words = random_words(random_key(0, "u", 0), 0, 1 << 18, "cpu")
+    counts = torch.bincount((words >> 28).flatten(), minlength=16).float()  # 16 buckets
+    expected = words.numel() / 16
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    assert chi2 < 50  # 15 dof: p ≈ 1e-5 at 50
+
+
+def test_della_keeps_large_magnitudes_more_often_and_preserves_l1():
+    delta = tensors(shape=(400, 400))[0].float()
+    kept = sparsify(delta, Sparsify.della, 0.5, rescale=True, epsilon=0.3, key=random_key(0, "d", 0))
+    rate = (kept != 0).float().mean().item()
+    assert abs(rate - 0.5) < 0.01
+    rank = della_rank(delta)
+    high = (kept[rank > 0.9] != 0).float().mean().item()
+    low = (kept[rank < 0.1] != 0).float().mean().item()
+    assert high > 0.75 and low < 0.25  # keep probability runs from 0.2 to 0.8 with rank
+    torch.testing.assert_close(kept.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
