@@ -63,5 +63,40 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
         click.echo(f"merged model written to {path}")
 
 
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where models and merges go (default: runs/demo in the checkout).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quiet", "-q", is_flag=True, help="Only the result table.")
+def demo(workdir: Path | None, device: str, seed: int, quiet: bool) -> None:
+    """Build the bundled tiny model family and run every example merge in experiments/merges."""
+    from evomerge.demo import format_table, run_demo
+
+    _setup_logging(quiet, False)
+    rows = run_demo(workdir, seed=seed, device=device, progress=not quiet)
+    click.echo(format_table(rows))
+    click.echo(f"merged models are in {rows[0]['out'].parent}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--arch", default="llama", show_default=True,
+              type=click.Choice(["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox"]))
+@click.option("--size", default="tiny", show_default=True,
+              type=click.Choice(["tiny", "small", "100m", "tinyllama"]))
+@click.option("--sources", default=3, show_default=True, type=int, help="Number of fine-tunes.")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth(out_dir: Path, arch: str, size: str, sources: int, dtype: str, seed: int) -> None:
+    """Write a synthetic model family (base + fine-tune-like variants) to OUT_DIR."""
+    from evomerge.config import DTYPES
+    from evomerge.synthetic import build_family
+
+    paths = build_family(out_dir, arch, size=size, sources=sources, dtype=DTYPES[dtype], seed=seed)
+    click.echo("\n".join(str(p) for p in paths))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -110,6 +110,8 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     compute_device = resolve_device(device)
     models = open_models(config)
     plan = _plan(source, config, models, seed)
+    template_dir = models[plan.template].path
+    tokenizer_dir = _tokenizer_dir(config, models, template_dir)  # fail before merging
     writer = ModelWriter(out_dir, shard_size=shard_size, force=force)
     try:
         out_dtype_name = None
@@ -118,9 +120,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
             if tensor.is_floating_point() and out_dtype_name is None:
                 out_dtype_name = str(tensor.dtype).removeprefix("torch.")
         writer.write_json("config.json", output_config(plan, models, out_dtype_name))
-        template_dir = models[plan.template].path
         writer.copy_files(template_dir, ("generation_config.json",))
-        tokenizer_dir = _tokenizer_dir(config, models, template_dir)
         copied = writer.copy_files(tokenizer_dir, TOKENIZER_FILES)
         if not copied:
             log.warning("no tokenizer files found in %s; the output has no tokenizer", tokenizer_dir)

@@ -73,6 +73,7 @@ def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str 
     base_dir = out_dir / "base"
     shutil.rmtree(base_dir, ignore_errors=True)
     model.save_pretrained(base_dir, max_shard_size=max_shard_size)
+    save_tokenizer(base_dir, model.config.vocab_size)
     logging.getLogger(__name__).debug("saved %s base to %s", architecture, base_dir)
     if distinct_deltas:
         _quantize_base(base_dir)
@@ -84,7 +85,7 @@ def build_family(out_dir: str | Path, architecture: str = "llama", *, size: str 
         shutil.rmtree(ft_dir, ignore_errors=True)
         ft_dir.mkdir(parents=True)
         for extra in base_dir.glob("*.json"):
-            if extra.name != "model.safetensors.index.json":
+            if not extra.name.endswith(".index.json"):
                 shutil.copy2(extra, ft_dir / extra.name)
         tuned = {}
         for name in base.names():
@@ -120,3 +121,22 @@ def _distinct_delta(numel: int, generator: torch.Generator) -> torch.Tensor:
     magnitude = (torch.randperm(numel, generator=generator) + 1).to(torch.float32) * _GRID
     sign = torch.randint(0, 2, (numel,), generator=generator).to(torch.float32) * 2 - 1
     return magnitude * sign
+
+
+_CORPUS = ("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n"
+           "Merging models: task arithmetic, TIES, DARE, SLERP and model stock.\n") * 8
+
+
+def save_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A small character-level BPE tokenizer (round-trips text exactly) saved for ``AutoTokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.decoder = decoders.Fuse()
+    special = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 160), special_tokens=special,
+                                  show_progress=False)
+    tokenizer.train_from_iterator([_CORPUS], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
