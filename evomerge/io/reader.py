@@ -2,14 +2,16 @@
 
 Accepts ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
 ``pytorch_model.bin`` and sharded ``.bin`` with ``pytorch_model.bin.index.json`` (loaded
-with ``weights_only=True`` and ``mmap=True``, so no pickle code runs and nothing is read
-until a tensor is used). Every file is opened and its header checked when the folder is
-opened, so a truncated or corrupt file fails before any merge work starts.
+with ``weights_only=True``, so no pickle code runs, and with ``mmap=True`` for the zip format
+of torch>=1.6, so nothing is read until a tensor is used; legacy-format files load eagerly).
+Every file is opened and its header checked when the folder is opened, so a truncated or
+corrupt file fails before any merge work starts.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -70,9 +72,14 @@ class ModelFolder:
             if file.suffix == ".safetensors":
                 handle = safe_open(str(file), framework="pt", device="cpu")
             else:
-                handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                # mmap needs the zip format of torch>=1.6; legacy .bin files load eagerly
+                handle = torch.load(file, map_location="cpu", weights_only=True,
+                                    mmap=zipfile.is_zipfile(file))
         except Exception as error:  # safetensors/torch raise several types for bad files
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if "Weights only load failed" in reason:
+                raise ModelError(f"{file}: refused: the pickle holds objects other than tensors "
+                                 "(loaded with weights_only=True)") from None
             raise ModelError(f"{file}: corrupt or truncated weights file ({reason})") from None
         self._handles[file] = handle
         return handle
