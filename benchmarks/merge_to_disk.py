@@ -19,7 +19,7 @@ two tools run interleaved, alternating which goes first on each repeat (A B, B A
 so that drift (thermal, page cache, background load) hits both equally. All inputs are
 read once before timing so that neither tool pays for a cold page cache.
 
-Run from the repository root (with the project's virtual environment active)::
+Run with the project's virtual environment active (paths below are from the repository root)::
 
     python benchmarks/merge_to_disk.py                                 # 100M params, bf16
     python benchmarks/merge_to_disk.py --size small --repeats 1        # quick smoke run
@@ -55,6 +55,7 @@ TOOLS = ("evomerge", "mergekit")
 WEIGHTS = (0.5, 0.3, 0.2)  # on ft1, ft2, ft3
 POLL_SECONDS = 0.02
 TIME_BIN = "/usr/bin/time"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- setup
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="synthetic model size (see evomerge.synthetic.SIZES)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the model family is built and reused "
-                             "[default: .cache/bench/llama-<size>-<dtype>]")
+                             "[default: <repo>/.cache/bench/llama-<size>-<dtype>]")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     args = parser.parse_args(argv)
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.cache_dir is None:
-        args.cache_dir = Path(".cache/bench") / f"llama-{args.size}-{args.dtype}"
+        args.cache_dir = REPO_ROOT / ".cache" / "bench" / f"llama-{args.size}-{args.dtype}"
     args.cache_dir = args.cache_dir.absolute()
     return args
 
@@ -91,8 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ensure_family(cache_dir: Path, size: str, dtype: torch.dtype) -> list[Path]:
     """Build base + ft1..ft3 under ``cache_dir`` unless already there; return their paths."""
     paths = [cache_dir / name for name in ("base", "ft1", "ft2", "ft3")]
-    if (paths[0] / "config.json").exists() and all((p / "config.json").exists() for p in paths):
+    if all((p / "config.json").exists() for p in paths):
         print(f"reusing model family in {cache_dir}")
+        if not (paths[0] / "tokenizer_config.json").exists():
+            print("warning: the cached base has no tokenizer, so mergekit-yaml will try (and fail) "
+                  "to load one with transformers; delete the cache folder to rebuild it")
         return paths
     print(f"building {size} llama family ({dtype}) in {cache_dir} ...", flush=True)
     start = time.perf_counter()
@@ -164,12 +168,13 @@ def executable(name: str) -> str:
 def tool_command(tool: str, config: Path, out_dir: Path) -> list[str]:
     if tool == "evomerge":
         return [executable("evomerge"), "merge", str(config), str(out_dir), "--force", "--quiet"]
-    # mergekit-yaml keeps its defaults (CPU, no lazy unpickle - it only affects .bin
-    # inputs, synchronous writes, default thread count like evomerge, 5B-parameter shards
-    # so both tools write a single shard, tokenizer copy and README model card on; the
-    # family has no tokenizer and the card is a few hundred bytes). --quiet only turns
-    # off progress bars, matching evomerge's --quiet. --allow-crimes is not passed: it
-    # only relaxes the architecture check and all inputs share one architecture.
+    # mergekit-yaml keeps its defaults: CPU, no lazy unpickle (it only affects .bin
+    # inputs), synchronous writes, torch's default thread count (as evomerge), 5B-parameter
+    # shards (so both tools write one shard here), tokenizer copy on (with the family's
+    # tokenizer.json + tokenizer_config.json it copies files, as evomerge does) and the
+    # README model card on (a few KB). --quiet only turns off progress bars, matching
+    # evomerge's --quiet. --allow-crimes is not passed: it only relaxes the architecture
+    # check, and all inputs share one architecture.
     return [executable("mergekit-yaml"), str(config), str(out_dir), "--quiet"]
 
 

@@ -1,7 +1,8 @@
 """The merge engine: execute a plan tensor by tensor, streaming from memory-mapped inputs.
 
-Peak memory is one output tensor's inputs plus the kernel's scratch (and the pending
-output shard when writing), independent of model size.
+Peak memory is the largest tensor's inputs and the kernel's scratch (a few float32 copies
+of that tensor), plus the pending output shard when writing (up to ``--out-shard-size``);
+it grows with the largest tensor (usually vocabulary × hidden), not with depth.
 """
 
 from __future__ import annotations

@@ -193,3 +193,29 @@ def test_della_keeps_large_magnitudes_more_often_and_preserves_l1():
     low = (kept[rank < 0.1] != 0).float().mean().item()
     assert high > 0.75 and low < 0.25  # keep probability runs from 0.2 to 0.8 with rank
     torch.testing.assert_close(kept.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method,gamma", [(Sparsify.magnitude, 0.0), (Sparsify.magnitude_outliers, 0.05)])
+def test_selection_without_sort_equals_stable_order_with_ties(method, gamma):
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randint(-6, 7, (4000,), generator=g).float() / 4  # heavy magnitude ties
+    order = magnitude_order(delta)
+    for density in (0.1, 0.37, 0.5, 0.93):
+        fast = sparsify(delta, method, density, rescale=False, gamma=gamma)
+        sorted_ = sparsify(delta, method, density, rescale=False, gamma=gamma, order=order)
+        assert torch.equal(fast, sorted_)
+
+
+def test_slerp_keeps_precision_on_large_tensors():
+    """Tens of millions of elements: the cosine must not drift past the linear fallback."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(24_000_000, generator=g)
+    b = 0.9987 * a + 0.051 * torch.randn(24_000_000, generator=g)  # cos ≈ 0.9987 < 0.9995
+    a64, b64 = a.double(), b.double()
+    cos = float((a64 @ b64) / (a64.norm() * b64.norm()))
+    theta = math.acos(cos)
+    expected = (math.sin(0.5 * theta) / math.sin(theta)) * (a64 + b64)
+    merged = slerp_merge(0.5, a, b).double()
+    linear_error = float((0.5 * (a64 + b64) - expected).abs().max())
+    assert cos < 0.9995 and linear_error > 5e-4  # a linear fallback would fail below
+    assert float((merged - expected).abs().max()) < 1e-4  # float32 coefficient rounding

@@ -49,6 +49,23 @@ def _kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> t
     return numel - n_bottom - target, numel - n_bottom
 
 
+def _top(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the first ``count`` positions of the stable decreasing-magnitude order.
+
+    Equivalent to ``order[:count]`` without sorting: a k-th value selection, then the
+    elements tied with it are taken by position (what a stable sort does).
+    """
+    if count <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    if count >= magnitude.numel():
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - count + 1).values
+    above = magnitude > threshold
+    tied = magnitude == threshold
+    missing = count - int(above.sum())
+    return above | (tied & (torch.cumsum(tied, 0) <= missing))
+
+
 def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     before = delta.abs().sum()
     after = kept.abs().sum()
@@ -71,10 +88,13 @@ def sparsify(delta: torch.Tensor, method: Sparsify, density: float, *, rescale: 
     if method in (Sparsify.magnitude, Sparsify.magnitude_outliers):
         if numel == 0 or (density <= 0 and method is Sparsify.magnitude):
             return torch.zeros_like(delta)
-        order = magnitude_order(delta) if order is None else order
         start, stop = _kept_range(method, numel, density, gamma)
-        mask = torch.zeros(numel, dtype=delta.dtype, device=delta.device)
-        mask[order[start:stop]] = 1
+        if order is not None:
+            mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
+            mask[order[start:stop]] = True
+        else:
+            magnitude = delta.detach().abs().reshape(-1).float()
+            mask = _top(magnitude, stop) & ~_top(magnitude, start)
         kept = delta * mask.reshape(delta.shape)
     elif method is Sparsify.random:
         kept = delta * bernoulli_mask(density, delta.shape, key, delta.device)
