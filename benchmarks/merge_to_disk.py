@@ -45,8 +45,8 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
-from safetensors import safe_open
 
+from evomerge.io import ModelFolder
 from evomerge.synthetic import SIZES, build_family
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -105,19 +105,6 @@ def ensure_family(cache_dir: Path, size: str, dtype: torch.dtype) -> list[Path]:
     return [Path(p).absolute() for p in paths]
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
-def parameter_count(folder: Path) -> int:
-    """Number of parameters in a model folder, read from the safetensors headers."""
-    total = 0
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                shape = handle.get_slice(name).get_shape()
-                total += int(torch.Size(shape).numel())
-    return total
 
 
 def warm_page_cache(folders: list[Path]) -> None:
@@ -243,18 +230,11 @@ def run_measured(command: list[str]) -> Run:
     return Run(seconds, peak[0] / 2**20)
 
 
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors model folder, every shard."""
-    tensors = {}
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return tensors
 
 
 def compare_outputs(ours: Path, theirs: Path) -> tuple[float, str]:
     """Max |a - b| over all shared tensors (in float32), plus a note on any mismatch."""
-    a, b = load_folder(ours), load_folder(theirs)
+    a, b = ModelFolder(ours).state_dict(), ModelFolder(theirs).state_dict()
     notes = []
     if a.keys() != b.keys():
         notes.append(f"{len(a.keys() - b.keys())} tensors only in evomerge's output, "
@@ -349,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
     models = ensure_family(args.cache_dir, args.size, dtype)
-    params = parameter_count(models[0])
+    params = ModelFolder(models[0]).num_parameters()
     print(f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"python {platform.python_version()}, torch {torch.__version__}, dtype {args.dtype}, "
           f"llama-{args.size} with {params:,} parameters ({params / 1e6:.1f}M), "

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import METHODS, REQUIRED, MergeMethod, Param
@@ -74,6 +74,12 @@ class MergeConfig(_Strict):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     chat_template: str | None = None
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def source(self) -> str:
+        """The file (or label) the config was parsed from, for error messages."""
+        return self._source
 
     @property
     def method(self) -> MergeMethod:
@@ -186,7 +192,7 @@ def _field(path: tuple) -> str:
 
 
 def _settings_paths(config: MergeConfig):
-    """Yield (yaml path, parameters dict, applies to non-base?) for every parameters block."""
+    """Yield (yaml path, parameters dict) for every ``parameters`` block of the config."""
     yield ("parameters",), config.parameters
     for i, entry in enumerate(config.models or []):
         yield ("models", i, "parameters"), entry.parameters
@@ -307,6 +313,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
         message = first["msg"].replace("Extra inputs are not permitted", "unknown field")
         fail(path, message)
     _check(config, fail)
+    config._source = source
     return config
 
 

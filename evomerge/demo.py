@@ -55,11 +55,15 @@ def run_demo(workdir: Path | None = None, *, seed: int = 0, device: str = "cpu",
         if not torch.isfinite(logits).all():
             raise EvomergeError(f"{config_path.name}: merged model produced non-finite logits")
         state = model.state_dict()
-        shared = [n for n in base.names() if n in state and state[n].shape == base.tensor(n).shape]
-        change = sum(float((state[n] - base.tensor(n)).norm() ** 2) for n in shared) ** 0.5
-        scale = sum(float(base.tensor(n).norm() ** 2) for n in shared) ** 0.5
+        change_sq = scale_sq = 0.0
+        for name in base.names():
+            reference = base.tensor(name)
+            if name in state and state[name].shape == reference.shape:
+                change_sq += float((state[name] - reference).norm() ** 2)
+                scale_sq += float(reference.norm() ** 2)
         rows.append({"config": config_path.name, "method": config.merge_method, "seconds": seconds,
-                     "layers": model.config.num_hidden_layers, "change": change / scale, "out": out})
+                     "layers": model.config.num_hidden_layers,
+                     "change": (change_sq / scale_sq) ** 0.5, "out": out})
     return rows
 
 

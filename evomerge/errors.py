@@ -18,6 +18,10 @@ class ConfigError(EvomergeError):
         super().__init__(f"{where}: {message}")
         self.message, self.file, self.field, self.line = message, file, field, line
 
+    def in_file(self, file: str) -> "ConfigError":
+        """The same error, located in ``file`` (for checks that run after parsing)."""
+        return self if self.file else ConfigError(self.message, file=file, field=self.field, line=self.line)
+
 
 class ModelError(EvomergeError):
     """A model folder that cannot be read, or models that cannot be merged together."""

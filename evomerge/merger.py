@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.config import MergeConfig, load_config, torch_dtype
-from evomerge.errors import ConfigError, EvomergeError, ModelError
+from evomerge.errors import EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
 from evomerge.io.writer import DEFAULT_SHARD_SIZE, TOKENIZER_FILES, ModelWriter, check_output_dir
 from evomerge.merge.registry import MergeInputs
@@ -76,24 +76,12 @@ def _as_config(config: MergeConfig | str | Path) -> MergeConfig:
     return config if isinstance(config, MergeConfig) else load_config(config)
 
 
-def _plan(config: MergeConfig | str | Path, loaded: MergeConfig, models: dict[str, ModelFolder],
-          seed: int) -> MergePlan:
-    """``build_plan``, with plan-time config errors (resolved parameters) naming the config file."""
-    try:
-        return build_plan(loaded, models, seed)
-    except ConfigError as error:
-        if error.file is not None or isinstance(config, MergeConfig):
-            raise
-        raise ConfigError(error.message, file=str(config), field=error.field,
-                          line=error.line) from None
-
-
 def merge_state_dict(config: MergeConfig | str | Path, *, seed: int = 0,
                      device: str = "cpu") -> dict[str, torch.Tensor]:
     """Merge in memory and return the output state dict (nothing is written)."""
-    loaded = _as_config(config)
-    models = open_models(loaded)
-    plan = _plan(config, loaded, models, seed)
+    config = _as_config(config)
+    models = open_models(config)
+    plan = build_plan(config, models, seed)
     return dict(iter_merged(plan, models, resolve_device(device)))
 
 
@@ -106,11 +94,11 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     and dtype, ``generation_config.json`` and tokenizer files from ``tokenizer_source`` (or
     the base model), and the merge config as ``evomerge_config.yml``.
     """
-    source, config = config, _as_config(config)
+    config = _as_config(config)
     check_output_dir(Path(out_dir).absolute(), force)
     compute_device = resolve_device(device)
     models = open_models(config)
-    plan = _plan(source, config, models, seed)
+    plan = build_plan(config, models, seed)
     template_dir = models[plan.template].path
     tokenizer_dir = _tokenizer_dir(config, models, template_dir)  # fail before merging
     writer = ModelWriter(out_dir, shard_size=shard_size, force=force)

@@ -139,7 +139,17 @@ def _check_resolved(method: MergeMethod, values: dict[str, Any], tensor: str, mo
 
 
 def build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int = 0) -> MergePlan:
-    """Resolve ``config`` against the opened ``models`` into one op per output tensor."""
+    """Resolve ``config`` against the opened ``models`` into one op per output tensor.
+
+    Config errors found only now (resolved parameters, layer ranges) name the config's file.
+    """
+    try:
+        return _build_plan(config, models, seed)
+    except ConfigError as error:
+        raise error.in_file(config.source) from None
+
+
+def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int) -> MergePlan:
     method = config.method
     parts = _slices(config, method, models)
     template = config.base_model if config.base_model in models else parts[0].models[0]
@@ -154,14 +164,17 @@ def build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int = 
         ops.append(_op(name, [name] * len(parts[0].models), parts[0], 0.0, None, config, method,
                        models, family, seed))
     layer_sources: list[tuple[str, int]] = []
+    by_layer: dict[str, dict[int, list[str]]] = {}
     for part in parts:
         lead_model, lead_start = part.models[0], part.starts[0]
+        if lead_model not in by_layer:
+            by_layer[lead_model] = {}
+            for n in models[lead_model].names():
+                by_layer[lead_model].setdefault(layer_index(n, family), []).append(n)
         for offset in range(part.length):
             t = offset / (part.length - 1) if part.length > 1 else 1.0
             out_layer = len(layer_sources)
-            lead_names = [n for n in models[lead_model].names()
-                          if layer_index(n, family) == lead_start + offset]
-            for lead_name in lead_names:
+            for lead_name in by_layer[lead_model].get(lead_start + offset, []):
                 inputs = [with_layer(lead_name, family, start + offset) for start in part.starts]
                 ops.append(_op(with_layer(lead_name, family, out_layer), inputs, part, t, out_layer,
                                config, method, models, family, seed))

@@ -34,9 +34,12 @@ def llama(family_factory):
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors model folder (sharded or not)."""
-    tensors = {}
+    """Every tensor of every ``*.safetensors`` file in ``folder``, read with safetensors
+    directly (independent of evomerge's reader, so it can serve as the tests' oracle)."""
+    tensors: dict[str, torch.Tensor] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+            for name in handle.keys():
+                assert name not in tensors, f"{name} stored twice"
+                tensors[name] = handle.get_tensor(name)
     return tensors

@@ -20,6 +20,7 @@ from evomerge.cli import main
 from evomerge.errors import EvomergeError, ModelError
 from evomerge.io import TOKENIZER_FILES, ModelFolder, ModelWriter, parse_size
 from evomerge.synthetic import build_family
+from tests.conftest import read_folder
 
 # --------------------------------------------------------------------------- helpers
 
@@ -37,20 +38,8 @@ def sharded_base(tmp_path_factory) -> Path:
                         max_shard_size="20KB")[0]
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (independent of ModelFolder)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                assert name not in tensors, f"{name} stored twice"
-                tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
 def read_model(folder: Path) -> dict[str, torch.Tensor]:
-    model = ModelFolder(folder)
-    return {name: model.tensor(name) for name in model.names()}
+    return ModelFolder(folder).state_dict()
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -223,7 +212,7 @@ def test_writer_shards_when_over_the_limit(tmp_path):
         assert (out / file).stat().st_size <= 10_000 + 1_000  # limit + header
         with safe_open(str(out / file), framework="pt") as handle:
             assert {n for n, f in index["weight_map"].items() if f == file} == set(handle.keys())
-    assert_same_tensors(read_safetensors(out), tensors)
+    assert_same_tensors(read_folder(out), tensors)
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
@@ -246,7 +235,7 @@ def test_writer_single_file_when_it_fits(tmp_path):
     writer.write_json("config.json", {"a": 1})
     out = writer.commit()
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert_same_tensors(read_safetensors(out), tensors)
+    assert_same_tensors(read_folder(out), tensors)
     assert json.loads((out / "config.json").read_text()) == {"a": 1}
 
 
@@ -257,7 +246,7 @@ def test_writer_keeps_dtypes_and_makes_views_contiguous(tmp_path):
     writer.add("half", base.to(torch.bfloat16))
     writer.add("ints", torch.arange(5))
     out = writer.commit()
-    tensors = read_safetensors(out)
+    tensors = read_folder(out)
     assert torch.equal(tensors["transposed"], base.t())
     assert tensors["half"].dtype == torch.bfloat16 and tensors["ints"].dtype == torch.int64
 
@@ -295,11 +284,11 @@ def test_cli_out_shard_size_gives_loadable_sharded_output(family, tmp_path):
     assert (whole / "model.safetensors").exists()
     assert not (whole / "model.safetensors.index.json").exists()
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
-    expected = read_safetensors(whole)
+    expected = read_folder(whole)
     assert set(index["weight_map"]) == set(expected)
     total = sum(t.numel() * t.element_size() for t in expected.values())
     assert index["metadata"]["total_size"] == total
-    assert_same_tensors(read_safetensors(sharded), expected)
+    assert_same_tensors(read_folder(sharded), expected)
     assert json.loads((sharded / "config.json").read_text()) == \
         json.loads((whole / "config.json").read_text())
 
@@ -334,7 +323,7 @@ def test_passthrough_slices_change_depth_and_load(family, tmp_path):
     assert {k: v for k, v in out_config.items() if k != "num_hidden_layers"} == \
         {k: v for k, v in source_config.items() if k != "num_hidden_layers"}
 
-    merged, base_t, ft_t = read_safetensors(out), read_model(base), read_model(ft1)
+    merged, base_t, ft_t = read_folder(out), read_model(base), read_model(ft1)
     name = "model.layers.{}.self_attn.q_proj.weight"
     for out_layer, (source, layer) in enumerate([(base_t, 0), (base_t, 1), (base_t, 2),
                                                  (ft_t, 1), (ft_t, 2), (ft_t, 3)]):
@@ -357,7 +346,7 @@ def test_out_dtype_is_written_to_config(family, tmp_path):
     out_config = json.loads((out / "config.json").read_text())
     dtype_key = "torch_dtype" if "torch_dtype" in out_config else "dtype"
     assert out_config[dtype_key] == "bfloat16"
-    assert {t.dtype for t in read_safetensors(out).values()} == {torch.bfloat16}
+    assert {t.dtype for t in read_folder(out).values()} == {torch.bfloat16}
 
 
 # --------------------------------------------------------------------------- tokenizer files

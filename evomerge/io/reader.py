@@ -112,5 +112,19 @@ class ModelFolder:
             return tuple(handle[name].shape)
         return tuple(handle.get_slice(name).get_shape())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, loaded (for small models and comparisons)."""
+        return {name: self.tensor(name) for name in self.names()}
+
+    def num_parameters(self) -> int:
+        """Total element count, from the file headers (nothing is loaded)."""
+        total = 0
+        for name in self.names():
+            count = 1
+            for size in self.shape(name):
+                count *= size
+            total += count
+        return total
+
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in dict.fromkeys(self._files.values()))

@@ -4,7 +4,7 @@ and the kernel that computes one output tensor from its inputs."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -59,7 +59,6 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     reference: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -125,7 +124,7 @@ def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference
     if variant.sparsify is Sparsify.della:
         params.append(Param("epsilon", float, "non_base", 0.15, 0.0, 1.0))
     return MergeMethod(name, _task_arithmetic_kernel(variant), tuple(params), needs_base=True,
-                       reference=reference, extra={"variant": variant})
+                       reference=reference)
 
 
 _TA = TaskArithmeticVariant

@@ -1,10 +1,10 @@
 """Sparsification of task vectors: magnitude (TIES), outliers (breadcrumbs), random (DARE), DELLA.
 
-All magnitude-based trims are expressed over one precomputable quantity, the order of
-``|delta|`` from largest to smallest (stable, so ties break by position). The in-memory
-materializer computes that order once per task vector and reuses it for every density;
-the merge engine computes it per call. Both then run the same code below, which is what
-makes them agree bit for bit. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
+All magnitude-based trims keep a range of one order: ``|delta|`` from largest to smallest,
+stable, so ties break by position. A caller that trims the same task vector at many
+densities (the in-memory materializer) precomputes that order once with
+:func:`magnitude_order` and passes it in; without it, the same set is found by a k-th
+value selection (no sort), so both paths agree bit for bit. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
 for magnitude, ``gamma`` largest removed first for breadcrumbs, rank-scaled keep
 probabilities per row for DELLA, optional rescale to the original L1 norm).
 """
