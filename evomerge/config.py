@@ -54,6 +54,9 @@ class InputSlice(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: Parameters | None = None
+    # evomerge-only (data-flow merges): multiply the hidden state entering each layer of
+    # this slice by this factor. mergekit rejects configs that set it.
+    input_scale: float | None = None
 
 
 class OutputSlice(_Strict):

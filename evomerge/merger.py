@@ -47,8 +47,14 @@ def work_dtype(tensors: list[torch.Tensor], config_dtype: torch.dtype | None) ->
     return dtype
 
 
-def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Compute one output tensor from its input tensors (already on the compute device)."""
+def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
+               positions: list[torch.Tensor | None] | None = None,
+               ranks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Compute one output tensor from its input tensors (already on the compute device).
+
+    ``positions``/``ranks``: optional precomputed magnitude positions / DELLA ranks of
+    each input's task vector (the materializer's cache); the result does not change.
+    """
     if op.crop_rows is not None:
         tensors = [t[:op.crop_rows] for t in tensors]
     if not all(t.is_floating_point() for t in tensors):
@@ -57,7 +63,8 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor]) -> to
         return tensors[0].clone()
     dtype = work_dtype(tensors, torch_dtype(plan.config.dtype))
     tensors = [t.to(dtype) for t in tensors]
-    return plan.method.kernel(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys))
+    return plan.method.kernel(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys,
+                                          positions, ranks))
 
 
 def iter_merged(plan: MergePlan, models: dict[str, ModelFolder], device: torch.device,

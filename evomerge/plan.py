@@ -22,6 +22,8 @@ from evomerge.io.reader import ModelFolder
 from evomerge.merge.random import random_key
 from evomerge.merge.registry import MergeMethod
 
+INPUT_SCALES_KEY = "evomerge_input_scales"  # config.json: per-layer input scales (data flow)
+
 
 @dataclass(frozen=True)
 class TensorOp:
@@ -46,6 +48,14 @@ class MergePlan:
     family: Family
     layer_sources: list[tuple[str, int]] = field(default_factory=list)  # per output layer
     vocab_size: int | None = None
+    layer_scales: list[float | None] = field(default_factory=list)  # per output layer (data flow)
+
+    @property
+    def input_scales(self) -> list[float] | None:
+        """Per-layer input scales when any layer has one (evomerge-only), else None."""
+        if all(scale is None for scale in self.layer_scales):
+            return None
+        return [1.0 if scale is None else scale for scale in self.layer_scales]
 
     @property
     def num_layers(self) -> int:
@@ -60,18 +70,24 @@ class _Slice:
     base_index: int | None
     source_params: list[Parameters | None]
     params: Parameters | None
+    input_scale: float | None = None
 
 
 def open_models(config: MergeConfig) -> dict[str, ModelFolder]:
     """Open every model the config references and check they share one architecture."""
     models = {name: ModelFolder(name) for name in config.referenced_models()}
+    check_compatible(models)
+    return models
+
+
+def check_compatible(models: dict[str, ModelFolder]) -> None:
+    """Raise ModelError unless all ``models`` share one architecture and width."""
     first_name, first = next(iter(models.items()))
     for name, folder in models.items():
         for key in ("model_type", "architectures", "hidden_size", "n_embd"):
             if folder.config.get(key) != first.config.get(key):
                 raise ModelError(f"{name} and {first_name} have different architectures "
                                  f"({key}: {folder.config.get(key)!r} vs {first.config.get(key)!r})")
-    return models
 
 
 def _slices(config: MergeConfig, method: MergeMethod, models: dict[str, ModelFolder]) -> list[_Slice]:
@@ -89,6 +105,10 @@ def _slices(config: MergeConfig, method: MergeMethod, models: dict[str, ModelFol
         inputs, base_index = input_models(method, names, output_slice.base_model or config.base_model)
         sources = {s.model: s for s in output_slice.sources}
         first = output_slice.sources[0]
+        scaled = [s for s in output_slice.sources if s.input_scale is not None]
+        if scaled and method.name != "passthrough":
+            raise ConfigError(f"input_scale needs merge_method passthrough, not {method.name}",
+                              field="slices.sources.input_scale")
         starts = [sources[n].layer_range[0] if n in sources else first.layer_range[0] for n in inputs]
         length = first.layer_range[1] - first.layer_range[0]
         for name, start in zip(inputs, starts):
@@ -98,7 +118,7 @@ def _slices(config: MergeConfig, method: MergeMethod, models: dict[str, ModelFol
                                   f"layers of {name}", field="slices")
         result.append(_Slice(inputs, starts, length, base_index,
                              [sources[n].parameters if n in sources else None for n in inputs],
-                             output_slice.parameters))
+                             output_slice.parameters, first.input_scale))
     return result
 
 
@@ -164,6 +184,7 @@ def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int) 
         ops.append(_op(name, [name] * len(parts[0].models), parts[0], 0.0, None, config, method,
                        models, family, seed))
     layer_sources: list[tuple[str, int]] = []
+    layer_scales: list[float | None] = []
     by_layer: dict[str, dict[int, list[str]]] = {}
     for part in parts:
         lead_model, lead_start = part.models[0], part.starts[0]
@@ -179,12 +200,13 @@ def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int) 
                 ops.append(_op(with_layer(lead_name, family, out_layer), inputs, part, t, out_layer,
                                config, method, models, family, seed))
             layer_sources.append((lead_model, lead_start + offset))
+            layer_scales.append(part.input_scale)
     for name in post:
         ops.append(_op(name, [name] * len(parts[-1].models), parts[-1], 0.0, None, config, method,
                        models, family, seed))
     crops = [op.crop_rows for op in ops if op.crop_rows is not None]
     return MergePlan(config, method, ops, template, family, layer_sources,
-                     vocab_size=min(crops) if crops else None)
+                     vocab_size=min(crops) if crops else None, layer_scales=layer_scales)
 
 
 def output_config(plan: MergePlan, models: dict[str, ModelFolder], out_dtype_name: str | None) -> dict:
@@ -203,4 +225,6 @@ def output_config(plan: MergePlan, models: dict[str, ModelFolder], out_dtype_nam
         config[dtype_key] = str(torch_dtype(out_dtype_name)).removeprefix("torch.")
     if plan.vocab_size is not None:
         config[plan.family.vocab_size_key] = plan.vocab_size
+    if plan.input_scales is not None:
+        config[INPUT_SCALES_KEY] = plan.input_scales
     return config

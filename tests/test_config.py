@@ -12,7 +12,8 @@ WEIGHT = get_method("ties").param("weight")
 NORMALIZE = get_method("ties").param("normalize")
 
 
-@pytest.mark.parametrize("t,expected", [(0.0, 0.0), (0.125, 0.25), (0.25, 0.5), (1 / 3, 0.5 + (0.3 - 0.5) / 3), (1.0, 1.0)])
+@pytest.mark.parametrize("t,expected", [(0.0, 0.0), (0.125, 0.25), (0.25, 0.5),
+                                        (1 / 3, 0.5 + (0.3 - 0.5) / 3), (1.0, 1.0)])
 def test_gradient_is_piecewise_linear_over_depth(t, expected):
     assert evaluate_setting([0, 0.5, 0.3, 0.7, 1], "x", t, WEIGHT) == pytest.approx(expected)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.merge import (
-    Sparsify, della_rank, linear_merge, magnitude_order, model_stock_merge, sign_consensus,
+    Sparsify, della_rank, linear_merge, magnitude_position, model_stock_merge, sign_consensus,
     slerp_merge, sparsify, task_arithmetic_merge,
 )
 from evomerge.merge.random import bernoulli_mask, random_key
@@ -75,12 +75,12 @@ def test_magnitude_keeps_the_k_largest_and_breaks_ties_by_position():
     assert sparsify(delta, Sparsify.magnitude, 0.01, rescale=False).tolist() == [0, -5.0, 0, 0, 0, 0]
 
 
-def test_magnitude_with_precomputed_order_is_identical():
+def test_magnitude_with_precomputed_position_is_identical():
     delta = tensors(shape=(31, 9))[0].float()
-    order = magnitude_order(delta)
+    position = magnitude_position(delta)
     for density in (0.05, 0.3, 0.77):
         assert torch.equal(sparsify(delta, Sparsify.magnitude, density, rescale=False),
-                           sparsify(delta, Sparsify.magnitude, density, rescale=False, order=order))
+                           sparsify(delta, Sparsify.magnitude, density, rescale=False, position=position))
 
 
 def test_breadcrumbs_drops_top_gamma_then_bottom():
@@ -199,10 +199,10 @@ def test_della_keeps_large_magnitudes_more_often_and_preserves_l1():
 def test_selection_without_sort_equals_stable_order_with_ties(method, gamma):
     g = torch.Generator().manual_seed(1)
     delta = torch.randint(-6, 7, (4000,), generator=g).float() / 4  # heavy magnitude ties
-    order = magnitude_order(delta)
+    position = magnitude_position(delta)
     for density in (0.1, 0.37, 0.5, 0.93):
         fast = sparsify(delta, method, density, rescale=False, gamma=gamma)
-        sorted_ = sparsify(delta, method, density, rescale=False, gamma=gamma, order=order)
+        sorted_ = sparsify(delta, method, density, rescale=False, gamma=gamma, position=position)
         assert torch.equal(fast, sorted_)
 
 

@@ -58,6 +58,7 @@ class ModelWriter:
         self.tmp_dir.mkdir()
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self._pending_storages: set[int] = set()
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
@@ -65,7 +66,12 @@ class ModelWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.shard_size:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self._pending_storages:  # e.g. a repeated layer read twice from one mmap
+            tensor = tensor.clone()
+        self._pending_storages.add(tensor.untyped_storage().data_ptr())
+        self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
 
@@ -73,7 +79,7 @@ class ModelWriter:
         file_name = f"shard-{len(self._shards):05d}.safetensors"
         save_file(self._pending, str(self.tmp_dir / file_name), metadata={"format": "pt"})
         self._shards.append((file_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._pending_storages = {}, 0, set()
 
     def write_json(self, file_name: str, data: dict) -> None:
         (self.tmp_dir / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

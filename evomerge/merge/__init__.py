@@ -4,11 +4,11 @@ from evomerge.merge.linear import linear_merge
 from evomerge.merge.model_stock import model_stock_merge
 from evomerge.merge.registry import METHODS, MergeInputs, MergeMethod, Param, get_method
 from evomerge.merge.slerp import slerp_merge
-from evomerge.merge.sparsify import Sparsify, della_rank, magnitude_order, sparsify
+from evomerge.merge.sparsify import Sparsify, della_rank, magnitude_position, sparsify
 from evomerge.merge.task_arithmetic import sign_consensus, task_arithmetic_merge
 
 __all__ = [
     "METHODS", "MergeInputs", "MergeMethod", "Param", "Sparsify", "della_rank", "get_method",
-    "linear_merge", "magnitude_order", "model_stock_merge", "sign_consensus", "slerp_merge",
+    "linear_merge", "magnitude_position", "model_stock_merge", "sign_consensus", "slerp_merge",
     "sparsify", "task_arithmetic_merge",
 ]

@@ -41,6 +41,9 @@ class MergeInputs:
     shared: Mapping[str, Any]
     per_input: Sequence[Mapping[str, Any]]
     keys: Sequence[int]  # random-stream keys, one per input
+    # optional, per input: precomputed magnitude positions / DELLA ranks of its task vector
+    positions: Sequence[torch.Tensor | None] | None = None
+    ranks: Sequence[torch.Tensor | None] | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -59,6 +62,7 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     reference: str = ""
+    sparsify: Sparsify | None = None  # task-arithmetic family: how task vectors are trimmed
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -85,7 +89,9 @@ def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeIn
             consensus=variant.consensus, normalize=inputs.shared["normalize"],
             rescale=inputs.shared["rescale"], lam=inputs.shared["lambda"],
             gammas=[p.get("gamma", 0.0) for p in per], epsilons=[p.get("epsilon", 0.0) for p in per],
-            keys=[inputs.keys[i] for i in others])
+            keys=[inputs.keys[i] for i in others],
+            positions=[inputs.positions[i] for i in others] if inputs.positions else None,
+            ranks=[inputs.ranks[i] for i in others] if inputs.ranks else None)
     return kernel
 
 
@@ -124,7 +130,7 @@ def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference
     if variant.sparsify is Sparsify.della:
         params.append(Param("epsilon", float, "non_base", 0.15, 0.0, 1.0))
     return MergeMethod(name, _task_arithmetic_kernel(variant), tuple(params), needs_base=True,
-                       reference=reference)
+                       reference=reference, sparsify=variant.sparsify)
 
 
 _TA = TaskArithmeticVariant

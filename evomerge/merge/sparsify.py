@@ -2,9 +2,10 @@
 
 All magnitude-based trims keep a range of one order: ``|delta|`` from largest to smallest,
 stable, so ties break by position. A caller that trims the same task vector at many
-densities (the in-memory materializer) precomputes that order once with
-:func:`magnitude_order` and passes it in; without it, the same set is found by a k-th
-value selection (no sort), so both paths agree bit for bit. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
+densities (the in-memory materializer) precomputes each element's position in that order
+once with :func:`magnitude_position`; a trim at any density is then one comparison pass.
+Without it, the same set is found by a k-th value selection (no sort), so both paths
+agree bit for bit. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
 for magnitude, ``gamma`` largest removed first for breadcrumbs, rank-scaled keep
 probabilities per row for DELLA, optional rescale to the original L1 norm).
 """
@@ -25,9 +26,13 @@ class Sparsify(str, Enum):
     della = "della_magprune"
 
 
-def magnitude_order(delta: torch.Tensor) -> torch.Tensor:
-    """Flat indices of ``delta`` sorted by decreasing magnitude (stable)."""
-    return torch.argsort(delta.detach().abs().reshape(-1).float(), descending=True, stable=True)
+def magnitude_position(delta: torch.Tensor) -> torch.Tensor:
+    """Each element's position in the stable decreasing-``|delta|`` order (int32, shaped
+    like ``delta``): a magnitude trim keeping ``k`` elements keeps ``position < k``."""
+    order = torch.argsort(delta.detach().abs().reshape(-1).float(), descending=True, stable=True)
+    position = torch.empty(order.numel(), dtype=torch.int32, device=delta.device)
+    position[order] = torch.arange(order.numel(), dtype=torch.int32, device=delta.device)
+    return position.reshape(delta.shape)
 
 
 def della_rank(delta: torch.Tensor) -> torch.Tensor:
@@ -76,11 +81,11 @@ def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> t
 
 def sparsify(delta: torch.Tensor, method: Sparsify, density: float, *, rescale: bool,
              gamma: float = 0.0, epsilon: float = 0.0, key: int = 0,
-             order: torch.Tensor | None = None, rank: torch.Tensor | None = None) -> torch.Tensor:
+             position: torch.Tensor | None = None, rank: torch.Tensor | None = None) -> torch.Tensor:
     """Return a sparsified copy of ``delta`` (same dtype); ``key`` seeds random methods.
 
-    ``order`` (from :func:`magnitude_order`) and ``rank`` (from :func:`della_rank`) may be
-    passed precomputed; they are derived from ``delta`` when omitted.
+    ``position`` (from :func:`magnitude_position`) and ``rank`` (from :func:`della_rank`)
+    may be passed precomputed; they are derived from ``delta`` when omitted.
     """
     if density >= 1:
         return delta
@@ -89,13 +94,14 @@ def sparsify(delta: torch.Tensor, method: Sparsify, density: float, *, rescale: 
         if numel == 0 or (density <= 0 and method is Sparsify.magnitude):
             return torch.zeros_like(delta)
         start, stop = _kept_range(method, numel, density, gamma)
-        if order is not None:
-            mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
-            mask[order[start:stop]] = True
+        if position is not None:
+            mask = position < stop
+            if start > 0:
+                mask &= position >= start
         else:
             magnitude = delta.detach().abs().reshape(-1).float()
-            mask = _top(magnitude, stop) & ~_top(magnitude, start)
-        kept = delta * mask.reshape(delta.shape)
+            mask = (_top(magnitude, stop) & ~_top(magnitude, start)).reshape(delta.shape)
+        kept = delta * mask
     elif method is Sparsify.random:
         kept = delta * bernoulli_mask(density, delta.shape, key, delta.device)
     elif method is Sparsify.della:

@@ -36,13 +36,13 @@ def task_arithmetic_merge(
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
     keys: Sequence[int] | None = None,
-    orders: Sequence[torch.Tensor | None] | None = None,
+    positions: Sequence[torch.Tensor | None] | None = None,
     ranks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Merge task vectors ``deltas`` (each ``source - base``) into ``base``.
 
     ``weights``/``densities``/``gammas``/``epsilons``/``keys`` are per task vector;
-    ``orders``/``ranks`` are optional precomputed magnitude orders / DELLA ranks.
+    ``positions``/``ranks`` are optional precomputed magnitude positions / DELLA ranks.
     Returns a new tensor in ``base.dtype``.
     """
     if not deltas:
@@ -55,7 +55,8 @@ def task_arithmetic_merge(
                 delta, sparsify_method, densities[i] if densities else 1.0, rescale=rescale,
                 gamma=gammas[i] if gammas else 0.0, epsilon=epsilons[i] if epsilons else 0.0,
                 key=keys[i] if keys else 0,
-                order=orders[i] if orders else None, rank=ranks[i] if ranks else None)
+                position=positions[i] if positions else None,
+                rank=ranks[i] if ranks else None)
         stacked[i] = delta
     weight = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
     weight = weight.reshape((count,) + (1,) * base.dim())
