@@ -1,0 +1,72 @@
+"""The metric interface every fitness term implements, and the error a failing metric raises.
+
+A metric's score is an aggregate over *items* (lm-eval documents, perplexity windows, or a
+single call for a Python callable). Splitting scores into items is what makes staged
+evaluation cheap: the fitness scores the first items of a split for an early, prunable
+estimate and later extends the same per-item values to the full set, never scoring an item
+twice for the same candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from evomerge.errors import EvomergeError
+
+SPLITS = ("search", "test")
+Direction = Literal["maximize", "minimize"]
+
+
+class FitnessError(EvomergeError):
+    """A metric failed while scoring a candidate (the search fails that trial)."""
+
+
+class Metric(ABC):
+    """One reported score: ``name``, optimization ``direction`` and objective ``weight``."""
+
+    def __init__(self, name: str, direction: Direction, weight: float):
+        self.name, self.direction, self.weight = name, direction, weight
+
+    def prepare(self, model: nn.Module, tokenizer: Any, split: str) -> None:  # noqa: B027 (optional hook)
+        """Per-split setup that needs the model or tokenizer; called before every evaluation,
+        so it must be cheap after the first call."""
+
+    @abstractmethod
+    def num_items(self, split: str) -> int:
+        """How many items a full (``fraction=1``) evaluation of ``split`` scores (after prepare)."""
+
+    @abstractmethod
+    def score(self, model: nn.Module, tokenizer: Any, split: str, start: int, stop: int) -> list[Any]:
+        """Per-item values for items ``[start, stop)`` of ``split`` (model in eval mode, no grad)."""
+
+    @abstractmethod
+    def aggregate(self, values: list[Any]) -> dict[str, float]:
+        """The reported score(s) of a prefix of per-item values: ``{self.name: value, ...}``."""
+
+    def sources(self) -> list[Path]:
+        """Files whose content defines this metric (for the on-disk cache's fingerprint)."""
+        return []
+
+    def items_for(self, split: str, fraction: float) -> int:
+        """Items scored at ``fraction`` of ``split``: ceil(fraction × all), at least one."""
+        total = self.num_items(split)
+        return min(total, max(1, math.ceil(fraction * total - 1e-9)))
+
+
+@contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode without autograd; the model is left in eval mode afterwards.
+
+    ``no_grad`` rather than ``inference_mode``: buffers a forward pass creates (e.g. rotary
+    caches) must stay writable by the materializer's in-place updates.
+    """
+    model.eval()
+    with torch.no_grad():
+        yield

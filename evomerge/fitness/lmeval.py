@@ -1,0 +1,296 @@
+"""lm-evaluation-harness tasks scored on the live in-memory model (nothing written to disk).
+
+**Finding tasks.** Task YAMLs are discovered in the fitness file's ``include_path`` folders
+(lm-eval's own index); lm-eval's ~15k built-in tasks are searched only with
+``builtin_tasks: true`` (indexing them takes seconds, and they download their data).
+
+**Splits.** A task must name both ``validation_split`` (the fitness's *search* split) and
+``test_split`` (its *test* split). Each metric builds two task objects once, at load time:
+the search one evaluates ``validation_split`` and loads no test data at all (its local
+``data_files`` omit the test split); the test one evaluates ``test_split``. Few-shot
+examples come from where lm-eval takes them (``fewshot_split``, else training, else
+validation); when that is the evaluated search split itself, the evaluated document is
+excluded from its own examples (lm-eval's rule for ``fewshot_split == test_split``).
+
+**Data files.** A relative path in ``dataset_kwargs.data_files`` is looked up in the task
+YAML's folder and then in each parent folder, first match wins; so paths written relative
+to the repository root (``fitness/data/...``) or to the task folder both work from any
+working directory (URLs and glob patterns go to ``datasets`` as written). Local data is
+loaded with the Hub in offline mode.
+
+**Scoring.** The prompts (with few-shot contexts, seed 1234 as lm-eval's default) are built
+once per split for the first ``limit`` documents (search) or all of them (test), so every
+candidate, and every pruning stage, sees identical requests. Per candidate, the requests of
+the wanted documents go through ``HFLM(pretrained=model)`` (batched), then the task's own
+filters, ``process_results`` and metric aggregation, exactly the steps of
+``lm_eval.evaluator.evaluate`` minus its bookkeeping; tests check the numbers against
+``lm_eval.simple_evaluate`` on the same weights loaded from disk. (``evaluate`` itself
+rebuilds the requests on every call, drawing few-shot examples from one running RNG, so a
+document's prompt would depend on which documents a stage scores.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from torch import nn
+
+from evomerge.fitness.base import Metric
+
+log = logging.getLogger(__name__)
+
+FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
+_HFLM_NOTICES = ("`pretrained` model kwarg is not of type `str`",
+                 "Passed an already-initialized model through `pretrained`")
+
+
+class TaskError(ValueError):
+    """A task that cannot be used. ``file`` and ``field`` locate the cause: a field of that
+    task YAML, or (no ``file``) a field of the metric's entry in the fitness file."""
+
+    def __init__(self, message: str, file: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.file, self.field = file, field
+
+
+class TaskCatalog:
+    """Task names → task YAML files, from ``include_path`` folders (and lm-eval's built-ins)."""
+
+    def __init__(self, include_paths: list[Path], builtin: bool):
+        from lm_eval.tasks import TaskManager
+
+        self.include_paths, self.builtin = include_paths, builtin
+        self._local = TaskManager(include_path=[str(p) for p in include_paths],
+                                  include_defaults=False) if include_paths else None
+
+    def find(self, name: str) -> Path:
+        for manager in (self._local, _builtin_tasks() if self.builtin else None):
+            entry = manager.task_index.get(name) if manager is not None else None
+            if entry is not None:
+                if entry.yaml_path is None or "task" not in (entry.cfg or {}) or "class" in entry.cfg:
+                    raise TaskError(f"{name!r} is a group, tag or Python task; expected a single YAML task",
+                                    field="task")
+                return Path(entry.yaml_path)
+        where = ", ".join(str(p) for p in self.include_paths) or "no include_path"
+        hint = "" if self.builtin else " (set builtin_tasks: true to search lm-eval's built-in tasks)"
+        raise TaskError(f"unknown lm-eval task {name!r} in {where}{hint}", field="task")
+
+
+@lru_cache(maxsize=1)
+def _builtin_tasks():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def load_task_config(path: Path) -> dict[str, Any]:
+    """A task YAML with its ``include`` chain and ``!function`` references resolved."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # the loader TaskManager itself uses
+
+    try:
+        config = load_yaml(path, resolve_func=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise TaskError(f"cannot read task YAML: {type(error).__name__}: {reason}", str(path)) from None
+    for key in ("tag", "group", "task_list"):
+        config.pop(key, None)
+    config["metadata"] = {**(config.get("metadata") or {}), "config_source": str(path)}
+    return config
+
+
+def resolve_data_files(config: dict[str, Any], path: Path) -> None:
+    """Make relative ``dataset_kwargs.data_files`` absolute (see module doc); check they hold data."""
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files is None:
+        return
+    named = files.items() if isinstance(files, dict) else [(None, files)]
+    resolved = {}
+    for split, entry in named:
+        field = "dataset_kwargs.data_files" + (f".{split}" if split is not None else "")
+        entries = entry if isinstance(entry, list) else [entry]
+        found = [_find_data_file(str(e), path, field) for e in entries]
+        resolved[split] = found if isinstance(entry, list) else found[0]
+    config["dataset_kwargs"] = {**config["dataset_kwargs"],
+                                "data_files": resolved if isinstance(files, dict) else resolved[None]}
+
+
+def _find_data_file(name: str, task_yaml: Path, field: str) -> str:
+    if "://" in name or any(c in name for c in "*?["):
+        return name  # remote or glob: left to datasets
+    candidate = Path(name).expanduser()
+    folders = [Path("/")] if candidate.is_absolute() else [task_yaml.parent, *task_yaml.parent.parents]
+    for folder in folders:
+        if (folder / candidate).is_file():
+            found = folder / candidate
+            with found.open("rb") as handle:
+                if not any(line.strip() for line in handle):
+                    raise TaskError(f"data file {found} is empty", str(task_yaml), field)
+            return str(found)
+    raise TaskError(f"data file {name!r} not found in {task_yaml.parent} or its parent folders",
+                    str(task_yaml), field)
+
+
+def split_config(config: dict[str, Any], split: str) -> dict[str, Any]:
+    """The task config that evaluates the fitness split ``split`` ('search' or 'test')."""
+    if split == "test":
+        return dict(config)
+    search, test = config["validation_split"], config["test_split"]
+    config = {**config, "test_split": search}
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        config["dataset_kwargs"] = {**config["dataset_kwargs"],
+                                    "data_files": {k: v for k, v in files.items() if k != test}}
+    if not (config.get("fewshot_split") or config.get("training_split")
+            or (config.get("fewshot_config") or {}).get("split")):
+        config["fewshot_split"] = search
+    return config
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hub access off while a task with local data loads (no stray network calls)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def build_task(config: dict[str, Any], split: str, path: Path):
+    """The ``ConfigurableTask`` evaluating fitness split ``split``; TaskError if it cannot load."""
+    from lm_eval.api.task import ConfigurableTask
+
+    for key in ("validation_split", "test_split"):
+        if not config.get(key):
+            raise TaskError(f"missing; the fitness needs {key} (validation_split is searched, "
+                            "test_split is held out)", str(path), key)
+    if config["validation_split"] == config["test_split"]:
+        raise TaskError(f"{config['test_split']!r} is also the validation_split; the test split must be "
+                        "held out from the search", str(path), "test_split")
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    local = files is not None and all(Path(f).is_absolute() for f in _flat(files))
+    try:
+        with _hub_offline() if local else _nothing():
+            return ConfigurableTask(config=split_config(config, split))
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise TaskError(f"lm-eval cannot load the {split} split: {type(error).__name__}: {reason}",
+                        str(path)) from None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _flat(files: Any) -> list[str]:
+    values = files.values() if isinstance(files, dict) else [files]
+    return [str(f) for v in values for f in (v if isinstance(v, list) else [v])]
+
+
+class LmEvalMetric(Metric):
+    """One metric of one lm-eval task; items are the task's documents."""
+
+    def __init__(self, name: str, tasks: dict[str, Any], metric: str, *, weight: float,
+                 limit: int | None, test_limit: int | None, num_fewshot: int | None,
+                 batch_size: int, apply_chat_template: bool, gen_kwargs: dict | None,
+                 path: Path):
+        search = tasks["search"]
+        self.metric, _, self.filter = metric.partition(",")
+        filters = [f["name"] for f in search.config.filter_list or []] or ["none"]
+        if self.metric not in search.higher_is_better():
+            known = ", ".join(sorted(search.higher_is_better()))
+            raise TaskError(f"task {search.config.task!r} has no metric {self.metric!r}; expected one of: "
+                            f"{known}", field="metric")
+        if self.filter and self.filter not in filters:
+            raise TaskError(f"task {search.config.task!r} has no filter {self.filter!r}; expected one of: "
+                            f"{', '.join(filters)}", field="metric")
+        self.filter = self.filter or filters[0]
+        direction = "maximize" if search.higher_is_better()[self.metric] else "minimize"
+        super().__init__(name, direction, weight)
+        self.tasks, self.path, self.batch_size = tasks, path, batch_size
+        self.apply_chat_template = apply_chat_template
+        self.limits = {"search": limit, "test": test_limit}
+        for task in tasks.values():
+            shots = num_fewshot if num_fewshot is not None else task.get_config("num_fewshot") or 0
+            task.set_config("num_fewshot", shots)
+            if gen_kwargs:
+                if task.get_config("output_type") != "generate_until":
+                    raise TaskError("only applies to generate_until tasks", field="gen_kwargs")
+                task.set_config("generation_kwargs", gen_kwargs, update=True)
+        self._requests: dict[str, list[list[Any]]] = {}
+
+    def sources(self) -> list[Path]:
+        files = (self.tasks["test"].config.dataset_kwargs or {}).get("data_files")
+        return [self.path] + ([Path(f) for f in _flat(files) if Path(f).is_file()] if files else [])
+
+    def num_items(self, split: str) -> int:
+        total = len(self.tasks[split].eval_docs)
+        return min(total, self.limits[split] or total)
+
+    def prepare(self, model: nn.Module, tokenizer: Any, split: str) -> None:
+        if split in self._requests:
+            return
+        task, count = self.tasks[split], self.num_items(split)
+        lm = self._lm(model, tokenizer)
+        task.set_fewshot_seed(FEWSHOT_SEED)
+        task.build_all_requests(
+            limit=count, apply_chat_template=self.apply_chat_template,
+            fewshot_as_multiturn=self.apply_chat_template,
+            chat_template=lm.apply_chat_template if self.apply_chat_template else None,
+            tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")
+        by_doc: list[list[Any]] = [[] for _ in range(count)]
+        for instance in task.instances:
+            by_doc[instance.doc_id].append(instance)
+        self._requests[split] = [sorted(group, key=lambda i: i.idx) for group in by_doc]
+
+    def score(self, model: nn.Module, tokenizer: Any, split: str, start: int, stop: int) -> list[Any]:
+        task, lm = self.tasks[split], self._lm(model, tokenizer)
+        docs = [[dataclasses.replace(i, resps=[], filtered_resps={}) for i in group]
+                for group in self._requests[split][start:stop]]
+        by_type = defaultdict(list)
+        for instance in (i for group in docs for i in group):
+            by_type[instance.request_type].extend([instance] * instance.repeats)
+        for request_type, requests in by_type.items():
+            for instance, response in zip(requests, getattr(lm, request_type)(requests, disable_tqdm=True)):
+                instance.resps.append(response)
+        task._instances = [i for group in docs for i in group]  # apply_filters works on these
+        task.apply_filters()
+        values = []
+        for group in docs:
+            result = task.process_results(group[0].doc, [i.filtered_resps[self.filter] for i in group])
+            values.append(result.get(self.metric))
+        return values
+
+    def aggregate(self, values: list[Any]) -> dict[str, float]:
+        function = self.tasks["search"].aggregation().get(self.metric, mean)
+        return {self.name: float(function([v for v in values if v is not None]))}
+
+    def _lm(self, model: nn.Module, tokenizer: Any):
+        from lm_eval.models.huggingface import HFLM
+
+        _quiet_hflm_notices()
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_HFLM_NOTICES)
+
+
+@lru_cache(maxsize=1)
+def _quiet_hflm_notices() -> None:
+    """Silence HFLM's two warnings about being handed a model object (expected here)."""
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_DropNotices())
