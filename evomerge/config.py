@@ -169,7 +169,7 @@ def resolve(param: Param, scopes: list[Parameters | None], tensor_name: str, t: 
 # --------------------------------------------------------------------------- loading
 
 
-def _yaml_line(root: yaml.Node | None, path: tuple) -> int | None:
+def yaml_line(root: yaml.Node | None, path: tuple) -> int | None:
     """1-based line of the node at ``path`` (or of its closest existing parent)."""
     node, line = root, None
     for key in path:
@@ -187,7 +187,8 @@ def _yaml_line(root: yaml.Node | None, path: tuple) -> int | None:
     return line
 
 
-def _field(path: tuple) -> str:
+def field_path(path: tuple) -> str:
+    """A YAML path as a field name for messages: ``models[0].parameters``."""
     text = ""
     for key in path:
         text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
@@ -304,7 +305,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
         raise ConfigError("expected a mapping at the top level", file=source, line=1)
 
     def fail(path: tuple, message: str):
-        raise ConfigError(message, file=source, field=_field(path), line=_yaml_line(root, path))
+        raise ConfigError(message, file=source, field=field_path(path), line=yaml_line(root, path))
 
     try:
         config = MergeConfig.model_validate(data)
