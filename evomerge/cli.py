@@ -12,7 +12,10 @@ from pathlib import Path
 import click
 
 from evomerge.errors import EvomergeError
+from evomerge.fitness.cli import evaluate
+from evomerge.search.cli import export, report, search, status
 from evomerge.io.writer import parse_size
+from evomerge.zoo.cli import zoo
 
 log = logging.getLogger("evomerge")
 
@@ -34,9 +37,14 @@ def main() -> None:
     """Merge fine-tuned LLMs that share a base model, and search for the best merge."""
 
 
-def _setup_logging(quiet: bool, verbose: bool) -> None:
+def setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        logging.getLogger("optuna").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -55,7 +63,7 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
     """Merge the models of a mergekit-style CONFIG.yaml into OUT_DIR."""
     from evomerge.merger import merge as run_merge
 
-    _setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose)
     shard_size = parse_size(out_shard_size)
     path = run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size,
                      force=force, progress=not quiet)
@@ -65,16 +73,35 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where models and merges go (default: runs/demo in the checkout).")
+              help="Where the study, best.yaml and the report go (default: runs/demo in the checkout).")
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="Finished trials to reach (default: the experiment's budget).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the experiment's).")
+@click.option("--seed", default=None, type=int, help="Sampler seed (default: the experiment's).")
+@click.option("--quiet", "-q", is_flag=True, help="Only the result table.")
+def demo(workdir: Path | None, n_trials: int | None, device: str | None, seed: int | None, quiet: bool) -> None:
+    """Build the tiny model zoo if missing, search for its best merge, export it, write the report."""
+    from evomerge.demo import run_demo
+    from evomerge.search.heldout import format_rows
+
+    setup_logging(quiet, False)
+    rows, out = run_demo(workdir, n_trials=n_trials, device=device, seed=seed, progress=not quiet)
+    click.echo(format_rows(rows))
+    click.echo(f"best merge: {out / 'best.yaml'}  report: {out / 'report' / 'index.html'}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where models and merges go (default: runs/examples in the checkout).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", "-q", is_flag=True, help="Only the result table.")
-def demo(workdir: Path | None, device: str, seed: int, quiet: bool) -> None:
-    """Build the bundled tiny model family and run every example merge in experiments/merges."""
-    from evomerge.demo import format_table, run_demo
+def examples(workdir: Path | None, device: str, seed: int, quiet: bool) -> None:
+    """Run every example merge in experiments/merges on a synthetic tiny family."""
+    from evomerge.examples import format_table, run_examples
 
-    _setup_logging(quiet, False)
-    rows = run_demo(workdir, seed=seed, device=device, progress=not quiet)
+    setup_logging(quiet, False)
+    rows = run_examples(workdir, seed=seed, device=device, progress=not quiet)
     click.echo(format_table(rows))
     click.echo(f"merged models are in {rows[0]['out'].parent}")
 
@@ -97,6 +124,11 @@ def synth(out_dir: Path, arch: str, size: str, sources: int, dtype: str, seed: i
     paths = build_family(out_dir, arch, size=size, sources=sources, dtype=DTYPES[dtype], seed=seed)
     click.echo("\n".join(str(p) for p in paths))
 
+
+for _command in (evaluate, search, status, export, report):
+    main.add_command(_command)
+
+main.add_command(zoo)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,9 +1,8 @@
-"""The quick-start job: build the bundled tiny model family and run every example merge.
+"""``evomerge examples``: run every example merge config on a synthetic tiny family.
 
-Until the search lands, this is the embedded default the README's first command runs:
-it builds a tiny Llama base with three fine-tunes (cached under ``runs/demo/models``),
-merges each config in ``experiments/merges/`` with the real engine, loads every output
-with ``transformers`` and checks a forward pass, and prints one table.
+It builds a tiny Llama base with three fine-tune-like variants (cached under
+``runs/examples/models``), merges each config in ``experiments/merges/`` with the real
+engine, loads every output with ``transformers``, checks a forward pass, and prints a table.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ from evomerge.synthetic import build_family
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-MODELS_PLACEHOLDER = "runs/demo/models"
+MODELS_PLACEHOLDER = "runs/examples/models"
 
 
-def run_demo(workdir: Path | None = None, *, seed: int = 0, device: str = "cpu",
+def run_examples(workdir: Path | None = None, *, seed: int = 0, device: str = "cpu",
              progress: bool = True) -> list[dict]:
     """Run the demo and return one row per merge (method, seconds, depth, change vs base)."""
     from transformers import AutoModelForCausalLM
@@ -34,7 +33,7 @@ def run_demo(workdir: Path | None = None, *, seed: int = 0, device: str = "cpu",
     if not configs:
         raise EvomergeError(f"no example configs in {ROOT / 'experiments' / 'merges'} "
                             "(run the demo from a source checkout)")
-    workdir = Path(workdir or ROOT / "runs" / "demo").absolute()
+    workdir = Path(workdir or ROOT / "runs" / "examples").absolute()
     models_dir = workdir / "models"
     if not (models_dir / "ft3" / "model.safetensors").exists():
         log.info("building the tiny model family in %s", models_dir)

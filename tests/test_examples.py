@@ -1,12 +1,12 @@
-"""The README's first command, run in a temporary work folder."""
+"""`evomerge examples`: every example merge config runs, in a temporary work folder."""
 
 from click.testing import CliRunner
 
 from evomerge.cli import main
 
 
-def test_demo_runs_every_example_merge(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--quiet"])
+def test_examples_run_every_example_merge(tmp_path):
+    result = CliRunner().invoke(main, ["examples", "--workdir", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
     table = result.output.splitlines()
     methods = {line.split()[1] for line in table[1:] if line.endswith(tuple("0123456789"))}

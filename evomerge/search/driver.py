@@ -1,0 +1,294 @@
+"""The search loop: ask → decode → materialize → score → tell, over an Optuna study.
+
+Everything a search knows lives in its Optuna storage (SQLite file by default), so a
+search is resumed by running it again: completed trials are kept, the sampler continues
+from them, and a candidate whose plan was already scored is not evaluated again. Each
+trial records its decoded plan (YAML), every metric, the seed, the time spent in
+materialize and fitness, the device and the worker, or why it failed. A candidate that
+raises, runs out of memory or scores NaN fails its own trial only; ``max_failures_in_a_row``
+failures stop the search. Ctrl-C stops after the current trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from evomerge import __version__
+from evomerge.config import MergeConfig, torch_dtype
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.fitness import Fitness, load_fitness
+from evomerge.materialize import Materializer
+from evomerge.search.experiment import Experiment
+from evomerge.search.loader import load_search_space
+from evomerge.search.samplers import CmaPackageProposer, make_sampler
+from evomerge.search.space import SearchSpace
+from evomerge.search.storage import open_storage
+
+log = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass
+class Search:
+    """An experiment bound to its study, search space and fitness."""
+
+    experiment: Experiment
+    study: optuna.Study
+    space: SearchSpace
+    fitness: Fitness
+    device: str
+    base: str  # absolute model paths
+    sources: list[str]
+
+    def decode(self, params: dict[str, Any]) -> MergeConfig:
+        """The trial's merge config, in the dtype candidates are merged in."""
+        config = self.space.decode(params)
+        return config.model_copy(update={"dtype": self.experiment.dtype})
+
+
+def open_search(experiment: Experiment, *, study_name: str | None = None, storage: str | None = None,
+                device: str | None = None, create: bool = True) -> Search:
+    """Load the fitness and search space and create (or reopen) the experiment's study."""
+    for path in [experiment.models.base, *experiment.models.sources]:
+        if not Path(path).is_dir():
+            raise ConfigError(f"model folder not found: {path}", field="models")
+    base = str(Path(experiment.models.base).resolve())
+    sources = [str(Path(s).resolve()) for s in experiment.models.sources]
+    spec = experiment.fitness
+    fitness = load_fitness(spec if isinstance(spec, dict) else Path(spec))
+    space = load_search_space(experiment.search_space, models=sources, base_model=base,
+                              base_dir=Path.cwd(), source="search_space")
+    sampler = make_sampler(experiment.optimizer, space, fitness.directions)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if len(fitness.stages) > 1 else None
+    backend = open_storage(storage or experiment.storage or experiment.default_storage)
+    name = study_name or experiment.name
+    if create:
+        study = optuna.create_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner,
+                                    directions=fitness.directions, load_if_exists=True)
+    else:
+        study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+    _check_study(study, experiment, space, fitness)
+    return Search(experiment, study, space, fitness, device or experiment.device, base, sources)
+
+
+def _check_study(study: optuna.Study, experiment: Experiment, space: SearchSpace, fitness: Fitness) -> None:
+    """Record the experiment in a new study; refuse to resume one with a different setup."""
+    signature = {"space": sorted(space.distributions()), "objectives": fitness.metric_names,
+                 "directions": fitness.directions}
+    stored = study.user_attrs.get("signature")
+    if stored is None:
+        study.set_user_attr("signature", signature)
+        study.set_user_attr("experiment", experiment.to_yaml())
+        study.set_user_attr("mergekit_compatible", space.mergekit_compatible)
+        study.set_user_attr("evomerge_version", __version__)
+    elif stored != signature:
+        raise ConfigError(f"study {study.study_name!r} was created with another search space or fitness; "
+                          "use a new --study name", field="study")
+
+
+def plan_hash(config: MergeConfig, seed: int) -> str:
+    """Identity of a candidate's weights: its config and mask seed."""
+    return hashlib.sha256(f"{seed}\n{config.to_yaml()}".encode()).hexdigest()[:16]
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_dead_workers(study: optuna.Study) -> int:
+    """Mark RUNNING trials of dead processes on this host as FAIL; return how many."""
+    host = socket.gethostname()
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_user_attr(trial._trial_id, "failure", f"worker {pid} died mid-trial")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            count += 1
+    return count
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+@contextmanager
+def _stop_on_interrupt(flag: dict[str, bool]):
+    """First Ctrl-C: finish the current trial, then stop. Second: abort now."""
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        log.warning("stopping after the current trial (Ctrl-C again to abort it)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Failed(Exception):
+    pass
+
+
+class Runner:
+    """Runs trials of one :class:`Search` with one materializer."""
+
+    def __init__(self, search: Search, *, progress: bool = True):
+        self.search = search
+        experiment = search.experiment
+        self.materializer = Materializer(search.base, search.sources, device=search.device,
+                                         dtype=torch_dtype(experiment.dtype), progress=progress)
+        self.device_name = str(self.materializer.device)
+        if self.materializer.device.type == "cuda":
+            self.device_name += f" ({torch.cuda.get_device_name(self.materializer.device)})"
+        self.proposer = (CmaPackageProposer(search.space, experiment.optimizer, search.study)
+                         if experiment.optimizer.sampler == "cma" else None)
+        self.progress = progress
+
+    def run(self, n_trials: int | None, timeout: float | None) -> int:
+        """Run until ``n_trials`` trials of the study have finished (counting earlier runs),
+        ``timeout`` seconds pass or Ctrl-C; return the number of trials run now."""
+        study, experiment = self.search.study, self.search.experiment
+        stale = fail_dead_workers(study)
+        if stale:
+            log.warning("marked %d trial(s) of dead workers as failed", stale)
+        if experiment.optimizer.warm_start and not study.trials:
+            for recipe in self.search.space.known_recipes():
+                study.enqueue_trial(recipe, user_attrs={"warm_start": True})
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        remaining = None if n_trials is None else max(0, n_trials - finished)
+        if remaining == 0:
+            log.info("study %s already has %d finished trials", study.study_name, finished)
+            return 0
+        start, ran, failures, flag = time.monotonic(), 0, 0, {"stop": False}
+        bar = tqdm(total=remaining, desc=f"search {study.study_name}", unit="trial", disable=not self.progress)
+        with _stop_on_interrupt(flag), bar:
+            while (remaining is None or ran < remaining) and not flag["stop"]:
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    break
+                state, reason = self._one_trial()
+                ran += 1
+                bar.update()
+                failures = failures + 1 if state == TrialState.FAIL else 0
+                if failures >= experiment.budget.max_failures_in_a_row:
+                    raise EvomergeError(f"{failures} candidates failed in a row (last: {reason}); "
+                                        "stopping the search")
+                self._show_best(bar)
+        return ran
+
+    def _show_best(self, bar) -> None:
+        study = self.search.study
+        if len(study.directions) == 1:
+            try:
+                bar.set_postfix(best=f"{study.best_value:.4g}", trial=study.best_trial.number)
+            except ValueError:
+                pass
+
+    def _one_trial(self) -> tuple[TrialState, str | None]:
+        study = self.search.study
+        if self.proposer is not None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            study.enqueue_trial(self.proposer.propose())
+        trial = study.ask(self.search.space.distributions())
+        try:
+            trial.set_user_attr("worker", _worker())
+            values = self._evaluate(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return TrialState.PRUNED, None
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except _Failed as failure:
+            return self._fail(trial, str(failure))
+        except Exception as error:  # a failed candidate fails its trial, never the study
+            return self._fail(trial, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        study.tell(trial, values)
+        if self.proposer is not None:
+            self.proposer.tell(trial.params, values[0])
+        return TrialState.COMPLETE, None
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> tuple[TrialState, str]:
+        log.warning("trial %d failed: %s", trial.number, reason)
+        if self.materializer.device.type == "cuda":
+            torch.cuda.empty_cache()
+        trial.set_user_attr("failure", reason)
+        self.search.study.tell(trial, state=TrialState.FAIL)
+        if self.proposer is not None:
+            self.proposer.tell(trial.params, None)
+        return TrialState.FAIL, reason
+
+    def _evaluate(self, trial: optuna.Trial) -> list[float]:
+        search, experiment = self.search, self.search.experiment
+        config = search.decode(trial.params)
+        key = plan_hash(config, experiment.seed)
+        for name, value in (("plan", config.to_yaml()), ("plan_hash", key), ("seed", experiment.seed),
+                            ("device", self.device_name)):
+            trial.set_user_attr(name, value)
+        previous = _completed_with(search.study, key)
+        if previous is not None:
+            trial.set_user_attr("metrics", previous.user_attrs.get("metrics"))
+            trial.set_user_attr("same_plan_as", previous.number)
+            return list(previous.values)
+        started = time.perf_counter()
+        model = self.materializer.apply(config, seed=experiment.seed)
+        materialized = time.perf_counter()
+        trial.set_user_attr("time_materialize_s", round(materialized - started, 4))
+        scores: dict[str, float] = {}
+        for fraction, scores in search.fitness.iter_stages(model, self.materializer.tokenizer, cache_key=key):
+            values = search.fitness.objectives(scores)
+            if fraction < 1 and len(values) == 1:
+                trial.report(values[0], step=round(fraction * 1000))
+                if trial.should_prune():
+                    trial.set_user_attr("metrics", scores)
+                    raise optuna.TrialPruned()
+        trial.set_user_attr("time_fitness_s", round(time.perf_counter() - materialized, 4))
+        trial.set_user_attr("metrics", scores)
+        if not all(math.isfinite(v) for v in values):
+            raise _Failed(f"non-finite fitness {scores}")
+        return values
+
+
+def _completed_with(study: optuna.Study, key: str):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get("plan_hash") == key:
+            return trial
+    return None
+
+
+def run_search(experiment: Experiment, *, study_name: str | None = None, storage: str | None = None,
+               n_trials: int | None = None, timeout: float | None = None, device: str | None = None,
+               progress: bool = True) -> Search:
+    """Create or resume the experiment's study and run trials until the budget is spent."""
+    search = open_search(experiment, study_name=study_name, storage=storage, device=device)
+    budget = experiment.budget
+    Runner(search, progress=progress).run(n_trials if n_trials is not None else budget.n_trials,
+                                          timeout if timeout is not None else budget.timeout)
+    return search

@@ -1,0 +1,81 @@
+"""Samplers: Optuna's CMA-ES / TPE / NSGA-II / random, and the ``cma`` package via ask/tell.
+
+``cmaes`` (the default for a single objective) is Optuna's ``CmaEsSampler``: its state
+lives in the study, so a resumed search continues the same evolution. Optuna normalizes
+every parameter to [0, 1] for CMA-ES, so ``sigma0`` is in units of each parameter's range.
+``cma`` runs Nikolaus Hansen's ``cma`` package on the space's ``[0, 1]^d`` code
+(``SearchSpace.to_unit``/``from_unit``); on resume its state is rebuilt by replaying the
+study's finished trials, generation by generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.errors import ConfigError
+from evomerge.search.experiment import Optimizer
+from evomerge.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``optimizer`` (``cma`` proposals are enqueued; random fills gaps)."""
+    kind, seed = optimizer.sampler, optimizer.seed
+    if len(directions) > 1 and kind in ("cmaes", "cma"):
+        raise ConfigError(f"sampler {kind} optimizes one objective; the fitness has {len(directions)} "
+                          "(use nsga2, tpe or random)", field="optimizer.sampler")
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            sigma0=optimizer.sigma0, seed=seed,
+            popsize=optimizer.popsize, restart_strategy=optimizer.restarts,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed), warn_independent_sampling=False)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=optimizer.popsize or 16, seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+class CmaPackageProposer:
+    """Parameters proposed by ``cma.CMAEvolutionStrategy``; told the (minimized) results."""
+
+    def __init__(self, space: SearchSpace, optimizer: Optimizer, study: optuna.Study):
+        import cma
+
+        self.space = space
+        self.sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        dimension = len(space.distributions())
+        recipes = space.known_recipes()
+        x0 = space.to_unit(recipes[0]) if recipes else [0.5] * dimension
+        options = {"seed": optimizer.seed + 1, "bounds": [0, 1], "verbose": -9}
+        if optimizer.popsize:
+            options["popsize"] = optimizer.popsize
+        self.es = cma.CMAEvolutionStrategy(x0, optimizer.sigma0 or 0.25, options)
+        self._pending: list[list[float]] = []
+        self._asked = False  # cma needs an ask() before each tell()
+        self._told: list[tuple[list[float], float | None]] = []
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if set(trial.params) == set(space.distributions()):
+                self.tell(trial.params, trial.values[0] if trial.values else None)
+
+    def propose(self) -> dict[str, Any]:
+        if not self._pending:
+            self._pending, self._asked = [list(x) for x in self.es.ask()], True
+        return self.space.from_unit(self._pending.pop(0))
+
+    def tell(self, params: dict[str, Any], value: float | None) -> None:
+        """Record a result (None: failed, scored as the worst so far); a full generation updates CMA."""
+        self._told.append((self.space.to_unit(params), None if value is None else self.sign * value))
+        if len(self._told) < self.es.popsize:
+            return
+        known = [v for _, v in self._told if v is not None]
+        worst = max(known) + 1 if known else 0.0
+        if not self._asked:
+            self.es.ask()
+        self.es.tell([x for x, _ in self._told], [worst if v is None else v for _, v in self._told])
+        self._told, self._pending, self._asked = [], [], False

@@ -1,0 +1,272 @@
+"""The search driver end to end on a tiny synthetic family with a fast callable fitness:
+records, warm start, failures, resume after kill -9, Ctrl-C, samplers, export → merge."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+from evomerge import merge
+from evomerge.cli import main
+from evomerge.errors import EvomergeError
+from evomerge.materialize import Materializer
+from evomerge.search.driver import open_search, run_search
+from evomerge.search.experiment import parse_experiment
+from evomerge.search.results import export_yaml, pick_trial
+from tests.conftest import read_folder
+
+FUNCTIONS = Path(__file__).parent / "data" / "search" / "fitness_fns.py"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def experiment_dict(family, tmp_path, *, space=None, sampler="cmaes", n_trials=6, metrics=None, **extra) -> dict:
+    base, *ft = map(str, family)
+    return {
+        "name": "t", "models": {"base": base, "sources": ft},
+        "search_space": space or {"kind": "parameter", "method": "ties", "layer_granularity": 2,
+                                  "search": {"weight": [0, 1], "density": [0.2, 1]}},
+        "fitness": {"metrics": metrics or {"close": {"type": "callable", "function": f"{FUNCTIONS}:closeness", "direction": "maximize"}}},
+        "optimizer": {"sampler": sampler, "popsize": 4, "seed": 0},
+        "budget": {"n_trials": n_trials, "max_failures_in_a_row": 3},
+        "storage": f"sqlite:///{tmp_path}/study.db", **extra,
+    }
+
+
+def write_experiment(tmp_path, data) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def logged(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def test_log(tmp_path, monkeypatch):
+    path = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("EVOMERGE_TEST_LOG", str(path))
+    return path
+
+
+def test_search_records_every_trial_and_starts_from_known_recipes(llama, tmp_path, test_log):
+    search = run_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=7))),
+                        progress=False)
+    trials = search.study.get_trials()
+    assert len(trials) == 7 and all(t.state == TrialState.COMPLETE for t in trials)
+    recipes = search.space.known_recipes()
+    assert [t.params for t in trials[:len(recipes)]] == recipes
+    assert all(t.user_attrs.get("warm_start") for t in trials[:len(recipes)])
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert yaml.safe_load(attrs["plan"])["merge_method"] == "ties"
+        assert attrs["metrics"]["close"] == pytest.approx(trial.value)
+        assert attrs["seed"] == 0 and attrs["device"] == "cpu" and ":" in attrs["worker"]
+        assert attrs["time_materialize_s"] > 0 and attrs["time_fitness_s"] >= 0
+    assert len(logged(test_log)) == 7  # one fitness call per trial
+    assert search.study.user_attrs["mergekit_compatible"] is True
+
+
+def test_rerun_resumes_without_repeating(llama, tmp_path, test_log):
+    experiment = parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=5)))
+    first = {t.number: t.value for t in run_search(experiment, progress=False).study.get_trials()}
+    again = run_search(experiment, progress=False)  # budget already spent: nothing runs
+    assert {t.number: t.value for t in again.study.get_trials()} == first
+    more = run_search(experiment, n_trials=8, progress=False).study.get_trials()
+    assert len(more) == 8 and {t.number: t.value for t in more[:5]} == first
+    fingerprints = [entry["fingerprint"] for entry in logged(test_log)]
+    assert len(fingerprints) == 8 - sum("same_plan_as" in t.user_attrs for t in more)
+
+
+def test_a_repeated_plan_reuses_the_stored_result(llama, tmp_path, test_log):
+    search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=3))))
+    params = search.space.known_recipes()[0]
+    search.study.enqueue_trial(params)
+    search.study.enqueue_trial(params)
+    from evomerge.search.driver import Runner
+
+    Runner(search, progress=False).run(2, None)
+    first, second = search.study.get_trials()[:2]
+    assert second.user_attrs["same_plan_as"] == first.number and second.value == first.value
+    assert len(logged(test_log)) == 1
+
+
+def test_failing_and_nan_candidates_fail_only_their_trial(llama, tmp_path, test_log, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_TEST_FAIL", "2")
+    monkeypatch.setenv("EVOMERGE_TEST_NAN", "4")
+    trials = run_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=6))),
+                        progress=False).study.get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.FAIL) == 2 and states.count(TrialState.COMPLETE) == 4
+    assert "planned failure at call 2" in trials[1].user_attrs["failure"]
+    assert "returned NaN" in trials[3].user_attrs["failure"]
+
+
+def test_many_failures_in_a_row_stop_the_search(llama, tmp_path, test_log, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_TEST_FAIL", "1,2,3,4,5,6")
+    experiment = parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=6)))
+    with pytest.raises(EvomergeError, match="3 candidates failed in a row .*planned failure"):
+        run_search(experiment, progress=False)
+    study = open_search(experiment).study
+    started = [t.state for t in study.get_trials() if t.state != TrialState.WAITING]
+    assert started == [TrialState.FAIL] * 3  # the rest of the warm start still waits for a resume
+
+
+def _complete(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        study = optuna.load_study(study_name="t", storage=f"sqlite:///{db}")
+    except Exception:  # not created yet
+        return 0
+    return len(study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def _start_search(experiment: Path, tmp_path: Path, n_trials: int, sleep: str) -> subprocess.Popen:
+    env = dict(os.environ, EVOMERGE_TEST_LOG=str(tmp_path / "calls.jsonl"), EVOMERGE_TEST_SLEEP=sleep,
+               PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(experiment), "-q",
+                             "--n-trials", str(n_trials)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_keeps_completed_trials_and_repeats_none(llama, tmp_path):
+    experiment = write_experiment(tmp_path, experiment_dict(llama, tmp_path))
+    db = tmp_path / "study.db"
+    process = _start_search(experiment, tmp_path, 10, sleep="0.5")
+    _wait_for(lambda: _complete(db) >= 3)
+    time.sleep(0.2)  # into the next trial's fitness
+    process.kill()
+    process.wait()
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{db}")
+    before = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    evaluated_before = len(logged(tmp_path / "calls.jsonl"))
+
+    resumed = _start_search(experiment, tmp_path, 8, sleep="0")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    trials = optuna.load_study(study_name="t", storage=f"sqlite:///{db}").get_trials()
+    assert {t.number: t.value for t in trials if t.number in before} == before  # nothing lost
+    dead = [t for t in trials if t.state == TrialState.FAIL]
+    assert all("died mid-trial" in t.user_attrs["failure"] for t in dead) and len(dead) <= 1
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len(trials) == 8
+    fingerprints = [e["fingerprint"] for e in logged(tmp_path / "calls.jsonl")]
+    assert len(fingerprints) == len(set(fingerprints))  # no candidate scored twice
+    new = [t for t in trials if t.number not in before and t.state == TrialState.COMPLETE]
+    assert len(fingerprints) == evaluated_before + len(new)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_current_trial(llama, tmp_path):
+    experiment = write_experiment(tmp_path, experiment_dict(llama, tmp_path, n_trials=50))
+    db = tmp_path / "study.db"
+    process = _start_search(experiment, tmp_path, 50, sleep="0.5")
+    _wait_for(lambda: _complete(db) >= 2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    trials = optuna.load_study(study_name="t", storage=f"sqlite:///{db}").get_trials()
+    started = [t.state for t in trials if t.state != TrialState.WAITING]  # waiting: warm start left
+    assert set(started) == {TrialState.COMPLETE} and 2 <= len(started) < 50
+    assert "study t:" in out
+
+
+@pytest.mark.parametrize("sampler", ["cma", "tpe", "random"])
+def test_other_samplers(llama, tmp_path, test_log, sampler):
+    search = run_search(parse_experiment(yaml.safe_dump(
+        experiment_dict(llama, tmp_path, sampler=sampler, n_trials=9))), progress=False)
+    trials = search.study.get_trials()
+    assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) >= 8
+
+
+def test_multi_objective_search_with_nsga2(llama, tmp_path, test_log):
+    metrics = {name: {"type": "callable", "function": f"{FUNCTIONS}:two_objectives", "key": name,
+                   "direction": "maximize"}
+               for name in ("first", "last")}
+    data = experiment_dict(llama, tmp_path, sampler="nsga2", n_trials=6, metrics=metrics)
+    data["fitness"]["objective"] = "separate"
+    search = run_search(parse_experiment(yaml.safe_dump(data)), progress=False)
+    assert len(search.study.directions) == 2 and search.study.best_trials
+    with pytest.raises(EvomergeError, match="Pareto front with --trial"):
+        pick_trial(search.study)
+    with pytest.raises(EvomergeError, match="sampler cmaes optimizes one objective"):
+        open_search(parse_experiment(yaml.safe_dump(dict(data, optimizer={"sampler": "cmaes"}, name="u"))))
+
+
+def test_export_reproduces_the_evaluated_weights_with_evomerge_merge(llama, tmp_path, test_log):
+    space = {"kind": "parameter", "method": "dare_ties", "control_points": 2,
+             "search": {"weight": [0, 1], "density": [0.3, 1]}}
+    search = run_search(parse_experiment(yaml.safe_dump(
+        experiment_dict(llama, tmp_path, space=space, n_trials=6, seed=7))), progress=False)
+    best = pick_trial(search.study)
+    exported = tmp_path / "best.yaml"
+    exported.write_text(export_yaml(search.study, best))
+    assert "--seed 7" in exported.read_text()
+    out = merge(exported, tmp_path / "merged", seed=7)
+    materializer = Materializer(search.base, search.sources)
+    materializer.apply(search.decode(best.params), seed=7)
+    on_disk = read_folder(out)
+    live = materializer.state_dict()
+    assert all(torch.equal(on_disk[name], live[name]) for name in on_disk)
+    fingerprint = logged(test_log)[best.number]["fingerprint"]
+    assert math.isclose(fingerprint, sum(t.double().sum().item() for t in live.values()), rel_tol=1e-12)
+
+
+def test_exported_ties_config_gives_mergekit_the_same_tensors(family_factory, tmp_path, test_log):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    family = family_factory("llama", distinct_deltas=True)
+    search = run_search(parse_experiment(yaml.safe_dump(experiment_dict(family, tmp_path, n_trials=5))),
+                        progress=False)
+    text = export_yaml(search.study, pick_trial(search.study))
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+              MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
+    exported = tmp_path / "best.yaml"
+    exported.write_text(text)
+    ours = read_folder(merge(exported, tmp_path / "ours"))
+    theirs = read_folder(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    for name in ours:  # float32, distinct task-vector magnitudes: see test_mergekit_parity.py
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6)
+
+
+def test_cli_search_status_export(llama, tmp_path, test_log, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    experiment = write_experiment(tmp_path, experiment_dict(llama, tmp_path, n_trials=4))
+    runner = CliRunner()
+    result = runner.invoke(main, ["search", str(experiment), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "study t: 5 trials (4 complete, 1 waiting)" in result.output  # 5 warm-start recipes
+    status = runner.invoke(main, ["status", str(experiment)])
+    assert status.exit_code == 0 and "best: trial" in status.output
+    exported = runner.invoke(main, ["export", str(experiment), "-o", "best.yaml"])
+    assert exported.exit_code == 0, exported.output
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["merge_method"] == "ties"
+    missing = runner.invoke(main, ["status", "--study", "nope", "--storage", f"sqlite:///{tmp_path}/study.db"])
+    assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
+    bad_trial = runner.invoke(main, ["export", str(experiment), "--trial", "99"])
+    assert bad_trial.exit_code == 2 and "trial 99 is not a completed trial" in bad_trial.output
