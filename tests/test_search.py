@@ -270,3 +270,40 @@ def test_cli_search_status_export(llama, tmp_path, test_log, monkeypatch):
     assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
     bad_trial = runner.invoke(main, ["export", str(experiment), "--trial", "99"])
     assert bad_trial.exit_code == 2 and "trial 99 is not a completed trial" in bad_trial.output
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiments_are_valid(path):
+    from evomerge.search.experiment import load_experiment
+
+    experiment = load_experiment(path)
+    assert experiment.models.sources and experiment.name
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: x\nmodels: {base: b}\nsearch_space: ps_ties\nfitness: f.yaml\n",
+     "<experiment>:2: models.sources: Field required"),
+    ("name: x\nmodels: {base: b, sources: [a]}\nsearch_space: ps_ties\nfitness: f.yaml\noptimiser: {}\n",
+     "<experiment>:5: optimiser: unknown field"),
+    ("name: x\nmodels: {base: b, sources: [a]}\nsearch_space: s\nfitness: f\noptimizer: {sampler: sgd}\n",
+     "<experiment>:5: optimizer.sampler: Input should be 'cmaes', 'cma', 'tpe', 'nsga2' or 'random'"),
+    ("name: x\nmodels: {base: b, sources: []}\nsearch_space: s\nfitness: f\n",
+     "<experiment>:2: models.sources: expected at least one source model"),
+    ("name: [x\n", "<experiment>:2: malformed YAML"),
+])
+def test_bad_experiments_give_one_line_errors(text, expected):
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        parse_experiment(text)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def test_bad_storage_url_and_missing_models(llama, tmp_path, test_log):
+    data = experiment_dict(llama, tmp_path, storage="not-a-url")
+    with pytest.raises(EvomergeError, match="storage: expected an Optuna storage URL"):
+        open_search(parse_experiment(yaml.safe_dump(data)))
+    data = experiment_dict(llama, tmp_path)
+    data["models"]["sources"] = [str(tmp_path / "missing")]
+    with pytest.raises(EvomergeError, match="models: model folder not found"):
+        open_search(parse_experiment(yaml.safe_dump(data)))
