@@ -259,6 +259,8 @@ class Runner:
             return list(previous.values)
         started = time.perf_counter()
         model = self.materializer.apply(config, seed=experiment.seed)
+        if self.materializer.device.type == "cuda":
+            torch.cuda.synchronize(self.materializer.device)
         materialized = time.perf_counter()
         trial.set_user_attr("time_materialize_s", round(materialized - started, 4))
         scores: dict[str, float] = {}

@@ -10,6 +10,7 @@ study's finished trials, generation by generation.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -30,10 +31,11 @@ def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]
         raise ConfigError(f"sampler {kind} optimizes one objective; the fitness has {len(directions)} "
                           "(use nsga2, tpe or random)", field="optimizer.sampler")
     if kind == "cmaes":
+        options = {"sigma0": optimizer.sigma0, "popsize": optimizer.popsize,
+                   "restart_strategy": optimizer.restarts}
         return optuna.samplers.CmaEsSampler(
-            sigma0=optimizer.sigma0, seed=seed,
-            popsize=optimizer.popsize, restart_strategy=optimizer.restarts,
-            independent_sampler=optuna.samplers.RandomSampler(seed=seed), warn_independent_sampling=False)
+            seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed), warn_independent_sampling=False,
+            **{k: v for k, v in options.items() if v is not None})
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if kind == "nsga2":
@@ -56,21 +58,27 @@ class CmaPackageProposer:
         if optimizer.popsize:
             options["popsize"] = optimizer.popsize
         self.es = cma.CMAEvolutionStrategy(x0, optimizer.sigma0 or 0.25, options)
-        self._pending: list[list[float]] = []
+        self._pending: list = []
+        self._proposed: dict[str, Any] = {}
         self._asked = False  # cma needs an ask() before each tell()
-        self._told: list[tuple[list[float], float | None]] = []
+        self._told: list[tuple[Any, float | None]] = []
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
             if set(trial.params) == set(space.distributions()):
                 self.tell(trial.params, trial.values[0] if trial.values else None)
 
     def propose(self) -> dict[str, Any]:
         if not self._pending:
-            self._pending, self._asked = [list(x) for x in self.es.ask()], True
-        return self.space.from_unit(self._pending.pop(0))
+            self._pending, self._asked = list(self.es.ask()), True
+        x = self._pending.pop(0)
+        params = self.space.from_unit(list(x))
+        self._proposed[_key(params)] = x  # cma must be told its own arrays (bound repair)
+        return params
 
     def tell(self, params: dict[str, Any], value: float | None) -> None:
         """Record a result (None: failed, scored as the worst so far); a full generation updates CMA."""
-        self._told.append((self.space.to_unit(params), None if value is None else self.sign * value))
+        x = self._proposed.pop(_key(params), None)
+        x = self.space.to_unit(params) if x is None else x
+        self._told.append((x, None if value is None else self.sign * value))
         if len(self._told) < self.es.popsize:
             return
         known = [v for _, v in self._told if v is not None]
@@ -79,3 +87,7 @@ class CmaPackageProposer:
             self.es.ask()
         self.es.tell([x for x, _ in self._told], [worst if v is None else v for _, v in self._told])
         self._told, self._pending, self._asked = [], [], False
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
