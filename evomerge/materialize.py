@@ -5,9 +5,15 @@ loads the base and the sources once, keeps them resident on the compute device a
 one live ``transformers`` model; :meth:`Materializer.apply` executes any plan the merge
 engine accepts (the same :func:`~evomerge.merger.execute_op` the engine runs, so the
 weights are bit-identical to ``evomerge merge``) and writes each merged tensor into the
-live model's parameters in place. What a candidate would otherwise recompute is cached:
-each task vector's magnitude positions (a TIES/breadcrumbs trim at any density is one
-comparison pass, no sort) and DELLA ranks.
+live model's parameters in place (the kernels write into them directly).
+
+What a candidate would otherwise recompute is cached per source tensor, on the first
+candidate of a method that needs it: each task vector's magnitude positions (a
+TIES/breadcrumbs trim at any density is one comparison pass, no sort), DELLA ranks, and
+the words of each input's random stream (a DARE/DELLA mask at any density is one
+threshold comparison, no hashing; the words depend on the seed, so a search keeps its
+seed fixed). Kernel temporaries come from one reusable :class:`Workspace`, so after the
+first candidate a candidate allocates nothing of the model's size.
 
 Layer stacking (passthrough slices, repeated layers, data-flow plans) does not copy:
 each output position is a layer module whose parameters *are* the resident tensors of
@@ -19,8 +25,20 @@ largest tensor's element count, ``D`` the deepest plan's extra layers)::
 
     resident  = (K + 1) · N · s              base and sources
     live      = N · s  (+ D layers)          the live model's own parameters
-    positions = K · N · 4                    int32 magnitude positions (magnitude methods)
-    scratch   = (K + 4) · T · 4              one tensor's kernel temporaries
+    positions = K · N · 4                    int32 magnitude positions (TIES, breadcrumbs)
+    ranks     = K · N · 4                    float32 DELLA ranks
+    words     = K · N · 4                    int32 random words (DARE, DELLA)
+    scratch   = (2K + 1) · T · max(s, 4)     the workspace (kernel temporaries)
+
+A cache exists once a method that uses it has run. Building one (the first candidate)
+also sorts or hashes one tensor at a time, with temporaries of up to ~40 bytes per
+element of that tensor; DELLA allocates its float32 keep probabilities per tensor.
+
+Resident means resident: the tensors are copied out of the memory-mapped files (on CPU
+in the same dtype, ``.to()`` would return the mapped file pages themselves, which the
+kernel may evict and re-read from disk, and whose first-touch faults would land in the
+first candidates). The live model is what ``from_pretrained`` returns; if that maps the
+base's file lazily, the first candidate's in-place writes copy those pages.
 
 The sources are kept as they are, not as task vectors: the engine subtracts in the
 working dtype and non-task-arithmetic methods (slerp, linear, model stock) need the
@@ -46,7 +64,9 @@ from evomerge.architecture import family_for, layer_index, with_layer
 from evomerge.config import MergeConfig, load_config, torch_dtype
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
+from evomerge.merge.random import stream_words
 from evomerge.merge.sparsify import Sparsify, della_rank, magnitude_position
+from evomerge.merge.workspace import Workspace
 from evomerge.merger import execute_op, resolve_device
 from evomerge.modeling import checkpoint_names, layer_list_path, set_input_scale
 from evomerge.plan import MergePlan, TensorOp, build_plan, check_compatible, output_config
@@ -61,11 +81,17 @@ class MemoryBound:
     resident: int
     live: int
     positions: int
+    ranks: int
+    words: int
     scratch: int
 
     @property
+    def caches(self) -> int:
+        return self.positions + self.ranks + self.words
+
+    @property
     def total(self) -> int:
-        return self.resident + self.live + self.positions + self.scratch
+        return self.resident + self.live + self.caches + self.scratch
 
     @property
     def streaming(self) -> int:
@@ -87,7 +113,9 @@ class Materializer:
 
     ``dtype`` (default: the base's) is the dtype models are kept and merged in; a config
     whose ``dtype``/``out_dtype`` names another one is refused, so every candidate equals
-    ``evomerge merge`` of the same config with ``dtype: <this dtype>``.
+    ``evomerge merge`` of the same config with ``dtype: <this dtype>``. ``cache_positions``
+    turns the per-source caches (positions, ranks, random words) on; they are also off
+    when they would not fit in ``max_memory`` (or the device's free memory).
     """
 
     def __init__(self, base: str | Path, sources: Sequence[str | Path], *,
@@ -104,10 +132,10 @@ class Materializer:
                                    if t.is_floating_point())
         self.bound = self._memory_bound(cache_positions)
         available = max_memory if max_memory is not None else _available_bytes(self.device)
-        self.streaming = self.bound.total - self.bound.positions > available
+        self.streaming = self.bound.total - self.bound.caches > available
         if self.streaming and max_memory is None:
             raise EvomergeError(
-                f"the materializer needs {_gb(self.bound.total - self.bound.positions)} on "
+                f"the materializer needs {_gb(self.bound.total - self.bound.caches)} on "
                 f"{self.device} (resident {_gb(self.bound.resident)} + live {_gb(self.bound.live)}"
                 f" + scratch {_gb(self.bound.scratch)}) but {_gb(available)} is available; pass "
                 f"max_memory to stream inputs from disk")
@@ -116,11 +144,13 @@ class Materializer:
                                 f"{_gb(self.bound.streaming)} (live model + scratch)")
         self.cache_positions = cache_positions and not self.streaming and self.bound.total <= available
         if cache_positions and not self.cache_positions:
-            log.info("not caching magnitude positions (%s over the memory budget)",
+            log.info("not caching positions, ranks and random words (%s over the memory budget)",
                      _gb(self.bound.total - available))
         self._resident = {} if self.streaming else self._load_resident(progress)
         self._positions: dict[tuple, torch.Tensor] = {}
         self._ranks: dict[tuple, torch.Tensor] = {}
+        self._words: dict[tuple[Path, str], tuple[int, torch.Tensor]] = {}
+        self._workspace = Workspace()
         self.model, self.tokenizer = self._live_model()
         self._prepare_layers()
 
@@ -132,16 +162,18 @@ class Materializer:
         numel = [int(torch.Size(s).numel()) for s in shapes]
         model_bytes = sum(numel) * self.dtype.itemsize
         sources = len(self.folders) - 1
+        cache = sources * sum(numel) * 4 if cache_positions else 0
         return MemoryBound(
             resident=sum(sum(int(torch.Size(f.shape(n)).numel()) for n in f.names())
                          for f in self.folders.values()) * self.dtype.itemsize,
-            live=model_bytes,
-            positions=sources * sum(numel) * 4 if cache_positions else 0,
-            scratch=(sources + 4) * max(numel) * 4)
+            live=model_bytes, positions=cache, ranks=cache, words=cache,
+            scratch=(2 * sources + 1) * max(numel) * max(self.dtype.itemsize, 4))
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, tensor: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
+        """``tensor`` on the device in the working dtype; ``copy``: in memory of its own (on
+        CPU in the same dtype, ``.to`` returns the memory-mapped file's pages themselves)."""
         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype)
+        return tensor.to(device=self.device, dtype=dtype, copy=copy)
 
     def _load_resident(self, progress: bool) -> dict[Path, dict[str, nn.Parameter]]:
         resident: dict[Path, dict[str, nn.Parameter]] = {}
@@ -150,8 +182,8 @@ class Materializer:
             for path, folder in self.folders.items():
                 resident[path] = {}
                 for name in folder.names():
-                    resident[path][name] = nn.Parameter(self._to_device(folder.tensor(name)),
-                                                        requires_grad=False)
+                    tensor = self._to_device(folder.tensor(name), copy=True)
+                    resident[path][name] = nn.Parameter(tensor, requires_grad=False)
                     bar.update()
         return resident
 
@@ -259,19 +291,14 @@ class Materializer:
     def _apply_op(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
                   layers: list[nn.Module]) -> None:
         if op.layer is None:
-            merged, target = self._compute(op, plan, paths), self._live[op.name]
-            if merged.shape != target.shape:
-                raise ModelError(f"{op.name}: merged shape {list(merged.shape)} != live model's "
-                                 f"{list(target.shape)} (the materializer needs equal vocabularies)")
-            target.copy_(merged)
+            self._compute_into(op, plan, paths, self._live[op.name])
             return
         first_layer_name = self._module_names[with_layer(op.name, plan.family, 0)]
         local = first_layer_name[len(self._layer_path) + 1:].split(".", 1)[1]
         reference = self._reference(op, plan, paths)
         if reference is None:
-            target = self._owned_slots(op.layer, layer_index(op.inputs[0][1], plan.family))[local]
-            target.copy_(self._compute(op, plan, paths))
-            reference = target
+            reference = self._owned_slots(op.layer, layer_index(op.inputs[0][1], plan.family))[local]
+            self._compute_into(op, plan, paths, reference)
         _set_parameter(layers[op.layer], local, reference)
 
     def _reference(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]):
@@ -287,30 +314,61 @@ class Materializer:
             return self._to_device(self.folders[path].tensor(name))
         return self._resident[path][name]
 
-    def _compute(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]) -> torch.Tensor:
+    def _compute_into(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
+                      target: torch.Tensor) -> None:
+        """Merge ``op`` into ``target`` in place (kernels write into it directly when they can)."""
         tensors = [self._input(paths[model], name) for model, name in op.inputs]
-        positions = ranks = None
+        shape = tensors[0].shape if op.crop_rows is None else tensors[0][:op.crop_rows].shape
+        if shape != target.shape:
+            raise ModelError(f"{op.name}: merged shape {list(shape)} != live model's "
+                             f"{list(target.shape)} (the materializer needs equal vocabularies)")
+        out = target if target.dtype == self.dtype else None
+        merged = execute_op(op, plan, tensors, **self._caches(op, plan, paths, tensors),
+                            workspace=self._workspace, out=out)
+        if merged is not target:
+            target.copy_(merged)
+
+    def _caches(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
+                tensors: list[torch.Tensor]) -> dict[str, list[torch.Tensor | None]]:
+        """The cached per-input data that ``op``'s sparsification uses (execute_op keywords)."""
         sparsify = plan.method.sparsify
-        if self.cache_positions and op.crop_rows is None and op.base_index is not None:
-            if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
-                positions = self._per_input(op, paths, tensors, self._positions, magnitude_position)
-            elif sparsify is Sparsify.della:
-                ranks = self._per_input(op, paths, tensors, self._ranks, della_rank)
-        return execute_op(op, plan, tensors, positions=positions, ranks=ranks)
+        if (not self.cache_positions or sparsify is None or op.crop_rows is not None
+                or op.base_index is None):
+            return {}
+        if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
+            return {"positions": self._per_input(op, paths, tensors, self._positions,
+                                                 magnitude_position)}
+        caches = {"words": self._stream_words(op, paths, tensors)}
+        if sparsify is Sparsify.della:
+            caches["ranks"] = self._per_input(op, paths, tensors, self._ranks, della_rank)
+        return caches
+
+    @staticmethod
+    def _trimmed(op: TensorOp) -> list[bool]:
+        """Per input of ``op``: whether its task vector is sparsified (non-base, density < 1)."""
+        return [i != op.base_index and p.get("density", 1.0) < 1 for i, p in enumerate(op.per_input)]
 
     def _per_input(self, op: TensorOp, paths: dict[str, Path], tensors: list[torch.Tensor],
                    cache: dict[tuple, torch.Tensor], derive) -> list[torch.Tensor | None]:
-        """Cached ``derive(source - base)`` for each non-base input of ``op``."""
+        """Cached ``derive(source - base)`` for each sparsified input of ``op``."""
         base_model, base_name = op.inputs[op.base_index]
         result: list[torch.Tensor | None] = []
-        for i, (model, name) in enumerate(op.inputs):
-            if i == op.base_index or op.per_input[i].get("density", 1.0) >= 1:
-                result.append(None)
-                continue
+        for (model, name), tensor, trimmed in zip(op.inputs, tensors, self._trimmed(op)):
             key = (paths[model], name, paths[base_model], base_name)
-            if key not in cache:
-                cache[key] = derive(tensors[i] - tensors[op.base_index])
-            result.append(cache[key])
+            if trimmed and key not in cache:
+                cache[key] = derive(tensor - tensors[op.base_index])
+            result.append(cache[key] if trimmed else None)
+        return result
+
+    def _stream_words(self, op: TensorOp, paths: dict[str, Path],
+                      tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each sparsified input's random stream (cached per resident tensor, for one key)."""
+        result: list[torch.Tensor | None] = []
+        for (model, name), tensor, key, trimmed in zip(op.inputs, tensors, op.keys, self._trimmed(op)):
+            slot = (paths[model], name)
+            if trimmed and self._words.get(slot, (None,))[0] != key:
+                self._words[slot] = (key, stream_words(key, tensor.numel(), self.device))
+            result.append(self._words[slot][1] if trimmed else None)
         return result
 
     def _set_layers(self, layers: list[nn.Module], plan: MergePlan) -> None:

@@ -19,6 +19,7 @@ from evomerge.errors import EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
 from evomerge.io.writer import DEFAULT_SHARD_SIZE, TOKENIZER_FILES, ModelWriter, check_output_dir
 from evomerge.merge.registry import MergeInputs
+from evomerge.merge.workspace import Workspace
 from evomerge.plan import MergePlan, TensorOp, build_plan, open_models, output_config
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,16 @@ def work_dtype(tensors: list[torch.Tensor], config_dtype: torch.dtype | None) ->
 
 def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
                positions: list[torch.Tensor | None] | None = None,
-               ranks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+               ranks: list[torch.Tensor | None] | None = None,
+               words: list[torch.Tensor | None] | None = None,
+               workspace: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Compute one output tensor from its input tensors (already on the compute device).
 
-    ``positions``/``ranks``: optional precomputed magnitude positions / DELLA ranks of
-    each input's task vector (the materializer's cache); the result does not change.
+    ``positions``/``ranks``/``words``: optional precomputed magnitude positions / DELLA
+    ranks of each input's task vector and words of its random stream (the materializer's
+    caches); ``workspace``: reusable scratch buffers; ``out``: a tensor of the output's
+    shape and working dtype that the kernel may write the result into (the result is
+    returned either way). None of them changes the result.
     """
     if op.crop_rows is not None:
         tensors = [t[:op.crop_rows] for t in tensors]
@@ -64,7 +70,7 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
     dtype = work_dtype(tensors, torch_dtype(plan.config.dtype))
     tensors = [t.to(dtype) for t in tensors]
     return plan.method.kernel(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys,
-                                          positions, ranks))
+                                          positions, ranks, words, workspace, out))
 
 
 def iter_merged(plan: MergePlan, models: dict[str, ModelFolder], device: torch.device,

@@ -152,6 +152,45 @@ def test_magnitude_position_cache_changes_nothing(family):
     assert cached._positions and cached._ranks and not uncached._positions
 
 
+def test_candidates_allocate_nothing_beyond_the_bounded_workspace(family):
+    """Once the workspace has grown (first round), candidates reuse its slots, whatever the
+    method; it stays within the documented scratch bound."""
+    base, *ft = family
+    materializer = Materializer(base, ft)
+    configs = [as_config(c) for c in all_configs(base, ft).values()]
+    for config in configs:
+        materializer.apply(config, seed=4)
+    slots = dict(materializer._workspace._slots)
+    assert 0 < materializer._workspace.nbytes <= materializer.bound.scratch
+    for config in reversed(configs):
+        materializer.apply(config, seed=4)
+    assert materializer._workspace._slots.keys() == slots.keys()
+    assert all(materializer._workspace._slots[name] is slot for name, slot in slots.items())
+
+
+def test_random_words_are_cached_per_seed(materializer, family):
+    """DARE masks threshold cached stream words: reused while the seed stays, replaced
+    (not added to) when it changes, and every candidate still equals the engine."""
+    base, *ft = family
+    dare = method_configs(base, ft)["dare_ties"]
+    materializer.apply(as_config(dare), seed=11)
+    cached = {slot: words for slot, (_, words) in materializer._words.items()}
+    assert cached and all(words.dtype == torch.int32 for words in cached.values())
+    denser = as_config(dict(dare, models=[{"model": m["model"], "parameters": {"weight": 0.5, "density": 0.9}}
+                                          for m in dare["models"]]))
+    assert_same_weights(applied(materializer, denser, seed=11), merge_state_dict(denser, seed=11), "same seed")
+    assert all(materializer._words[slot][1] is words for slot, words in cached.items())
+    assert_same_weights(applied(materializer, denser, seed=12), merge_state_dict(denser, seed=12), "new seed")
+    assert materializer._words.keys() == cached.keys()
+    assert all(materializer._words[slot][1] is not words for slot, words in cached.items())
+
+
+def test_resident_tensors_are_copies_not_file_maps(materializer):
+    for path, tensors in materializer._resident.items():
+        folder = materializer.folders[path]
+        assert all(t.data_ptr() != folder.tensor(name).data_ptr() for name, t in tensors.items()), path
+
+
 def test_streaming_mode_equals_resident(family):
     base, *ft = family
     resident = Materializer(base, ft)

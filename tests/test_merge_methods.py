@@ -13,7 +13,10 @@ from evomerge.merge import (
     Sparsify, della_rank, linear_merge, magnitude_position, model_stock_merge, sign_consensus,
     slerp_merge, sparsify, task_arithmetic_merge,
 )
-from evomerge.merge.random import bernoulli_mask, random_key
+from evomerge.merge import random as random_module
+from evomerge.merge.random import bernoulli_mask, keep_flags, random_key, random_words, stream_words
+from evomerge.merge.task_arithmetic import task_vectors
+from evomerge.merge.workspace import Workspace
 
 floats = st.floats(-2, 2, allow_nan=False, width=32)
 
@@ -219,3 +222,81 @@ def test_slerp_keeps_precision_on_large_tensors():
     linear_error = float((0.5 * (a64 + b64) - expected).abs().max())
     assert cos < 0.9995 and linear_error > 5e-4  # a linear fallback would fail below
     assert float((merged - expected).abs().max()) < 1e-4  # float32 coefficient rounding
+
+
+# ------------------------------------------------------------------ caches and workspace
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (so signed zeros and NaN payloads count)."""
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def test_keep_flags_on_cached_words_equal_bernoulli_mask(monkeypatch):
+    """The materializer's DARE/DELLA mask (an integer threshold on cached stream words)
+    is bernoulli_mask's, at edge densities, with thresholds exactly on a word, across
+    chunk boundaries, and for a tensor of probabilities (DELLA)."""
+    monkeypatch.setattr(random_module, "_CHUNK", 1000)
+    shape = torch.Size([37, 101])
+    key = random_key(5, "model.layers.3.mlp.down_proj.weight", 2)
+    words = stream_words(key, shape.numel(), "cpu")
+    assert words.dtype == torch.int32
+    assert torch.equal(words.long() + 2**31, random_words(key, 0, shape.numel(), "cpu"))
+    word = int(words[7]) + 2**31
+    on_a_word = [word / 2**32, (word + 1) / 2**32, (word + 0.5) / 2**32, (word - 0.5) / 2**32]
+    for density in [0.0, -0.1, 2**-40, 1e-9, 0.3, 0.5, 1 - 2**-33, 1 - 1e-12, 1.0, 1.2, *on_a_word]:
+        expected = bernoulli_mask(density, shape, key, "cpu")
+        assert torch.equal(keep_flags(density, words).view(shape), expected), density
+    probability = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    flat = probability.view(-1)
+    flat[:500] = ((words[:500].double() + 2**31) / 2**32).float()  # next to each word
+    flat[500:505] = torch.tensor([0.0, 1.0, -0.5, 1.5, 2**-30])
+    assert torch.equal(keep_flags(probability.view(-1), words).view(shape),
+                       bernoulli_mask(probability, shape, key, "cpu"))
+
+
+TASK_ARITHMETIC_VARIANTS = [  # (sparsification, consensus, rescale)
+    (None, False, False), (Sparsify.magnitude, True, False), (Sparsify.magnitude, False, True),
+    (Sparsify.magnitude_outliers, True, False), (Sparsify.random, True, True),
+    (Sparsify.random, False, False), (Sparsify.della, True, True), (Sparsify.della, False, False),
+]
+
+
+def test_workspace_out_and_caches_change_no_bit():
+    """One workspace reused across shapes and methods, results written into ``out`` and
+    cached positions/ranks/words: the same bits as the call that allocates everything."""
+    workspace = Workspace()
+    weights = [0.5, -0.3, 0.8]
+    for shape in [(40, 30), (7,), (100, 64), (3, 5)]:
+        base, *sources = [t.float() for t in tensors(shape, seed=len(shape), n=4)]
+        deltas = [s - base for s in sources]
+        keys = [random_key(0, str(shape), i) for i in range(3)]
+        caches = {"positions": [magnitude_position(d) for d in deltas],
+                  "ranks": [della_rank(d) for d in deltas],
+                  "words": [stream_words(k, base.numel(), "cpu") for k in keys]}
+        for method, consensus, rescale in TASK_ARITHMETIC_VARIANTS:
+            options = dict(densities=[0.3, 0.6, 1.0], sparsify_method=method, consensus=consensus,
+                           normalize=consensus, rescale=rescale, gammas=[0.05] * 3,
+                           epsilons=[0.1] * 3, keys=keys, lam=0.9)
+            expected = task_arithmetic_merge(base, deltas, weights, **options)
+            out = torch.empty_like(base)
+            merged = task_arithmetic_merge(base, task_vectors(base, sources, workspace), weights,
+                                           **options, **caches, workspace=workspace, out=out)
+            assert merged is out and torch.equal(bits(out), bits(expected)), (shape, method)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_kernels_with_workspace_and_out_change_no_bit(dtype):
+    workspace = Workspace()
+    for shape in [(40, 30), (7,), (1100, 1000)]:  # the last spans two of slerp's 1M chunks
+        base, a, b = [t.to(dtype) for t in tensors(shape, seed=1, n=3)]
+        for merge, args, options in [
+            (slerp_merge, (0.3, base, a), {}), (slerp_merge, (0.7, base, base * 1.0001), {}),
+            (linear_merge, ([base, a, b], [0.2, 0.5, 0.3]), {}),
+            (model_stock_merge, (base, [a, b]), {}),
+            (model_stock_merge, (base, [a, b]), {"filter_wise": True}),
+        ]:
+            expected = merge(*args, **options)
+            out = torch.empty_like(expected)
+            assert merge(*args, **options, workspace=workspace, out=out) is out
+            assert torch.equal(bits(out), bits(expected)), (merge.__name__, shape)

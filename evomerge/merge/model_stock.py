@@ -7,32 +7,46 @@ from collections.abc import Sequence
 
 import torch
 
+from evomerge.merge.task_arithmetic import task_vectors
+from evomerge.merge.workspace import Workspace
+
 
 def model_stock_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], *,
-                      filter_wise: bool = False) -> torch.Tensor:
+                      filter_wise: bool = False, workspace: Workspace | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``t·mean(sources) + (1-t)·base`` with ``t = k·cos / (1 + (k-1)·cos)``.
 
     ``cos`` is the mean pairwise cosine between task vectors, over the whole tensor or
-    per row (``filter_wise``); where the ratio is singular the base is kept.
+    per row (``filter_wise``); where the ratio is singular the base is kept. The result
+    is written to ``out`` when given; temporaries come from ``workspace``.
     """
-    shape = base.shape
-    if filter_wise:
-        w0 = base.unsqueeze(0) if base.dim() == 1 else base
-        ws = [s.unsqueeze(0) if s.dim() == 1 else s for s in sources]
-    else:
-        w0 = base.reshape(-1)
-        ws = [s.reshape(-1) for s in sources]
-    offsets = [w - w0 for w in ws]
+    workspace = Workspace() if workspace is None else workspace
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        if filter_wise:
+            return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
+        return tensor.reshape(-1)
+
+    w0, ws = rows(base), [rows(s) for s in sources]
+    offsets = [rows(offset) for offset in task_vectors(base, sources, workspace)]
+    norms = [torch.norm(offset, dim=-1) for offset in offsets]
+    product = workspace.take("masks", w0.shape, w0.dtype, w0.device)
     cosines = []
     for i, first in enumerate(offsets):
-        for second in offsets[i + 1:]:
-            norms = torch.norm(first, dim=-1) * torch.norm(second, dim=-1)
-            cosines.append(((first * second).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        for j in range(i + 1, len(offsets)):
+            dot = torch.mul(first, offsets[j], out=product).sum(dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(ws)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos), (count * cos) / safe)
-    average = sum(ws) / count
-    return (t * average + (1 - t) * w0).reshape(shape)
+    average = torch.add(ws[0], 0, out=product)  # sum(ws) / count, as Python's sum adds them
+    for w in ws[1:]:
+        average += w
+    average /= count
+    # t * average + (1 - t) * w0
+    torch.mul(w0, 1 - t, out=rows(out)).add_(average.mul_(t))
+    return out

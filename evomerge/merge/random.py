@@ -6,11 +6,17 @@ tensors are merged in and on what was drawn before. Here every element's random
 32-bit word is a pure function of (key, element index), computed with exact integer
 arithmetic in int64 (all products stay below 2**63), so CPU and CUDA agree bit for bit.
 The key comes from (seed, output tensor name, input index).
+
+A stream's words do not depend on the keep probability, so a caller that draws masks of
+the same stream at many densities (the in-memory materializer) computes them once with
+:func:`stream_words` and thresholds them with :func:`keep_flags`, which gives exactly
+:func:`bernoulli_mask`'s mask.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -24,29 +30,33 @@ def random_key(seed: int, tensor_name: str, input_index: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """(x * constant) mod 2**32 for x in [0, 2**32), without int64 overflow."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _mul32_(x: torch.Tensor, constant: int, tmp: torch.Tensor) -> torch.Tensor:
+    """x := (x * constant) mod 2**32 for x in [0, 2**32), without int64 overflow (in place)."""
+    torch.mul(x, constant >> 16, out=tmp).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(tmp).bitwise_and_(_MASK32)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """The 'lowbias32' integer hash (C. Wellons), a bijection on 32-bit words."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _xorshift_(x: torch.Tensor, shift: int, tmp: torch.Tensor) -> torch.Tensor:
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=tmp))
+
+
+def _hash32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """The 'lowbias32' integer hash (C. Wellons), a bijection on 32-bit words (in place)."""
+    _xorshift_(x, 16, tmp)
+    _mul32_(x, 0x7FEB352D, tmp)
+    _xorshift_(x, 15, tmp)
+    _mul32_(x, 0x846CA68B, tmp)
+    return _xorshift_(x, 16, tmp)
 
 
 def random_words(key: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
     """Uniform 32-bit words (as int64) for element indices ``start .. start+count-1``."""
     index = torch.arange(start, start + count, dtype=torch.int64, device=device)
     k0, k1, k2 = key & _MASK32, (key >> 32) & _MASK32, (key * 0x9E3779B9 >> 7) & _MASK32
-    low = _hash32((index & _MASK32) ^ k0)
-    high = _hash32(((index >> 32) & _MASK32) ^ k2)
-    return _hash32(low ^ high ^ k1)
+    tmp = torch.empty_like(index)
+    high = _hash32_(torch.bitwise_right_shift(index, 32).bitwise_and_(_MASK32).bitwise_xor_(k2), tmp)
+    low = _hash32_(index.bitwise_and_(_MASK32).bitwise_xor_(k0), tmp)
+    return _hash32_(low.bitwise_xor_(high).bitwise_xor_(k1), tmp)
 
 
 def bernoulli_mask(probability: torch.Tensor | float, shape: torch.Size, key: int,
@@ -71,3 +81,35 @@ def bernoulli_mask(probability: torch.Tensor | float, shape: torch.Size, key: in
             threshold = float(probability) * 2.0**32
         torch.lt(words, threshold, out=mask[start:start + count])
     return mask.reshape(shape)
+
+
+def stream_words(key: int, numel: int, device: torch.device | str) -> torch.Tensor:
+    """All ``numel`` words of stream ``key`` as int32 ``w - 2**31`` (4 bytes each, cacheable)."""
+    words = torch.empty(numel, dtype=torch.int32, device=device)
+    for start in range(0, numel, _CHUNK):
+        count = min(_CHUNK, numel - start)
+        words[start:start + count] = random_words(key, start, count, device) - 2**31
+    return words
+
+
+def keep_flags(probability: torch.Tensor | float, words: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`bernoulli_mask` from precomputed :func:`stream_words` (bool, shaped like ``words``).
+
+    For a scalar probability, ``w < p·2**32`` ⇔ ``w < ceil(p·2**32)`` for an integer word
+    ``w``: one int32 comparison. A tensor probability is compared exactly in float64.
+    """
+    out = torch.empty(words.shape, dtype=torch.bool, device=words.device) if out is None else out
+    if isinstance(probability, torch.Tensor):
+        flat_out, flat_p, flat_w = out.view(-1), probability.reshape(-1), words.reshape(-1)
+        for start in range(0, flat_w.numel(), _CHUNK):
+            stop = start + _CHUNK
+            threshold = flat_p[start:stop].to(torch.float64) * 2.0**32
+            torch.lt(flat_w[start:stop].to(torch.float64) + 2.0**31, threshold, out=flat_out[start:stop])
+        return out
+    threshold = math.ceil(float(probability) * 2.0**32)
+    if threshold <= 0:
+        return out.fill_(False)
+    if threshold >= 2**32:
+        return out.fill_(True)
+    return torch.lt(words, threshold - 2**31, out=out)

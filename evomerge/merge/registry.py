@@ -13,7 +13,8 @@ from evomerge.merge.linear import linear_merge
 from evomerge.merge.model_stock import model_stock_merge
 from evomerge.merge.slerp import slerp_merge
 from evomerge.merge.sparsify import Sparsify
-from evomerge.merge.task_arithmetic import task_arithmetic_merge
+from evomerge.merge.task_arithmetic import task_arithmetic_merge, task_vectors
+from evomerge.merge.workspace import Workspace
 
 REQUIRED = object()
 Scope = Literal["shared", "input", "non_base"]
@@ -41,9 +42,13 @@ class MergeInputs:
     shared: Mapping[str, Any]
     per_input: Sequence[Mapping[str, Any]]
     keys: Sequence[int]  # random-stream keys, one per input
-    # optional, per input: precomputed magnitude positions / DELLA ranks of its task vector
+    # optional, per input: precomputed magnitude positions / DELLA ranks of its task vector,
+    # and its random stream's words (``stream_words``)
     positions: Sequence[torch.Tensor | None] | None = None
     ranks: Sequence[torch.Tensor | None] | None = None
+    words: Sequence[torch.Tensor | None] | None = None
+    workspace: Workspace | None = None  # scratch buffers (None: fresh allocations)
+    out: torch.Tensor | None = None  # where the kernel may write its result
 
     @property
     def base(self) -> torch.Tensor:
@@ -83,37 +88,45 @@ def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeIn
         base = inputs.base
         others = inputs.non_base()
         per = [inputs.per_input[i] for i in others]
+
+        def non_base(values: Sequence | None) -> list | None:
+            return [values[i] for i in others] if values else None
+
+        deltas = task_vectors(base, non_base(inputs.tensors), inputs.workspace)
         return task_arithmetic_merge(
-            base, [inputs.tensors[i] - base for i in others], [p["weight"] for p in per],
+            base, deltas, [p["weight"] for p in per],
             densities=[p["density"] for p in per], sparsify_method=variant.sparsify,
             consensus=variant.consensus, normalize=inputs.shared["normalize"],
             rescale=inputs.shared["rescale"], lam=inputs.shared["lambda"],
             gammas=[p.get("gamma", 0.0) for p in per], epsilons=[p.get("epsilon", 0.0) for p in per],
-            keys=[inputs.keys[i] for i in others],
-            positions=[inputs.positions[i] for i in others] if inputs.positions else None,
-            ranks=[inputs.ranks[i] for i in others] if inputs.ranks else None)
+            keys=non_base(inputs.keys), positions=non_base(inputs.positions),
+            ranks=non_base(inputs.ranks), words=non_base(inputs.words),
+            workspace=inputs.workspace, out=inputs.out)
     return kernel
 
 
 def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
     return linear_merge(inputs.tensors, [p["weight"] for p in inputs.per_input],
-                        normalize=inputs.shared["normalize"])
+                        normalize=inputs.shared["normalize"], workspace=inputs.workspace,
+                        out=inputs.out)
 
 
 def _slerp_kernel(inputs: MergeInputs) -> torch.Tensor:
     other = inputs.tensors[1 - inputs.base_index]
-    return slerp_merge(inputs.shared["t"], inputs.base, other)
+    return slerp_merge(inputs.shared["t"], inputs.base, other, workspace=inputs.workspace,
+                       out=inputs.out)
 
 
 def _model_stock_kernel(inputs: MergeInputs) -> torch.Tensor:
     return model_stock_merge(inputs.base, [inputs.tensors[i] for i in inputs.non_base()],
-                             filter_wise=inputs.shared["filter_wise"])
+                             filter_wise=inputs.shared["filter_wise"], workspace=inputs.workspace,
+                             out=inputs.out)
 
 
 def _passthrough_kernel(inputs: MergeInputs) -> torch.Tensor:
     scale = inputs.per_input[0]["scale"]
     tensor = inputs.tensors[0]
-    return tensor if scale is None else tensor * scale
+    return tensor if scale is None else torch.mul(tensor, scale, out=inputs.out)
 
 
 def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference: str) -> MergeMethod:

@@ -13,18 +13,33 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.merge.sparsify import Sparsify, sparsify
+from evomerge.merge.sparsify import Sparsify, sparsify_
+from evomerge.merge.workspace import Workspace
 
 
-def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES election: True where a task vector agrees with the sign of their weighted sum."""
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == majority
+def sign_consensus(weighted: torch.Tensor, *, majority: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES election: 1 where a task vector agrees with the sign of their weighted sum, else 0
+    (in ``weighted``'s dtype). ``majority`` (shaped like one task vector) and ``out`` (like
+    ``weighted``) are optional scratch buffers."""
+    majority = torch.sum(weighted, dim=0, out=majority)
+    majority.ge_(0).mul_(2).sub_(1)  # torch.where(sum >= 0, 1, -1), NaN → -1
+    return torch.sign(weighted, out=out).eq_(majority)
+
+
+def task_vectors(base: torch.Tensor, sources: Sequence[torch.Tensor],
+                 workspace: Workspace | None = None) -> torch.Tensor:
+    """``source - base`` for each source, stacked into one ``(K, *base.shape)`` tensor."""
+    workspace = Workspace() if workspace is None else workspace
+    stacked = workspace.take("stacked", (len(sources), *base.shape), base.dtype, base.device)
+    for row, source in zip(stacked, sources):
+        torch.sub(source, base, out=row)
+    return stacked
 
 
 def task_arithmetic_merge(
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
     weights: Sequence[float],
     *,
     densities: Sequence[float] | None = None,
@@ -38,40 +53,49 @@ def task_arithmetic_merge(
     keys: Sequence[int] | None = None,
     positions: Sequence[torch.Tensor | None] | None = None,
     ranks: Sequence[torch.Tensor | None] | None = None,
+    words: Sequence[torch.Tensor | None] | None = None,
+    workspace: Workspace | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge task vectors ``deltas`` (each ``source - base``) into ``base``.
 
-    ``weights``/``densities``/``gammas``/``epsilons``/``keys`` are per task vector;
-    ``positions``/``ranks`` are optional precomputed magnitude positions / DELLA ranks.
-    Returns a new tensor in ``base.dtype``.
+    ``deltas`` is a sequence of tensors or one stacked ``(K, *base.shape)`` tensor (e.g.
+    from :func:`task_vectors`), which is overwritten. ``weights``/``densities``/``gammas``/
+    ``epsilons``/``keys`` are per task vector; ``positions``/``ranks``/``words`` are
+    optional precomputed magnitude positions / DELLA ranks / random stream words.
+    Temporaries come from ``workspace``; the result (in ``base.dtype``) is written to
+    ``out`` when given, else to a new tensor.
     """
-    if not deltas:
-        return base.clone()
+    workspace = Workspace() if workspace is None else workspace
     count = len(deltas)
-    stacked = base.new_empty((count, *base.shape))
-    for i, delta in enumerate(deltas):
-        if sparsify_method is not None:
-            delta = sparsify(
-                delta, sparsify_method, densities[i] if densities else 1.0, rescale=rescale,
-                gamma=gammas[i] if gammas else 0.0, epsilon=epsilons[i] if epsilons else 0.0,
-                key=keys[i] if keys else 0,
-                position=positions[i] if positions else None,
-                rank=ranks[i] if ranks else None)
-        stacked[i] = delta
-    weight = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    weight = weight.reshape((count,) + (1,) * base.dim())
+    if count == 0:
+        return base.clone() if out is None else out.copy_(base)
+    shape, dtype, device = (count, *base.shape), base.dtype, base.device
+    stacked = deltas if isinstance(deltas, torch.Tensor) else torch.stack(
+        list(deltas), out=workspace.take("stacked", shape, dtype, device))
+    mixed = workspace.take("mixed", base.shape, dtype, device)
+    masks = workspace.take("masks", shape, dtype, device) if sparsify_method or consensus else None
+    if sparsify_method is not None:
+        for i, row in enumerate(stacked):
+            sparsify_(row, sparsify_method, densities[i] if densities else 1.0, rescale=rescale,
+                      gamma=gammas[i] if gammas else 0.0, epsilon=epsilons[i] if epsilons else 0.0,
+                      key=keys[i] if keys else 0, position=positions[i] if positions else None,
+                      rank=ranks[i] if ranks else None, words=words[i] if words else None,
+                      mask=masks[i], scratch=mixed)
+    weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape((count,) + (1,) * base.dim())
     stacked.mul_(weight)
     if consensus:
-        mask = sign_consensus(stacked)
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (weight * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mask = sign_consensus(stacked, majority=mixed, out=masks)
+        torch.sum(stacked.mul_(mask), dim=0, out=mixed)
+        # (weight * mask).sum(0), written over the task vectors (no longer needed)
+        divisor = torch.sum(mask.mul_(weight), dim=0, out=stacked[0])
+        divisor.add_(torch.eq(divisor, 0, out=masks[0]))  # divisor[divisor == 0] = 1
     else:
-        mixed = stacked.sum(dim=0)
+        torch.sum(stacked, dim=0, out=mixed)
         divisor = weight.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed /= divisor
     if lam != 1:
         mixed *= lam
-    return (base + mixed).to(base.dtype)
+    return torch.add(base, mixed, out=out)

@@ -1,0 +1,319 @@
+"""Benchmark the in-memory materializer against mergekit's path, per search candidate.
+
+A search evaluates many candidates over the same models. What one candidate costs:
+
+* **evomerge**: ``Materializer.apply(config)`` writes the merge into the live model in
+  place (plan building included). The first apply of a method also builds its caches
+  (magnitude positions, random words) and grows the scratch workspace; it is reported
+  separately. The per-candidate time is the median over ``--repeats`` further applies,
+  each with different weights (or ``t``, or stacked source) so nothing is trivially reused.
+* **mergekit**: what an evaluator that goes through disk pays: in-process
+  ``mergekit.merge.run_merge`` (mergekit 0.1.5's in-memory ``plan_in_memory`` raises a
+  TypeError, so this is its in-process path) on the same device, then
+  ``AutoModelForCausalLM.from_pretrained`` of the output onto the device (every page
+  touched, as a first forward pass would); median over ``--mergekit-repeats`` runs, merge
+  and reload shown apart.
+* **copy floor**: copying one model's parameters device-to-device into existing tensors,
+  the least any in-place materialization must move; ``× floor`` = apply / floor.
+* **peak memory**: on CPU, the process's resident-set high-water mark during the method's
+  applies (first one included; ``/proc/self/clear_refs`` resets it before each method)
+  minus the memory-mapped file pages still mapped and minus the process's memory before
+  the materializer was built; on CUDA, ``torch.cuda.max_memory_allocated``. Compared with
+  ``Materializer.bound``: resident + live + scratch + the caches built so far.
+
+Synthetic Llama family (``evomerge.synthetic.build_family``, base + ft1..ft3) built once
+under ``.cache/bench``. The load average (1 min) is printed with every row: on a shared
+machine, timings move with it. Run from the repository root with the venv active::
+
+    python benchmarks/materialize.py                           # 100M params, float32, CPU
+    python benchmarks/materialize.py --methods ties,task_arithmetic --repeats 5
+    python benchmarks/materialize.py --device cuda --size tinyllama   # bfloat16 on CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from evomerge import parse_config
+from evomerge.materialize import Materializer
+from evomerge.synthetic import SIZES
+from merge_to_disk import ensure_family, warm_page_cache
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "passthrough")
+CACHES = {"ties": ("positions",), "dare_ties": ("words",)}  # cache kinds a method builds
+WEIGHTS = (0.5, 0.3, 0.2)  # on ft1, ft2, ft3
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark Materializer.apply against mergekit's merge + reload, per candidate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="100m", help="synthetic llama size")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="model and merge dtype [default: float32 on CPU, bfloat16 on CUDA]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed applies per method (median)")
+    parser.add_argument("--mergekit-repeats", type=int, default=1, help="timed mergekit runs per method")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--seed", type=int, default=0, help="random-mask seed (fixed, as in a search)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both tools [default: torch's default]")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the family is built and reused "
+                             "[default: <repo>/.cache/bench/llama-<size>-<dtype>]")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    if args.repeats < 1 or args.mergekit_repeats < 1:
+        parser.error("--repeats and --mergekit-repeats must be at least 1")
+    args.device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    default_dir = REPO_ROOT / ".cache" / "bench" / f"llama-{args.size}-{args.dtype}"
+    args.cache_dir = (args.cache_dir or default_dir).absolute()
+    return args
+
+
+def candidate(method: str, models: list[Path], layers: int, repeat: int, dtype: str) -> dict:
+    """Candidate ``repeat`` of ``method`` (mergekit format): different numbers each repeat."""
+    base, fts = str(models[0]), [str(m) for m in models[1:]]
+    scale = 1 + 0.1 * repeat
+    weighted = [{"model": m, "parameters": {"weight": w * scale}} for m, w in zip(fts, WEIGHTS)]
+    configs = {
+        "task_arithmetic": {"models": weighted, "base_model": base},
+        "ties": {"models": weighted, "base_model": base, "parameters": {"density": 0.5}},
+        "dare_ties": {"models": weighted, "base_model": base, "parameters": {"density": 0.5}},
+        "slerp": {"models": [{"model": base}, {"model": fts[0]}], "base_model": base,
+                  "parameters": {"t": (0.3 + 0.1 * repeat) % 1}},
+        "model_stock": {"models": [{"model": m} for m in fts], "base_model": base},
+        # base's layers, then the top half of a fine-tune's: a 1.5× deeper model
+        "passthrough": {"slices": [
+            {"sources": [{"model": base, "layer_range": [0, layers]}]},
+            {"sources": [{"model": fts[repeat % len(fts)], "layer_range": [layers // 2, layers]}]}]},
+    }
+    return {"merge_method": method, **configs[method], "dtype": dtype}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    function()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def _status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+class PeakMemory:
+    """Peak bytes above a baseline: CUDA allocations, or the process's anonymous resident set."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = self._current()
+
+    def _current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return (_status_kb("VmRSS") - _status_kb("RssFile")) * 1024
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        return (_status_kb("VmHWM") - _status_kb("RssFile")) * 1024 - self.baseline
+
+
+def touch(model: torch.nn.Module) -> None:
+    """Read one element per 4 KiB page of every parameter: ``from_pretrained`` may map the
+    files lazily, and an evaluator pays for the page-ins on its first forward pass."""
+    for parameter in model.parameters():
+        parameter.view(-1)[::4096 // parameter.element_size()].sum()
+
+
+def copy_floor(model: torch.nn.Module, device: torch.device, repeats: int) -> float:
+    """Median seconds to copy one model's parameters into existing tensors on ``device``."""
+    targets = list(model.parameters())
+    sources = [p.detach().clone() for p in targets]
+
+    def copy() -> None:
+        for target, source in zip(targets, sources):
+            target.copy_(source)
+    copy()
+    return statistics.median(timed(copy, device) for _ in range(repeats))
+
+
+@dataclass
+class Row:
+    first: float = 0.0
+    applies: list[float] = field(default_factory=list)
+    peak: int = 0
+    bound: int = 0
+    merges: list[float] = field(default_factory=list)
+    reloads: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def bench_evomerge(materializer: Materializer, methods: list[str], models: list[Path], layers: int,
+                   args: argparse.Namespace, memory: PeakMemory) -> dict[str, Row]:
+    rows, built = {}, set()
+    bound = materializer.bound
+    for method in methods:
+        row = rows[method] = Row()
+        configs = [parse_config(yaml.safe_dump(candidate(method, models, layers, r, args.dtype)))
+                   for r in range(args.repeats + 1)]
+        memory.reset()
+        seconds = [timed(lambda c=config: materializer.apply(c, seed=args.seed), args.device)
+                   for config in configs]
+        row.first, row.applies = seconds[0], seconds[1:]
+        row.peak = memory.peak()
+        built.update(CACHES.get(method, ()))
+        row.bound = (bound.resident + bound.live + bound.scratch
+                     + sum(getattr(bound, kind) for kind in built))
+        row.loads.append(load())
+        print(f"  evomerge {method:<16} first {row.first:7.2f} s, then "
+              f"{' '.join(f'{s:.3f}' for s in row.applies)} s  (load {row.loads[-1]:.1f})", flush=True)
+    return rows
+
+
+def bench_mergekit(rows: dict[str, Row], models: list[Path], layers: int,
+                   args: argparse.Namespace) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoModelForCausalLM
+
+    options = MergeOptions(device=str(args.device), quiet=True)
+    for method, row in rows.items():
+        for repeat in range(args.mergekit_repeats):
+            config = MergeConfiguration.model_validate(candidate(method, models, layers, repeat + 1,
+                                                                 args.dtype))
+            out_dir = Path(tempfile.mkdtemp(prefix=f"mergekit-{method}-"))
+
+            def merge(config=config, out_dir=out_dir) -> None:
+                run_merge(config, str(out_dir), options)
+
+            def reload(out_dir=out_dir) -> None:
+                touch(AutoModelForCausalLM.from_pretrained(out_dir, dtype=DTYPES[args.dtype]).to(args.device))
+            try:
+                row.merges.append(timed(merge, args.device))
+                row.reloads.append(timed(reload, args.device))
+            except Exception as error:  # report and go on with the other methods
+                row.error = f"{type(error).__name__}: {error}".splitlines()[0]
+                break
+            finally:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        row.loads.append(load())
+        print(f"  mergekit {method:<16} merge {' '.join(f'{s:.2f}' for s in row.merges)} s, reload "
+              f"{' '.join(f'{s:.2f}' for s in row.reloads)} s  (load {row.loads[-1]:.1f})"
+              + (f"  FAILED: {row.error}" if row.error else ""), flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_table(rows: dict[str, Row], floor: float) -> str:
+    header = ("method", "first apply s", "apply s", "mergekit merge s", "reload s", "mergekit total s",
+              "mergekit/apply", "× floor", "peak GB", "bound GB", "load")
+    table = [header]
+    for method, row in rows.items():
+        apply = statistics.median(row.applies)
+        merge = statistics.median(row.merges) if row.merges else None
+        reload = statistics.median(row.reloads) if row.reloads else None
+        total = merge + reload if merge is not None and reload is not None else None
+        table.append((
+            method, f"{row.first:.2f}", f"{apply:.3f}",
+            f"{merge:.2f}" if merge is not None else "FAIL",
+            f"{reload:.2f}" if reload is not None else "-",
+            f"{total:.2f}" if total is not None else "-",
+            f"{total / apply:.0f}x" if total is not None else "-",
+            f"{apply / floor:.1f}", f"{row.peak / 1e9:.2f}", f"{row.bound / 1e9:.2f}",
+            "/".join(f"{x:.1f}" for x in row.loads)))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = []
+    for i, cells in enumerate(table):
+        lines.append(" | ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]))
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
+    models = ensure_family(args.cache_dir, args.size, DTYPES[args.dtype])
+    warm_page_cache(models)
+    layers = SIZES[args.size][1]
+    import transformers.models.llama.modeling_llama  # noqa: F401  (not counted as the materializer's)
+    memory = PeakMemory(args.device)
+    start = time.perf_counter()
+    materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype])
+    sync(args.device)
+    built = time.perf_counter() - start
+    params = sum(p.numel() for p in materializer.model.parameters())
+    print(f"machine: {describe_device(args.device)}, python {platform.python_version()}, torch "
+          f"{torch.__version__}, llama-{args.size} ({params / 1e6:.1f}M parameters) in {args.dtype} on "
+          f"{args.device}; materializer built in {built:.1f} s; load average {load():.1f}")
+    floor = copy_floor(materializer.model, args.device, args.repeats)
+    rows = bench_evomerge(materializer, args.methods, models, layers, args, memory)
+    del materializer
+    bench_mergekit(rows, models, layers, args)
+    print()
+    print(f"apply = median of {args.repeats} candidates after the first; mergekit = median of "
+          f"{args.mergekit_repeats} run(s) of run_merge + from_pretrained onto {args.device}; "
+          f"copy floor {floor:.3f} s; peak = above the process before loading; "
+          f"load = 1-min load average after evomerge / after mergekit")
+    print(format_table(rows, floor))
+    return 1 if any(row.error for row in rows.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The zoo's models from a recipe: tokenizer, pretrained base, and LoRA-tuned specialists.
+
+Each step draws its randomness from its own seeded stream (``"<seed>:<purpose>"``), so a
+step's output depends only on the recipe and its inputs, not on what ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+
+import torch
+
+from evomerge.zoo.corpus import SKILLS, general_text
+from evomerge.zoo.heldout import heldout_prompts
+from evomerge.zoo.recipe import Recipe, Specialist
+from evomerge.zoo.tokenizer import train_tokenizer
+from evomerge.zoo.train import (Batch, add_lora, fold_lora, llama_config, packed_examples, text_windows,
+                               train)
+
+TOKENIZER_EXAMPLES = 2000
+
+
+def _rng(recipe: Recipe, purpose: str) -> random.Random:
+    return random.Random(f"{recipe.seed}:{purpose}")
+
+
+def skill_stream(skill: str, rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Endless ``(prompt, answer)`` training examples of ``skill``, none of them held out."""
+    heldout = heldout_prompts(skill)
+    while True:
+        prompt, answer = SKILLS[skill](rng)
+        if prompt not in heldout:
+            yield prompt, answer
+
+
+def corpus(recipe: Recipe) -> str:
+    """The generic pretraining text."""
+    return general_text(_rng(recipe, "corpus"), recipe.corpus_paragraphs, recipe.skill_share)
+
+
+def make_tokenizer(recipe: Recipe, text: str):
+    """The zoo tokenizer, trained on the generic corpus and on training examples of every skill."""
+    samples = []
+    for skill in SKILLS:
+        stream = skill_stream(skill, _rng(recipe, f"tokenizer:{skill}"))
+        samples.append("".join(f"{p}{a}\n" for p, a in (next(stream) for _ in range(TOKENIZER_EXAMPLES))))
+    return train_tokenizer([text, *samples], recipe.vocab_size)
+
+
+def pretrain(recipe: Recipe, tokenizer, tokens: torch.Tensor, *, progress: bool = True):
+    """A randomly initialized Llama trained on windows of the corpus ``tokens``."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(recipe, len(tokenizer), bos_id=tokenizer.bos_token_id,
+                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(config)
+    rng = _rng(recipe, "pretrain")
+
+    def batches(step: int) -> Batch:
+        ids = text_windows(tokens, rng, recipe.batch_size, recipe.context)
+        return ids, torch.full(ids.shape, 1 / ids[:, 1:].numel())
+
+    train(model, batches, recipe.pretrain_steps, recipe.pretrain_lr, desc="pretrain base",
+          progress=progress)
+    return model
+
+
+def finetune(recipe: Recipe, spec: Specialist, base, tokenizer, tokens: torch.Tensor, *,
+             progress: bool = True):
+    """A copy of ``base`` tuned on ``spec.skill`` mixed with generic text, adapters folded in."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(_rng(recipe, f"lora:{spec.skill}").getrandbits(63))
+    add_lora(model, spec.modules, recipe.lora_rank)
+    rng = _rng(recipe, f"finetune:{spec.skill}")
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    examples = ((tokenizer.encode(p, add_special_tokens=False),
+                 tokenizer.encode(a, add_special_tokens=False) + newline)
+                for p, a in skill_stream(spec.skill, rng))
+    general_rows = round(recipe.batch_size * recipe.general_fraction)
+
+    def batches(step: int) -> Batch:
+        ids, answers = packed_examples(examples, recipe.batch_size - general_rows, recipe.context,
+                                       tokenizer.pad_token_id)
+        text = text_windows(tokens, rng, general_rows, recipe.context)
+        general = torch.full(text.shape, recipe.general_weight / text[:, 1:].numel())
+        return torch.cat([ids, text]), torch.cat([answers / answers.sum(), general])
+
+    train(model, batches, recipe.finetune_steps, recipe.finetune_lr, desc=f"tune {spec.skill}",
+          progress=progress)
+    fold_lora(model)
+    return model

@@ -1,0 +1,79 @@
+"""The zoo recipe: every number that decides the zoo's weights, and its hash (the cache key).
+
+A build is a pure function of the recipe (and of this package's code, whose data format is
+versioned by ``FORMAT``): the same recipe gives the same tensors, so ``zoo.json`` stores the
+recipe's hash and a rebuild with an equal hash is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from evomerge.errors import ConfigError
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Specialist:
+    """One fine-tune: its skill, and which linear layers get a LoRA adapter (regex on names)."""
+
+    skill: str
+    modules: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Model shape, data and optimization settings for the base and its specialists."""
+
+    seed: int = 0
+    vocab_size: int = 768
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    context: int = 64
+    batch_size: int = 32
+    corpus_paragraphs: int = 20000
+    skill_share: float = 0.5
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 3e-3
+    finetune_steps: int = 300
+    finetune_lr: float = 2e-3
+    lora_rank: int = 8
+    general_fraction: float = 0.5
+    general_weight: float = 0.5
+    eval_items: int = 200
+    threads: int = 2
+    specialists: tuple[Specialist, ...] = field(default_factory=lambda: (
+        Specialist("addition", r"layers\.[01]\.mlp\."),
+        Specialist("reverse", r"layers\.[12]\.self_attn\."),
+        Specialist("dates", r"layers\.[23]\.mlp\."),
+    ))
+
+    @property
+    def skills(self) -> list[str]:
+        return [s.skill for s in self.specialists]
+
+    def to_dict(self) -> dict:
+        """The recipe as JSON data."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the recipe and the data format version."""
+        text = json.dumps({"format": FORMAT, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def override(self, **changes) -> Recipe:
+        """A copy with some fields changed; unknown fields are a ConfigError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"unknown recipe field {unknown[0]!r}; expected one of {sorted(names)}")
+        if "specialists" in changes:
+            changes["specialists"] = tuple(s if isinstance(s, Specialist) else Specialist(**s)
+                                           for s in changes["specialists"])
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,133 @@
+"""Training for the tiny zoo: pretrain the base, fine-tune specialists through LoRA adapters.
+
+A specialist is trained on batches that mix packed skill examples (loss on the answers
+only) with generic text (full loss, so general perplexity is kept), through rank-r LoRA
+adapters on the linear layers its recipe names; the adapters are folded into the weights
+afterwards, so every specialist is a plain Llama checkpoint whose task vector is a sum of
+low-rank updates on its own subset of layers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from evomerge.errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # token ids, and the loss weight of predicting each token
+
+
+def llama_config(recipe, vocab_size: int, *, bos_id: int, eos_id: int, pad_id: int):
+    """The ``LlamaConfig`` of the zoo's models."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.hidden_size,
+                       num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+                       num_key_value_heads=recipe.heads, intermediate_size=recipe.intermediate_size,
+                       max_position_embeddings=2 * recipe.context, tie_word_embeddings=False,
+                       bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+
+
+def text_windows(tokens: torch.Tensor, rng: random.Random, rows: int, length: int) -> torch.Tensor:
+    """``rows`` random windows of ``length`` tokens from a token stream."""
+    starts = [rng.randrange(len(tokens) - length) for _ in range(rows)]
+    return torch.stack([tokens[s:s + length] for s in starts])
+
+
+def packed_examples(examples: Iterator[tuple[list[int], list[int]]], rows: int, length: int,
+                    pad_id: int) -> Batch:
+    """Rows of consecutive ``(prompt, answer)`` token lists; weight 1 on the answers, 0 elsewhere."""
+    ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    answers = torch.zeros((rows, length))
+    for row in range(rows):
+        filled = 0
+        while True:
+            prompt, answer = next(examples)
+            end = filled + len(prompt) + len(answer)
+            if end > length:
+                break
+            ids[row, filled:end] = torch.tensor(prompt + answer)
+            answers[row, filled + len(prompt):end] = 1.0
+            filled = end
+    return ids, answers
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``B @ A`` (B starts at zero)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a.T) @ self.b.T
+
+    def folded(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += self.b @ self.a
+        return self.base
+
+
+def add_lora(model: nn.Module, pattern: str, rank: int) -> list[str]:
+    """Freeze ``model`` but the linear layers whose names match ``pattern``; return their names.
+
+    With ``rank`` > 0 each of them is wrapped in a rank-``rank`` LoRA adapter; with 0 its
+    weight itself is trained (a full-rank partial fine-tune).
+    """
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(pattern, n)]
+    if not names:
+        raise ConfigError(f"specialist modules {pattern!r} match no linear layer of the model")
+    for name in names:
+        if rank:
+            model.set_submodule(name, LoRALinear(model.get_submodule(name), rank))
+        else:
+            model.get_submodule(name).weight.requires_grad_(True)
+    return names
+
+
+def fold_lora(model: nn.Module) -> None:
+    """Fold every LoRA adapter into its linear layer (the model is plain again)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            model.set_submodule(name, module.folded())
+    model.requires_grad_(True)
+
+
+def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: float, *, desc: str,
+          progress: bool = True) -> float:
+    """AdamW with linear warm-up and cosine decay over the trainable parameters; return the last loss.
+
+    The loss of a batch ``(ids, weights)`` is the sum over positions of ``weights`` times the
+    cross-entropy of predicting that token from the ones before it.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    for step in bar:
+        ids, weights = batches(step)
+        logits = model(input_ids=ids).logits[:, :-1]
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        loss = (losses * weights[:, 1:].flatten()).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()

@@ -1,0 +1,144 @@
+"""The tiny model zoo: data generators, held-out files, tokenizer, and a mini build end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evomerge.cli import main
+from evomerge.errors import ConfigError
+from evomerge.zoo.build import MANIFEST, build_zoo
+from evomerge.zoo.corpus import MONTHS, SKILLS, addition, dates, general_text, reverse
+from evomerge.zoo.heldout import SPLITS, general_texts, skill_items, write_heldout
+from evomerge.zoo.recipe import Recipe
+from tests.conftest import read_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = dict(hidden_size=32, layers=4, heads=2, intermediate_size=64, context=48, batch_size=4,
+            corpus_paragraphs=200, pretrain_steps=4, finetune_steps=3, eval_items=4, threads=1)
+TRICKY = "Hello  world\n\n  12+345=357\tend.  x\n\u00e9t\u00e9 \U0001f642 "
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("zoo") / "zoo"
+    return out, build_zoo(out, Recipe().override(**MINI), progress=False)
+
+
+def test_skill_answers_are_correct():
+    rng = random.Random(0)
+    for _ in range(500):
+        prompt, answer = addition(rng)
+        a, b = re.fullmatch(r"(\d{3})\+(\d)=", prompt).groups()
+        assert int(answer) == int(a) + int(b)
+        prompt, answer = reverse(rng)
+        assert answer == re.fullmatch(r"reverse: (\d{4}) ->", prompt).group(1)[::-1]
+        prompt, answer = dates(rng)
+        month, day, year = re.fullmatch(r"date: (\w+) (\d+) (\d{4}) ->", prompt).groups()
+        assert answer == f"{int(day):02d}/{MONTHS.index(month) + 1:02d}/{year}"
+
+
+def test_generators_are_seeded():
+    assert general_text(random.Random(3), 5) == general_text(random.Random(3), 5)
+    for skill in SKILLS.values():
+        assert [skill(random.Random(7)) for _ in range(3)] == [skill(random.Random(7))] * 3
+
+
+def test_shipped_heldout_files_match_generators_and_are_disjoint(tmp_path):
+    write_heldout(tmp_path)
+    for path in sorted((tmp_path / "fitness" / "data").rglob("*.*")):
+        shipped = ROOT / path.relative_to(tmp_path)
+        assert shipped.read_text() == path.read_text(), f"{shipped} is stale: rerun evomerge.zoo.heldout"
+    for skill in SKILLS:
+        items = skill_items(skill)
+        prompts = [{item["prompt"] for item in items[split]} for split in SPLITS]
+        assert all(len(p) == len(items[s]) == 200 for p, s in zip(prompts, SPLITS))
+        assert not prompts[0] & prompts[1]
+    texts = general_texts()
+    assert texts["search"] != texts["test"]
+
+
+def test_task_yamls_load_in_lm_eval(monkeypatch):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    monkeypatch.chdir(ROOT)
+    names = [f"zoo_{skill}" for skill in SKILLS]
+    tasks = get_task_dict(names, TaskManager(include_path=str(ROOT / "fitness" / "tasks")))
+    for name in names:
+        task = tasks[name]
+        skill = name.removeprefix("zoo_")
+        for split, docs in (("search", task.validation_docs()), ("test", task.test_docs())):
+            expected = skill_items(skill)[split]
+            assert [(task.doc_to_text(d), task.doc_to_target(d)) for d in docs] == \
+                [(item["prompt"], item["answer"]) for item in expected]
+        assert task.config.generation_kwargs["until"] == ["\n"]
+
+
+def test_layout_and_manifest(zoo):
+    out, manifest = zoo
+    skills = list(SKILLS)
+    assert manifest["skills"] == skills
+    assert manifest["recipe_hash"] == Recipe().override(**MINI).hash()
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+    for name in ["base", *skills]:
+        folder = out / manifest["paths"][name]
+        for file in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+            assert (folder / file).is_file(), f"{name}/{file}"
+        assert set(manifest["scores"][name]) == {*skills, "general_ppl"}
+    assert not list(out.parent.glob(".*tmp*"))
+
+
+def test_tokenizer_round_trips_and_models_load(zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, manifest = zoo
+    tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    ids = tokenizer.encode(TRICKY, add_special_tokens=False)
+    assert tokenizer.decode(ids) == TRICKY
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("123", add_special_tokens=False)) == ["1", "2", "3"]
+    for name, path in manifest["paths"].items():
+        model = AutoModelForCausalLM.from_pretrained(out / path)
+        assert model.config.model_type == "llama"
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([ids])).logits).all(), name
+
+
+def test_specialists_differ_from_base_only_in_their_layers(zoo):
+    out, manifest = zoo
+    base = read_folder(out / "base")
+    recipe = Recipe().override(**MINI)
+    for spec in recipe.specialists:
+        tuned = read_folder(out / spec.skill)
+        changed = {n for n in base if not torch.equal(base[n], tuned[n])}
+        assert changed and all(re.search(spec.modules, n) for n in changed), spec.skill
+
+
+def test_rebuild_is_deterministic_and_cached(zoo, tmp_path, caplog):
+    out, manifest = zoo
+    again = build_zoo(tmp_path / "zoo", Recipe().override(**MINI), progress=False)
+    assert again["scores"] == manifest["scores"]
+    for name in manifest["paths"]:
+        first, second = read_folder(out / name), read_folder(tmp_path / "zoo" / name)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[n], second[n]) for n in first), name
+    stamp = (out / "base" / "model.safetensors").stat().st_mtime_ns
+    result = CliRunner().invoke(main, ["zoo", str(out), *(f"--set={k}={v}" for k, v in MINI.items())])
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_refuses_foreign_folder_and_bad_overrides(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["zoo", str(tmp_path)])
+    assert result.exit_code == 2 and "--force" in result.output
+    with pytest.raises(ConfigError, match="unknown recipe field 'steps'"):
+        Recipe().override(steps=3)
+    result = CliRunner().invoke(main, ["zoo", str(tmp_path / "z"), "--set", "layers"])
+    assert result.exit_code == 2 and "FIELD=VALUE" in result.output
