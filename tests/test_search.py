@@ -307,3 +307,11 @@ def test_bad_storage_url_and_missing_models(llama, tmp_path, test_log):
     data["models"]["sources"] = [str(tmp_path / "missing")]
     with pytest.raises(EvomergeError, match="models: model folder not found"):
         open_search(parse_experiment(yaml.safe_dump(data)))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "fitness").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_fitness_definitions_load(path):
+    from evomerge.fitness import load_fitness
+
+    fitness = load_fitness(path)
+    assert fitness.directions and all(d == "maximize" for d in fitness.directions)
