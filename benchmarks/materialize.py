@@ -19,13 +19,18 @@ A search evaluates many candidates over the same models. What one candidate cost
   applies (first one included; ``/proc/self/clear_refs`` resets it before each method)
   minus the memory-mapped file pages still mapped and minus the process's memory before
   the materializer was built; on CUDA, ``torch.cuda.max_memory_allocated``. Compared with
-  ``Materializer.bound``: resident + live + scratch + the caches built so far.
+  ``Materializer.bound``: resident + live + scratch + the caches built so far (+ the
+  transient of building one). CPU peaks include what the C allocator keeps of freed
+  temporaries.
 
 Synthetic Llama family (``evomerge.synthetic.build_family``, base + ft1..ft3) built once
 under ``.cache/bench``. The load average (1 min) is printed with every row: on a shared
-machine, timings move with it. Run from the repository root with the venv active::
+machine, timings move with it, and with other busy processes two torch threads stall at
+every parallel op (several times slower, for both tools); ``--threads 1`` is steadier.
+Run from the repository root with the venv active::
 
     python benchmarks/materialize.py                           # 100M params, float32, CPU
+    python benchmarks/materialize.py --threads 1 --dtype bfloat16
     python benchmarks/materialize.py --methods ties,task_arithmetic --repeats 5
     python benchmarks/materialize.py --device cuda --size tinyllama   # bfloat16 on CUDA
 """
@@ -209,7 +214,7 @@ def bench_evomerge(materializer: Materializer, methods: list[str], models: list[
         row.peak = memory.peak()
         built.update(CACHES.get(method, ()))
         row.bound = (bound.resident + bound.live + bound.scratch
-                     + sum(getattr(bound, kind) for kind in built))
+                     + sum(getattr(bound, kind) for kind in built) + (bound.building if built else 0))
         row.loads.append(load())
         print(f"  evomerge {method:<16} first {row.first:7.2f} s, then "
               f"{' '.join(f'{s:.3f}' for s in row.applies)} s  (load {row.loads[-1]:.1f})", flush=True)

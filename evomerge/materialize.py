@@ -28,11 +28,15 @@ largest tensor's element count, ``D`` the deepest plan's extra layers)::
     positions = K · N · 4                    int32 magnitude positions (TIES, breadcrumbs)
     ranks     = K · N · 4                    float32 DELLA ranks
     words     = K · N · 4                    int32 random words (DARE, DELLA)
+    building  = 36 · T                       while a cache is built: sorting one tensor
     scratch   = (2K + 1) · T · max(s, 4)     the workspace (kernel temporaries)
 
-A cache exists once a method that uses it has run. Building one (the first candidate)
-also sorts or hashes one tensor at a time, with temporaries of up to ~40 bytes per
-element of that tensor; DELLA allocates its float32 keep probabilities per tensor.
+A cache exists once a method that uses it has run; it is built on that method's first
+candidate, one tensor at a time (a stable sort of the largest tensor peaks at ~36 bytes
+per element, hashing random words at ~7). DELLA also allocates its float32 keep
+probabilities per tensor. On CPU the process's resident set can exceed the bound by
+what the C allocator keeps of freed temporaries (glibc: ~0.4 GB after building the
+positions of a 125M-parameter float32 family).
 
 Resident means resident: the tensors are copied out of the memory-mapped files (on CPU
 in the same dtype, ``.to()`` would return the mapped file pages themselves, which the
@@ -83,11 +87,12 @@ class MemoryBound:
     positions: int
     ranks: int
     words: int
+    building: int
     scratch: int
 
     @property
     def caches(self) -> int:
-        return self.positions + self.ranks + self.words
+        return self.positions + self.ranks + self.words + self.building
 
     @property
     def total(self) -> int:
@@ -167,6 +172,7 @@ class Materializer:
             resident=sum(sum(int(torch.Size(f.shape(n)).numel()) for n in f.names())
                          for f in self.folders.values()) * self.dtype.itemsize,
             live=model_bytes, positions=cache, ranks=cache, words=cache,
+            building=36 * max(numel) if cache_positions else 0,
             scratch=(2 * sources + 1) * max(numel) * max(self.dtype.itemsize, 4))
 
     def _to_device(self, tensor: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
