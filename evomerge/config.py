@@ -291,8 +291,8 @@ def _check_inputs(method: MergeMethod, models: list[str], base: str | None, fail
         fail(f"{method.name} takes {expected} models (base included), got {len(inputs)}")
 
 
-def parse_config(text: str, source: str = "<config>") -> MergeConfig:
-    """Parse and validate a merge config from YAML text; raises :class:`ConfigError`."""
+def read_mapping(text: str, source: str) -> tuple[dict, yaml.Node]:
+    """YAML text → (top-level mapping, node tree for line numbers); ConfigError otherwise."""
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -303,6 +303,29 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
                           line=mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping at the top level", file=source, line=1)
+    return data, root
+
+
+def validation_failure(error: ValidationError) -> tuple[tuple, str]:
+    """The YAML path and a one-line message of pydantic's first error."""
+    first = error.errors()[0]
+    path = tuple(k for k in first["loc"] if not (isinstance(k, str) and (
+        "[" in k or k in ("ConditionalParameter", "bool", "int", "float", "str", "function-after"))))
+    message = first["msg"].replace("Extra inputs are not permitted", "unknown field")
+    return path, message.removeprefix("Value error, ")
+
+
+def read_file(path: str | Path, what: str) -> str:
+    """A config file's text; ConfigError naming it when it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read {what}: {error.strerror}", file=str(path)) from None
+
+
+def parse_config(text: str, source: str = "<config>") -> MergeConfig:
+    """Parse and validate a merge config from YAML text; raises :class:`ConfigError`."""
+    data, root = read_mapping(text, source)
 
     def fail(path: tuple, message: str):
         raise ConfigError(message, file=source, field=field_path(path), line=yaml_line(root, path))
@@ -310,12 +333,7 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        path = tuple(k for k in first["loc"] if not (isinstance(k, str) and (
-            k.startswith(("list[", "dict[", "tuple[")) or k in (
-                "ConditionalParameter", "bool", "int", "float", "str"))))
-        message = first["msg"].replace("Extra inputs are not permitted", "unknown field")
-        fail(path, message)
+        fail(*validation_failure(error))
     _check(config, fail)
     config._source = source
     return config
@@ -323,9 +341,4 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge config file; relative model paths stay as written."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read config: {error.strerror}", file=str(path)) from None
-    return parse_config(text, str(path))
+    return parse_config(read_file(path, "config"), str(path))

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from evomerge.config import DTYPES, field_path, yaml_line
+from evomerge.config import DTYPES, field_path, read_file, read_mapping, validation_failure, yaml_line
 from evomerge.errors import ConfigError
 
 Sampler = Literal["cmaes", "cma", "tpe", "nsga2", "random"]
@@ -100,30 +100,14 @@ class Experiment(_Strict):
 
 def parse_experiment(text: str, source: str = "<experiment>") -> Experiment:
     """Validate an experiment from YAML text; errors name the file, line and field."""
-    try:
-        root, data = yaml.compose(text), yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise ConfigError(f"malformed YAML: {getattr(error, 'problem', None) or error}", file=source,
-                          line=mark.line + 1 if mark else None) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping at the top level", file=source, line=1)
+    data, root = read_mapping(text, source)
     try:
         return Experiment.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        path = tuple(k for k in first["loc"] if not (isinstance(k, str) and (
-            "[" in k or k in ("str", "int", "float", "bool", "function-after"))))
-        message = first["msg"].replace("Extra inputs are not permitted", "unknown field")
-        message = message.removeprefix("Value error, ")
+        path, message = validation_failure(error)
         raise ConfigError(message, file=source, field=field_path(path), line=yaml_line(root, path)) from None
 
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read experiment: {error.strerror}", file=str(path)) from None
-    return parse_experiment(text, str(path))
+    return parse_experiment(read_file(path, "experiment"), str(path))

@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from evomerge.architecture import num_layers as config_depth
-from evomerge.config import field_path, parse_config, yaml_line
+from evomerge.config import field_path, parse_config, read_file, read_mapping, yaml_line
 from evomerge.errors import ConfigError, ModelError
 from evomerge.search.dataflow import DataFlowSpace
 from evomerge.search.parameter import ParameterSpace
@@ -89,17 +89,7 @@ def _read(spec: str | Path | Mapping[str, Any], base_dir: str | Path | None,
         if not path.is_file():
             raise ConfigError(f"unknown search space {text!r}; expected a YAML file or one of: "
                               f"{', '.join(available_spaces())}", file=source, field="search_space")
-    try:
-        body = path.read_text()
-        root, data = yaml.compose(body), yaml.safe_load(body)
-    except OSError as error:
-        raise ConfigError(f"cannot read search space: {error.strerror}", file=str(path)) from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise ConfigError(f"malformed YAML: {getattr(error, 'problem', None) or error}",
-                          file=str(path), line=mark.line + 1 if mark else None) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping at the top level", file=str(path), line=1)
+    data, root = read_mapping(read_file(path, "search space"), str(path))
     return data, root, str(path), path.stem
 
 
