@@ -319,8 +319,8 @@ def read_file(path: str | Path, what: str) -> str:
     """A config file's text; ConfigError naming it when it cannot be read."""
     try:
         return Path(path).read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read {what}: {error.strerror}", file=str(path)) from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        raise ConfigError(f"cannot read {what}: {getattr(error, 'strerror', None) or error}", file=str(path)) from None
 
 
 def parse_config(text: str, source: str = "<config>") -> MergeConfig:

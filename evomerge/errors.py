@@ -10,11 +10,11 @@ class ConfigError(EvomergeError):
 
     def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
                  line: int | None = None):
-        where = file or "<config>"
+        where = _one_line(file or "<config>")
         if line is not None:
             where += f":{line}"
         if field:
-            where += f": {field}"
+            where += f": {_one_line(field)}"
         super().__init__(f"{where}: {message}")
         self.message, self.file, self.field, self.line = message, file, field, line
 
@@ -25,3 +25,8 @@ class ConfigError(EvomergeError):
 
 class ModelError(EvomergeError):
     """A model folder that cannot be read, or models that cannot be merged together."""
+
+
+def _one_line(name: str) -> str:
+    """A file or field name as written in a message: quoted when it holds control characters."""
+    return name if name.isprintable() else repr(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,27 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
                 assert name not in tensors, f"{name} stored twice"
                 tensors[name] = handle.get_tensor(name)
     return tensors
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (``tests/postgres_server.py``); skipped when
+    its binaries are missing, unless EVOMERGE_REQUIRE_POSTGRES is set (CI installs them)."""
+    from tests.postgres_server import PostgresServer, binaries
+
+    bin_dir = binaries()
+    if bin_dir is None:
+        if os.environ.get("EVOMERGE_REQUIRE_POSTGRES"):
+            pytest.fail("EVOMERGE_REQUIRE_POSTGRES is set but initdb/pg_ctl were not found")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A fresh database on the session's server, named after the test."""
+    name = "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    return postgres_server.create_database(f"{name}_{os.getpid()}")

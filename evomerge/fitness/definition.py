@@ -115,8 +115,9 @@ def load_fitness(source: str | Path | dict[str, Any], base_dir: str | Path | Non
 def _read_yaml(path: Path) -> tuple[str, yaml.Node | None, Any]:
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read fitness definition: {error.strerror}", file=str(path)) from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        raise ConfigError(f"cannot read fitness definition: {getattr(error, 'strerror', None) or error}",
+                          file=str(path)) from None
     try:
         return str(path), yaml.compose(text), yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import click
 
+from evomerge.errors import EvomergeError
 from evomerge.io.writer import write_text_atomic
+
+
+class OneLineCommand(click.Command):
+    """A command whose usage errors (bad option values, missing arguments) are one ``error:``
+    line and exit code 2, like every other bad input (the CLI's EvomergeError handling)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            raise EvomergeError(f"{ctx.command_path}: {error.format_message()}") from None
 
 _study_options = [
     click.option("--study", default=None, help="Study name (default: the experiment's name)."),
@@ -22,34 +34,52 @@ def study_options(command):
     return command
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.argument("experiment", type=click.Path(path_type=Path))
 @study_options
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="Stop when the study has this many finished trials (default: the experiment's budget).")
 @click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the experiment's).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes on the study (default: one per --devices entry, else 1).")
+@click.option("--devices", default=None,
+              help="Comma list of devices, one worker each (cycled when --workers is larger), e.g. cuda:0,cuda:1.")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Seconds between heartbeats of a running trial; a trial silent for 3 heartbeats is failed "
+                   "and retried by another worker.")
 @click.option("--seed", type=int, default=None, help="Sampler seed (default: the experiment's optimizer.seed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def search(experiment: Path, study: str | None, storage: str | None, n_trials: int | None, timeout: float | None,
-           device: str | None, seed: int | None, quiet: bool, verbose: bool) -> None:
-    """Create or resume the study of EXPERIMENT.yaml and run trials until its budget is spent."""
+           device: str | None, workers: int | None, devices: str | None, heartbeat: int, seed: int | None,
+           quiet: bool, verbose: bool) -> None:
+    """Create, resume or join the study of EXPERIMENT.yaml and run trials until its budget is spent.
+
+    Any number of `evomerge search` processes, on any hosts, may run one study at once when
+    they share its --storage (PostgreSQL, or a journal file on a shared filesystem)."""
     from evomerge.cli import setup_logging
     from evomerge.search.driver import run_search
     from evomerge.search.experiment import load_experiment
     from evomerge.search.results import summarize
+    from evomerge.search.workers import WorkerOptions, run_workers, worker_devices
 
     setup_logging(quiet, verbose)
+    if device is not None and devices is not None:
+        raise EvomergeError("--device and --devices: give one of them")
     loaded = load_experiment(experiment)
     if seed is not None:
         loaded.optimizer.seed = seed
-    result = run_search(loaded, study_name=study, storage=storage, n_trials=n_trials, timeout=timeout,
-                        device=device, progress=not quiet)
+    if workers is None and devices is None:
+        result = run_search(loaded, study_name=study, storage=storage, n_trials=n_trials, timeout=timeout,
+                            device=device, progress=not quiet, heartbeat=heartbeat)
+    else:
+        options = WorkerOptions(study, storage, n_trials, timeout, heartbeat, logging.getLogger().level)
+        result = run_workers(loaded, worker_devices(workers, devices, device or loaded.device), options)
     click.echo(summarize(result.study))
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.argument("experiment", required=False, type=click.Path(path_type=Path))
 @study_options
 def status(experiment: Path | None, study: str | None, storage: str | None) -> None:
@@ -59,7 +89,7 @@ def status(experiment: Path | None, study: str | None, storage: str | None) -> N
     click.echo(summarize(open_study(*locate_study(experiment, study, storage))))
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.argument("experiment", required=False, type=click.Path(path_type=Path))
 @study_options
 @click.option("--trial", "trial_number", type=int, default=None, help="Trial number (default: the best).")
@@ -79,7 +109,7 @@ def export(experiment: Path | None, study: str | None, storage: str | None, tria
         logging.getLogger("evomerge").info("wrote %s", output)
 
 
-@click.command()
+@click.command(cls=OneLineCommand)
 @click.argument("experiment", required=False, type=click.Path(path_type=Path))
 @study_options
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path),

@@ -7,6 +7,10 @@ trial records its decoded plan (YAML), every metric, the seed, the time spent in
 materialize and fitness, the device and the worker, or why it failed. A candidate that
 raises, runs out of memory or scores NaN fails its own trial only; ``max_failures_in_a_row``
 failures stop the search. Ctrl-C stops after the current trial.
+
+Many workers (processes, hosts) may run the same study at once: they coordinate through
+the storage only (``coordination.py``): the budget is shared, and a dead worker's trial is
+failed and retried by another. ``workers.py`` starts N local workers.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import signal
-import socket
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -32,15 +36,18 @@ from evomerge import __version__
 from evomerge.config import MergeConfig, torch_dtype
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
+from evomerge.io.reader import ModelFolder
 from evomerge.materialize import Materializer
+from evomerge.plan import check_compatible
+from evomerge.search.coordination import claim, finished, worker_id
 from evomerge.search.experiment import Experiment
 from evomerge.search.loader import load_search_space
 from evomerge.search.samplers import CmaPackageProposer, make_sampler
 from evomerge.search.space import SearchSpace
-from evomerge.search.storage import open_storage
+from evomerge.search.storage import GRACE, STORAGE_ERRORS, heartbeat_thread, lost, open_storage
 
 log = logging.getLogger(__name__)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+HEARTBEAT = 30  # seconds between heartbeats of a running trial (default of `evomerge search`)
 
 
 @dataclass
@@ -54,6 +61,16 @@ class Search:
     device: str
     base: str  # absolute model paths
     sources: list[str]
+    storage_url: str
+    created: bool = False  # this process created the study
+
+    def enqueue_warm_start(self) -> None:
+        """Queue the space's known recipes as the first trials of a study this process created
+        (so that workers started together enqueue them once)."""
+        if self.created and self.experiment.optimizer.warm_start and not self.study.trials:
+            for recipe in self.space.known_recipes():
+                self.study.enqueue_trial(recipe, user_attrs={"warm_start": True})
+        self.created = False
 
     def decode(self, params: dict[str, Any]) -> MergeConfig:
         """The trial's merge config, in the dtype candidates are merged in."""
@@ -62,11 +79,14 @@ class Search:
 
 
 def open_search(experiment: Experiment, *, study_name: str | None = None, storage: str | None = None,
-                device: str | None = None, create: bool = True) -> Search:
-    """Load the fitness and search space and create (or reopen) the experiment's study."""
-    for path in [experiment.models.base, *experiment.models.sources]:
+                device: str | None = None, create: bool = True, heartbeat: int | None = None) -> Search:
+    """Load the fitness and search space and create (or reopen) the experiment's study.
+    Every input is checked before the storage is opened, so bad input writes nothing."""
+    paths = [experiment.models.base, *experiment.models.sources]
+    for path in paths:
         if not Path(path).is_dir():
             raise ConfigError(f"model folder not found: {path}", field="models")
+    check_compatible({path: ModelFolder(path) for path in paths})
     base = str(Path(experiment.models.base).resolve())
     sources = [str(Path(s).resolve()) for s in experiment.models.sources]
     spec = experiment.fitness
@@ -75,62 +95,53 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
                               base_dir=Path.cwd(), source="search_space")
     sampler = make_sampler(experiment.optimizer, space, fitness.directions)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if len(fitness.stages) > 1 else None
-    backend = open_storage(storage or experiment.storage or experiment.default_storage)
+    url = storage or experiment.storage or experiment.default_storage
+    backend = open_storage(url, heartbeat=heartbeat)
     name = study_name or experiment.name
-    if create:
-        study = optuna.create_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner,
-                                    directions=fitness.directions, load_if_exists=True)
-    else:
-        study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
-    _check_study(study, experiment, space, fitness)
-    return Search(experiment, study, space, fitness, device or experiment.device, base, sources)
+    created = False
+    try:
+        if create:
+            try:  # exactly one of the workers started together creates the study
+                study = optuna.create_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner,
+                                            directions=fitness.directions)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+        else:
+            study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+        _check_study(study, experiment, space, fitness)
+    except STORAGE_ERRORS as error:
+        raise lost(url, error) from None
+    return Search(experiment, study, space, fitness, device or experiment.device, base, sources, url, created)
+
+
+def _signature(experiment: Experiment, space: SearchSpace, fitness: Fitness) -> dict[str, Any]:
+    """What a study's trials depend on: resuming with another value would mix incomparable trials."""
+    return {"space": sorted(space.distributions()), "objectives": fitness.metric_names,
+            "directions": fitness.directions,
+            "models": [Path(p).name for p in (experiment.models.base, *experiment.models.sources)],
+            "seed": experiment.seed, "dtype": experiment.dtype}
 
 
 def _check_study(study: optuna.Study, experiment: Experiment, space: SearchSpace, fitness: Fitness) -> None:
-    """Record the experiment in a new study; refuse to resume one with a different setup."""
-    signature = {"space": sorted(space.distributions()), "objectives": fitness.metric_names,
-                 "directions": fitness.directions}
+    """Record the experiment in a new study; refuse to join one with a different setup."""
+    signature = _signature(experiment, space, fitness)
     stored = study.user_attrs.get("signature")
     if stored is None:
         study.set_user_attr("signature", signature)
         study.set_user_attr("experiment", experiment.to_yaml())
         study.set_user_attr("mergekit_compatible", space.mergekit_compatible)
         study.set_user_attr("evomerge_version", __version__)
-    elif stored != signature:
-        raise ConfigError(f"study {study.study_name!r} was created with another search space or fitness; "
-                          "use a new --study name", field="study")
+        return
+    differ = [key for key in stored if stored[key] != signature.get(key)]
+    if differ:  # keys of older studies only: a study records what its version checked
+        raise ConfigError(f"study {study.study_name!r} belongs to another experiment (different "
+                          f"{', '.join(differ)}); use a new --study name", field="study")
 
 
 def plan_hash(config: MergeConfig, seed: int) -> str:
     """Identity of a candidate's weights: its config and mask seed."""
     return hashlib.sha256(f"{seed}\n{config.to_yaml()}".encode()).hexdigest()[:16]
-
-
-def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def fail_dead_workers(study: optuna.Study) -> int:
-    """Mark RUNNING trials of dead processes on this host as FAIL; return how many."""
-    host = socket.gethostname()
-    count = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_user_attr(trial._trial_id, "failure", f"worker {pid} died mid-trial")
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            count += 1
-    return count
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
 
 
 @contextmanager
@@ -173,27 +184,39 @@ class Runner:
         self.progress = progress
 
     def run(self, n_trials: int | None, timeout: float | None) -> int:
-        """Run until ``n_trials`` trials of the study have finished (counting earlier runs),
-        ``timeout`` seconds pass or Ctrl-C; return the number of trials run now."""
+        """Run until ``n_trials`` trials of the study have finished (counting earlier runs and
+        other workers' trials), ``timeout`` seconds pass or Ctrl-C; return the number of
+        trials run by this worker. A lost storage raises :class:`StorageError`."""
+        try:
+            return self._run(n_trials, timeout)
+        except STORAGE_ERRORS as error:
+            raise lost(self.search.storage_url, error) from None
+
+    def _run(self, n_trials: int | None, timeout: float | None) -> int:
         study, experiment = self.search.study, self.search.experiment
-        stale = fail_dead_workers(study)
-        if stale:
-            log.warning("marked %d trial(s) of dead workers as failed", stale)
-        if experiment.optimizer.warm_start and not study.trials:
-            for recipe in self.search.space.known_recipes():
-                study.enqueue_trial(recipe, user_attrs={"warm_start": True})
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        remaining = None if n_trials is None else max(0, n_trials - finished)
+        self.search.enqueue_warm_start()
+        done = finished(study)
+        remaining = None if n_trials is None else max(0, n_trials - done)
         if remaining == 0:
-            log.info("study %s already has %d finished trials", study.study_name, finished)
+            log.info("study %s already has %d finished trials", study.study_name, done)
             return 0
         start, ran, failures, flag = time.monotonic(), 0, 0, {"stop": False}
+
+        def stop() -> bool:
+            return flag["stop"] or (timeout is not None and time.monotonic() - start >= timeout)
+
         bar = tqdm(total=remaining, desc=f"search {study.study_name}", unit="trial", disable=not self.progress)
         with _stop_on_interrupt(flag), bar:
-            while (remaining is None or ran < remaining) and not flag["stop"]:
-                if timeout is not None and time.monotonic() - start >= timeout:
+            while not stop():
+                trial = claim(study, self._ask, n_trials, stop)
+                if trial is None:
                     break
-                state, reason = self._one_trial()
+                try:
+                    state, reason = self._one_trial(trial)
+                except UpdateFinishedTrialError:  # failed as stale while it ran (heartbeats starved)
+                    log.warning("trial %d was failed by another worker (no heartbeat for %d heartbeat "
+                                "intervals); its retry runs instead", trial.number, GRACE)
+                    state, reason = TrialState.FAIL, "missed heartbeats"
                 ran += 1
                 bar.update()
                 failures = failures + 1 if state == TrialState.FAIL else 0
@@ -211,14 +234,22 @@ class Runner:
             except ValueError:
                 pass
 
-    def _one_trial(self) -> tuple[TrialState, str | None]:
+    def _ask(self) -> optuna.Trial:
         study = self.search.study
         if self.proposer is not None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             study.enqueue_trial(self.proposer.propose())
-        trial = study.ask(self.search.space.distributions())
+        with warnings.catch_warnings():  # Optuna expects heartbeats with study.optimize; ask/tell runs its own
+            warnings.filterwarnings("ignore", "Heartbeat of storage")
+            return study.ask(self.search.space.distributions())
+
+    def _one_trial(self, trial: optuna.Trial) -> tuple[TrialState, str | None]:
+        study = self.search.study
         try:
-            trial.set_user_attr("worker", _worker())
-            values = self._evaluate(trial)
+            with heartbeat_thread(study._storage, trial._trial_id):
+                trial.set_user_attr("worker", worker_id())  # after the first heartbeat: see coordination.py
+                values = self._evaluate(trial)
+        except (*STORAGE_ERRORS, UpdateFinishedTrialError):
+            raise
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED, None
@@ -287,9 +318,9 @@ def _completed_with(study: optuna.Study, key: str):
 
 def run_search(experiment: Experiment, *, study_name: str | None = None, storage: str | None = None,
                n_trials: int | None = None, timeout: float | None = None, device: str | None = None,
-               progress: bool = True) -> Search:
-    """Create or resume the experiment's study and run trials until the budget is spent."""
-    search = open_search(experiment, study_name=study_name, storage=storage, device=device)
+               progress: bool = True, heartbeat: int | None = HEARTBEAT) -> Search:
+    """Create or resume (or join) the experiment's study and run trials until the budget is spent."""
+    search = open_search(experiment, study_name=study_name, storage=storage, device=device, heartbeat=heartbeat)
     budget = experiment.budget
     Runner(search, progress=progress).run(n_trials if n_trials is not None else budget.n_trials,
                                           timeout if timeout is not None else budget.timeout)

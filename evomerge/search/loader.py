@@ -86,7 +86,11 @@ def _read(spec: str | Path | Mapping[str, Any], base_dir: str | Path | None,
         path = Path(base_dir or ".") / text
     else:
         path = SEARCH_SPACES_DIR / f"{text}.yaml"
-        if not path.is_file():
+        try:
+            shipped = path.is_file()
+        except (OSError, ValueError):  # not a possible file name (too long, NUL)
+            shipped = False
+        if not shipped:
             raise ConfigError(f"unknown search space {text!r}; expected a YAML file or one of: "
                               f"{', '.join(available_spaces())}", file=source, field="search_space")
     data, root = read_mapping(read_file(path, "search space"), str(path))
