@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from evomerge.commands import adamerge, inspect, soup
 from evomerge.errors import EvomergeError
 from evomerge.fitness.cli import evaluate
 from evomerge.search.cli import export, report, search, status
@@ -125,7 +126,7 @@ def synth(out_dir: Path, arch: str, size: str, sources: int, dtype: str, seed: i
     click.echo("\n".join(str(p) for p in paths))
 
 
-for _command in (evaluate, search, status, export, report):
+for _command in (evaluate, search, status, export, report, inspect, soup, adamerge):
     main.add_command(_command)
 
 main.add_command(zoo)

@@ -65,6 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evomerge.architecture import family_for, layer_index, with_layer
+from evomerge.compat import check_sources
 from evomerge.config import MergeConfig, load_config, torch_dtype
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
@@ -132,6 +133,7 @@ class Materializer:
         self.folders = {p.resolve(): ModelFolder(p) for p in paths}
         check_compatible({str(p): folder for p, folder in self.folders.items()})
         self.base_path = paths[0].resolve()
+        check_sources(self.folders[self.base_path], [f for p, f in self.folders.items() if p != self.base_path])
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(t.dtype for t in map(base_folder.tensor, base_folder.names())
                                    if t.is_floating_point())

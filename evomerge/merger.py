@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from evomerge.compat import check_sources
 from evomerge.config import MergeConfig, load_config, torch_dtype
 from evomerge.errors import EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
@@ -89,11 +90,20 @@ def _as_config(config: MergeConfig | str | Path) -> MergeConfig:
     return config if isinstance(config, MergeConfig) else load_config(config)
 
 
+def _open_checked(config: MergeConfig) -> dict[str, ModelFolder]:
+    """The config's models, with the compatibility check (:mod:`evomerge.compat`) when the
+    method builds on a base: a warning for each source that does not look fine-tuned from it."""
+    models = open_models(config)
+    if config.base_model is not None and config.method.needs_base:
+        check_sources(models[config.base_model], [f for n, f in models.items() if n != config.base_model])
+    return models
+
+
 def merge_state_dict(config: MergeConfig | str | Path, *, seed: int = 0,
                      device: str = "cpu") -> dict[str, torch.Tensor]:
     """Merge in memory and return the output state dict (nothing is written)."""
     config = _as_config(config)
-    models = open_models(config)
+    models = _open_checked(config)
     plan = build_plan(config, models, seed)
     return dict(iter_merged(plan, models, resolve_device(device)))
 
@@ -110,7 +120,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     config = _as_config(config)
     check_output_dir(Path(out_dir).absolute(), force)
     compute_device = resolve_device(device)
-    models = open_models(config)
+    models = _open_checked(config)
     plan = build_plan(config, models, seed)
     template_dir = models[plan.template].path
     tokenizer_dir = _tokenizer_dir(config, models, template_dir)  # fail before merging

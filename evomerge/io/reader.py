@@ -106,6 +106,16 @@ class ModelFolder:
             return handle[name]
         return handle.get_tensor(name)
 
+    def head(self, name: str, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of a tensor (CPU, stored dtype); for safetensors only those
+        bytes are read."""
+        if not self.shape(name):
+            return self.tensor(name)
+        handle = self._open(self._files[name])
+        if isinstance(handle, dict):
+            return handle[name][:rows]
+        return handle.get_slice(name)[:rows]
+
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self._files[name])
         if isinstance(handle, dict):
