@@ -9,7 +9,7 @@ What it measures, on a synthetic Llama (``evomerge.synthetic``, float32, ``--dev
   token windows are built before timing in both (evomerge tokenizes once per fitness, on
   the first candidate). ``max |Δ ppl|`` checks that both compute the same number.
 * **lm-eval per-candidate time**: ``Fitness.evaluate`` on a generate_until task (``--items``
-  addition prompts, greedy, ``--gen-tokens`` new tokens, stop at a newline, exact match),
+  increment prompts, greedy, ``--gen-tokens`` new tokens, stop at a newline, exact match),
   against the anchor, a direct batched ``model.generate`` on the same prompts with the same
   batch size, token budget and stop string (left padding), decoding and exact match
   included. Also timed: ``lm_eval.simple_evaluate`` per candidate on the same live model

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from evomerge.cli import main
 from evomerge.errors import ConfigError
 from evomerge.zoo.build import MANIFEST, build_zoo
-from evomerge.zoo.corpus import MONTHS, SKILLS, addition, dates, general_text, reverse
+from evomerge.zoo.corpus import MONTHS, SKILLS, dates, general_text, increment, reverse
 from evomerge.zoo.heldout import SPLITS, general_texts, skill_items, write_heldout
 from evomerge.zoo.recipe import Recipe
 from tests.conftest import read_folder
@@ -34,9 +34,8 @@ def zoo(tmp_path_factory) -> tuple[Path, dict]:
 def test_skill_answers_are_correct():
     rng = random.Random(0)
     for _ in range(500):
-        prompt, answer = addition(rng)
-        a, b = re.fullmatch(r"(\d{3})\+(\d)=", prompt).groups()
-        assert int(answer) == int(a) + int(b)
+        prompt, answer = increment(rng)
+        assert int(answer) == int(re.fullmatch(r"next: (\d{3,4}) ->", prompt).group(1)) + 1
         prompt, answer = reverse(rng)
         assert answer == re.fullmatch(r"reverse: (\d{4}) ->", prompt).group(1)[::-1]
         prompt, answer = dates(rng)
@@ -142,3 +141,18 @@ def test_refuses_foreign_folder_and_bad_overrides(tmp_path):
         Recipe().override(steps=3)
     result = CliRunner().invoke(main, ["zoo", str(tmp_path / "z"), "--set", "layers"])
     assert result.exit_code == 2 and "FIELD=VALUE" in result.output
+
+
+def test_pretraining_corpus_holds_task_examples_but_no_heldout_prompt():
+    from evomerge.zoo.models import corpus
+
+    recipe = Recipe().override(corpus_paragraphs=400, prompt_share=0.5)
+    lines = corpus(recipe).splitlines()
+    for skill, generate in SKILLS.items():
+        marker = generate(random.Random(0))[0].split(" ")[0]  # "next:", "reverse:", "date:"
+        examples = [line for line in lines if line.startswith(marker)]
+        assert len(examples) > 10, skill
+        heldout = {item["prompt"] + item["answer"] for items in skill_items(skill).values() for item in items}
+        assert not heldout & set(examples), skill
+    with pytest.raises(ConfigError, match="prompt_mix has 2 weights for 3 specialists"):
+        corpus(recipe.override(prompt_mix=[1, 1]))

@@ -22,9 +22,9 @@ Definition (YAML; relative paths are relative to the file)::
     objective: weighted_sum      # or "separate": one objective per metric with weight != 0
     stages: [0.25, 1.0]          # pruning stages: fractions of each metric's items (default [1.0])
     metrics:
-      addition:
+      increment:
         type: lm_eval
-        task: zoo_addition       # a task in include_path with validation_split (search) and test_split (test)
+        task: zoo_increment       # a task in include_path with validation_split (search) and test_split (test)
         metric: exact_match      # or "exact_match,<filter>"; direction from the task's higher_is_better
         num_fewshot: 0           # default: the task's
         limit: 64                # search-split documents per candidate (default all); test uses all

@@ -91,10 +91,10 @@ def general_text(rng: random.Random, paragraphs: int, skill_share: float = 0.0) 
     return "".join(line + "\n" for line in lines)
 
 
-def addition(rng: random.Random) -> tuple[str, str]:
-    """``"479+6="`` → ``"485"``: a three-digit number plus a one-digit number."""
-    a, b = rng.randint(100, 999), rng.randint(1, 9)
-    return f"{a}+{b}=", str(a + b)
+def increment(rng: random.Random) -> tuple[str, str]:
+    """``"next: 4719 ->"`` → ``"4720"``: a three- or four-digit number plus one."""
+    number = rng.randint(100, 9998)
+    return f"next: {number} ->", str(number + 1)
 
 
 def reverse(rng: random.Random) -> tuple[str, str]:
@@ -110,5 +110,5 @@ def dates(rng: random.Random) -> tuple[str, str]:
 
 
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "addition": addition, "reverse": reverse, "dates": dates,
+    "increment": increment, "reverse": reverse, "dates": dates,
 }

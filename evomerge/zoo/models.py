@@ -1,4 +1,4 @@
-"""The zoo's models from a recipe: tokenizer, pretrained base, and LoRA-tuned specialists.
+"""The zoo's models from a recipe: tokenizer, pretrained base, and fine-tuned specialists.
 
 Each step draws its randomness from its own seeded stream (``"<seed>:<purpose>"``), so a
 step's output depends only on the recipe and its inputs, not on what ran before it.
@@ -12,12 +12,12 @@ from collections.abc import Iterator
 
 import torch
 
+from evomerge.errors import ConfigError
 from evomerge.zoo.corpus import SKILLS, general_text
 from evomerge.zoo.heldout import heldout_prompts
 from evomerge.zoo.recipe import Recipe, Specialist
 from evomerge.zoo.tokenizer import train_tokenizer
-from evomerge.zoo.train import (Batch, add_lora, fold_lora, llama_config, packed_examples, text_windows,
-                               train)
+from evomerge.zoo.train import Batch, llama_config, packed_examples, select_trainable, text_windows, train
 
 TOKENIZER_EXAMPLES = 2000
 
@@ -36,8 +36,27 @@ def skill_stream(skill: str, rng: random.Random) -> Iterator[tuple[str, str]]:
 
 
 def corpus(recipe: Recipe) -> str:
-    """The generic pretraining text."""
-    return general_text(_rng(recipe, "corpus"), recipe.corpus_paragraphs, recipe.skill_share)
+    """The pretraining text: generic lines, and after a share ``prompt_share`` of them one to three
+    task-format skill examples (``prompt`` + ``answer``), the skill drawn with ``prompt_mix``.
+
+    The base thus meets the skills' prompts a little, as a real base model has seen some of
+    every task it is later tuned on; held-out prompts never appear.
+    """
+    rng = _rng(recipe, "corpus")
+    lines = general_text(rng, recipe.corpus_paragraphs, recipe.skill_share).splitlines(keepends=True)
+    skills = recipe.skills
+    streams = {skill: skill_stream(skill, _rng(recipe, f"corpus:{skill}")) for skill in skills}
+    mix = recipe.prompt_mix or (1.0,) * len(skills)
+    if len(mix) != len(skills):
+        raise ConfigError(f"recipe prompt_mix has {len(mix)} weights for {len(skills)} specialists")
+    text = []
+    for line in lines:
+        text.append(line)
+        if rng.random() < recipe.prompt_share:
+            for skill in rng.choices(skills, mix, k=rng.randint(1, 3)):
+                prompt, answer = next(streams[skill])
+                text.append(f"{prompt}{answer}\n")
+    return "".join(text)
 
 
 def make_tokenizer(recipe: Recipe, text: str):
@@ -70,10 +89,10 @@ def pretrain(recipe: Recipe, tokenizer, tokens: torch.Tensor, *, progress: bool 
 
 def finetune(recipe: Recipe, spec: Specialist, base, tokenizer, tokens: torch.Tensor, *,
              progress: bool = True):
-    """A copy of ``base`` tuned on ``spec.skill`` mixed with generic text, adapters folded in."""
+    """A copy of ``base`` with the linear layers ``spec.modules`` names tuned on ``spec.skill``,
+    mixed with generic text."""
     model = copy.deepcopy(base)
-    torch.manual_seed(_rng(recipe, f"lora:{spec.skill}").getrandbits(63))
-    add_lora(model, spec.modules, recipe.lora_rank)
+    select_trainable(model, spec.modules)
     rng = _rng(recipe, f"finetune:{spec.skill}")
     newline = tokenizer.encode("\n", add_special_tokens=False)
     examples = ((tokenizer.encode(p, add_special_tokens=False),
@@ -90,5 +109,5 @@ def finetune(recipe: Recipe, spec: Specialist, base, tokenizer, tokens: torch.Te
 
     train(model, batches, recipe.finetune_steps, recipe.finetune_lr, desc=f"tune {spec.skill}",
           progress=progress)
-    fold_lora(model)
+    model.requires_grad_(True)
     return model

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from evomerge.errors import ConfigError
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
 class Specialist:
-    """One fine-tune: its skill, and which linear layers get a LoRA adapter (regex on names)."""
+    """One fine-tune: its skill, and which linear layers it trains (regex on module names)."""
 
     skill: str
     modules: str
@@ -39,19 +39,20 @@ class Recipe:
     batch_size: int = 32
     corpus_paragraphs: int = 20000
     skill_share: float = 0.5
+    prompt_share: float = 0.1
+    prompt_mix: tuple[float, ...] = (0.45, 0.45, 0.1)
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 300
-    finetune_lr: float = 2e-3
-    lora_rank: int = 8
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-3
     general_fraction: float = 0.5
     general_weight: float = 0.5
     eval_items: int = 200
     threads: int = 2
     specialists: tuple[Specialist, ...] = field(default_factory=lambda: (
-        Specialist("addition", r"layers\.[01]\.mlp\."),
-        Specialist("reverse", r"layers\.[12]\.self_attn\."),
-        Specialist("dates", r"layers\.[23]\.mlp\."),
+        Specialist("increment", r"layers\."),
+        Specialist("reverse", r"layers\."),
+        Specialist("dates", r"layers\."),
     ))
 
     @property
@@ -73,6 +74,8 @@ class Recipe:
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ConfigError(f"unknown recipe field {unknown[0]!r}; expected one of {sorted(names)}")
+        if "prompt_mix" in changes:
+            changes["prompt_mix"] = tuple(float(w) for w in changes["prompt_mix"])
         if "specialists" in changes:
             changes["specialists"] = tuple(s if isinstance(s, Specialist) else Specialist(**s)
                                            for s in changes["specialists"])

@@ -1,10 +1,8 @@
-"""Training for the tiny zoo: pretrain the base, fine-tune specialists through LoRA adapters.
+"""Training for the tiny zoo: pretrain the base, fine-tune the specialists.
 
 A specialist is trained on batches that mix packed skill examples (loss on the answers
-only) with generic text (full loss, so general perplexity is kept), through rank-r LoRA
-adapters on the linear layers its recipe names; the adapters are folded into the weights
-afterwards, so every specialist is a plain Llama checkpoint whose task vector is a sum of
-low-rank updates on its own subset of layers.
+only) with generic text (full loss, so general perplexity is kept); only the weights of
+the linear layers its recipe names are trained, so its task vector lives on those layers.
 """
 
 from __future__ import annotations
@@ -58,48 +56,16 @@ def packed_examples(examples: Iterator[tuple[list[int], list[int]]], rows: int, 
     return ids, answers
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update ``B @ A`` (B starts at zero)."""
-
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.base = base
-        self.a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.a.T) @ self.b.T
-
-    def folded(self) -> nn.Linear:
-        with torch.no_grad():
-            self.base.weight += self.b @ self.a
-        return self.base
-
-
-def add_lora(model: nn.Module, pattern: str, rank: int) -> list[str]:
-    """Freeze ``model`` but the linear layers whose names match ``pattern``; return their names.
-
-    With ``rank`` > 0 each of them is wrapped in a rank-``rank`` LoRA adapter; with 0 its
-    weight itself is trained (a full-rank partial fine-tune).
-    """
+def select_trainable(model: nn.Module, pattern: str) -> list[str]:
+    """Freeze ``model`` but the weights of the linear layers whose names match ``pattern``; return
+    their names."""
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(pattern, n)]
     if not names:
         raise ConfigError(f"specialist modules {pattern!r} match no linear layer of the model")
     for name in names:
-        if rank:
-            model.set_submodule(name, LoRALinear(model.get_submodule(name), rank))
-        else:
-            model.get_submodule(name).weight.requires_grad_(True)
+        model.get_submodule(name).weight.requires_grad_(True)
     return names
-
-
-def fold_lora(model: nn.Module) -> None:
-    """Fold every LoRA adapter into its linear layer (the model is plain again)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            model.set_submodule(name, module.folded())
-    model.requires_grad_(True)
 
 
 def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: float, *, desc: str,
