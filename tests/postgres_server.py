@@ -56,7 +56,8 @@ class PostgresServer:
         return subprocess.run(command, check=True, capture_output=True, text=True, cwd=self.root)
 
     def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root}"
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root}"
+                   " -c max_connections=300")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options, "-w", "start")
 
     def stop(self) -> None:

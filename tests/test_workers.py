@@ -35,10 +35,15 @@ def start(experiment: Path, tmp_path: Path, *args: str, sleep: str = "0") -> sub
 
 
 def trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; an RDB storage's connections are closed at once (tests poll this)."""
+    storage = optuna.storages.RDBStorage(url) if url.startswith("postgresql") else url
     try:
-        return optuna.load_study(study_name="t", storage=url).get_trials()
+        return optuna.load_study(study_name="t", storage=storage).get_trials()
     except KeyError:  # not created yet
         return []
+    finally:
+        if not isinstance(storage, str):
+            storage.engine.dispose()
 
 
 def complete(url: str) -> list[optuna.trial.FrozenTrial]:
