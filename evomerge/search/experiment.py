@@ -5,7 +5,7 @@
     name: zoo-ps-ties                    # also the default study name
     models:
       base: runs/zoo/base                # relative paths: from the current directory
-      sources: [runs/zoo/increment, runs/zoo/reverse, runs/zoo/upper]
+      sources: [runs/zoo/increment, runs/zoo/reverse, runs/zoo/dates]
     search_space: ps_ties                # a name in search_spaces/, a path, or an inline mapping
     fitness: fitness/zoo_skills.yaml     # a path (relative to the current directory) or a mapping
     optimizer:
