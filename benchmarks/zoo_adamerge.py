@@ -14,28 +14,19 @@ prompts and on the ``test``-split prompts. See :mod:`evomerge.adamerge`::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from evomerge.adamerge import AdaMerger, AdaMergeSettings, coefficient_table
 from evomerge.adamerge_run import fitness_prompts, trial_start
-from evomerge.fitness import load_fitness
-from evomerge.subtract import format_table, score_configs, zoo_models
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from evomerge.io.writer import write_text_atomic
+from evomerge.subtract import format_table, score_configs, zoo_table_inputs, zoo_table_parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="AdaMerging before/after table for a model zoo.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("zoo", type=Path, nargs="?", default=Path("runs/zoo"), help="zoo folder")
-    parser.add_argument("--fitness", type=Path, default=REPO_ROOT / "fitness" / "zoo_skills.yaml")
-    parser.add_argument("--limit", type=int, default=None, help="at most N documents per lm-eval metric")
+def parse_args(argv: list[str] | None = None):
+    parser = zoo_table_parser("AdaMerging before/after table for a model zoo.")
     parser.add_argument("--granularity", choices=["layer", "task"], default="layer")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=5e-3)
@@ -46,19 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--study", default=None, help="start from this study's best trial")
     parser.add_argument("--storage", default=None, help="the study's storage URL")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", type=Path, default=None, help="write the learned merge YAML here")
-    parser.add_argument("--quiet", "-q", action="store_true")
+    parser.add_argument("--output", default=None, help="write the learned merge YAML here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    base, sources = zoo_models(args.zoo)
-    fitness = load_fitness(args.fitness, limit=args.limit)
+    base, sources, fitness = zoo_table_inputs(args)
     prompts = {split: fitness_prompts(fitness, split) for split in ("search", "test")}
     merger = AdaMerger(base, list(sources.values()), granularity=args.granularity, device=args.device,
                        dtype=torch.float32, answer_tokens=args.answer_tokens)
@@ -72,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                for label, c in labels.items()}
     configs = {label: merger.config(c) for label, c in labels.items()}
     if args.output is not None:
-        args.output.write_text(configs["AdaMerging"].to_yaml())
+        write_text_atomic(args.output, configs["AdaMerging"].to_yaml())
     coefficients = coefficient_table(merger, result)
     del merger
     rows = score_configs(base, list(sources.values()), configs, fitness, split="test", device=args.device)

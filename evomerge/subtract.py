@@ -16,6 +16,7 @@ its score in ``merge``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from evomerge.soup import soup_config
 
 log = logging.getLogger(__name__)
 ZOO_SKILLS = ("increment", "reverse", "dates")
+ZOO_FITNESS = Path(__file__).resolve().parents[1] / "fitness" / "zoo_skills.yaml"
 
 
 def zoo_models(zoo: str | Path) -> tuple[str, dict[str, str]]:
@@ -43,6 +45,28 @@ def zoo_models(zoo: str | Path) -> tuple[str, dict[str, str]]:
     if missing:
         raise ModelError(f"zoo {zoo}: model folder not found: {missing[0]}")
     return str(paths.pop("base")), {skill: str(path) for skill, path in paths.items()}
+
+
+def zoo_table_parser(description: str) -> argparse.ArgumentParser:
+    """The options every zoo table script shares (zoo folder, fitness, limit, device, quiet)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("zoo", type=Path, nargs="?", default=Path("runs/zoo"), help="zoo folder")
+    parser.add_argument("--fitness", type=Path, default=ZOO_FITNESS)
+    parser.add_argument("--limit", type=int, default=None, help="at most N documents per lm-eval metric")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", "-q", action="store_true")
+    return parser
+
+
+def zoo_table_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Fitness]:
+    """Logging set up from ``--quiet``; the zoo's base, ``{skill: specialist}`` and the fitness."""
+    from evomerge.fitness import load_fitness
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    base, sources = zoo_models(args.zoo)
+    return base, sources, load_fitness(args.fitness, limit=args.limit)
 
 
 def _task_arithmetic(base: str, weights: dict[str, float], dtype: str) -> MergeConfig:
