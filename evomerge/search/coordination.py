@@ -108,9 +108,9 @@ def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | No
         dead = fail_dead_workers(study)
         if dead:
             log.warning("failed and re-queued %d trial(s) of dead workers", dead)
-        trials = counted(study.get_trials(deepcopy=False))
         if budget is None:
             return ask()
+        trials = counted(study.get_trials(deepcopy=False))
         if len(trials) < budget or any(t.state == TrialState.WAITING for t in trials[:budget]):
             trial = ask()
             numbers = [t.number for t in counted(study.get_trials(deepcopy=False))]
