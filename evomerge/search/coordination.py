@@ -117,7 +117,7 @@ def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | No
             if numbers.index(trial.number) < budget:
                 return trial
             log.debug("trial %d is over the budget (another worker asked first): back to waiting", trial.number)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+            trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # after its queued writes
             continue
         if not waits or not any(t.state == TrialState.RUNNING for t in trials):
             return None

@@ -20,7 +20,6 @@ import logging
 import math
 import signal
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from evomerge.search.loader import load_search_space
 from evomerge.search.samplers import CmaPackageProposer, make_sampler
 from evomerge.search.space import SearchSpace
 from evomerge.search.storage import GRACE, STORAGE_ERRORS, heartbeat_thread, lost, open_storage
+from evomerge.search.writes import DeferredWrites, deferring
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 30  # seconds between heartbeats of a running trial (default of `evomerge search`)
@@ -182,6 +182,7 @@ class Runner:
         self.proposer = (CmaPackageProposer(search.space, experiment.optimizer, search.study)
                          if experiment.optimizer.sampler == "cma" else None)
         self.progress = progress
+        self.writes = DeferredWrites(search.study._storage)  # the current trial's (set by _ask)
 
     def run(self, n_trials: int | None, timeout: float | None) -> int:
         """Run until ``n_trials`` trials of the study have finished (counting earlier runs and
@@ -238,8 +239,8 @@ class Runner:
         study = self.search.study
         if self.proposer is not None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             study.enqueue_trial(self.proposer.propose())
-        with warnings.catch_warnings():  # Optuna expects heartbeats with study.optimize; ask/tell runs its own
-            warnings.filterwarnings("ignore", "Heartbeat of storage")
+        self.writes = DeferredWrites(study._storage)  # the trial's params and records: see writes.py
+        with deferring(study, self.writes):
             return study.ask(self.search.space.distributions())
 
     def _one_trial(self, trial: optuna.Trial) -> tuple[TrialState, str | None]:
@@ -251,16 +252,19 @@ class Runner:
         except (*STORAGE_ERRORS, UpdateFinishedTrialError):
             raise
         except optuna.TrialPruned:
+            self.writes.flush()
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED, None
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted")
+            self.writes.flush()
             study.tell(trial, state=TrialState.FAIL)
             raise
         except _Failed as failure:
             return self._fail(trial, str(failure))
         except Exception as error:  # a failed candidate fails its trial, never the study
             return self._fail(trial, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        self.writes.flush()
         study.tell(trial, values)
         if self.proposer is not None:
             self.proposer.tell(trial.params, values[0])
@@ -271,6 +275,7 @@ class Runner:
         if self.materializer.device.type == "cuda":
             torch.cuda.empty_cache()
         trial.set_user_attr("failure", reason)
+        self.writes.flush()
         self.search.study.tell(trial, state=TrialState.FAIL)
         if self.proposer is not None:
             self.proposer.tell(trial.params, None)
@@ -288,6 +293,7 @@ class Runner:
             trial.set_user_attr("metrics", previous.user_attrs.get("metrics"))
             trial.set_user_attr("same_plan_as", previous.number)
             return list(previous.values)
+        self.writes.flush()  # the plan is visible while it is merged and scored
         started = time.perf_counter()
         model = self.materializer.apply(config, seed=experiment.seed)
         if self.materializer.device.type == "cuda":
