@@ -53,9 +53,10 @@ def test_writes_wait_for_flush_and_then_all_arrive(tmp_path, url):
 
 def test_one_commit_per_flush_on_rdb(tmp_path):
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db"), study_name="s")
-    for first in (True, False):  # the first trial takes Optuna's path for parameters new to the study
+    counted = commits(study._storage)
+    for _ in range(2):  # the first trial takes Optuna's path for parameters new to the study
         trial, writes = deferred_trial(study)
-        counted = commits(study._storage)
+        counted.clear()
         writes.flush()
         assert len(counted) == 1, "parameters and user attributes of one trial: one transaction"
         study.tell(trial, 1.0)

@@ -80,7 +80,8 @@ def _write_rdb(cached, backend: RDBStorage, queue: list[tuple[str, tuple]]) -> N
                 known[name] = distribution
                 continue
             if trial_id not in checked:
-                backend.check_trial_is_updatable(trial_id, models.TrialModel.find_or_raise_by_id(trial_id, session).state)
+                state = models.TrialModel.find_or_raise_by_id(trial_id, session).state
+                backend.check_trial_is_updatable(trial_id, state)
                 checked.add(trial_id)
             check_distribution_compatibility(known[name], distribution)
             session.add(models.TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
