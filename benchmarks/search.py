@@ -22,10 +22,12 @@ bounds), no Ray, and the fitness is evomerge's perplexity metric instead of an l
 (it re-tokenizes the corpus for each reloaded tokenizer, as lm-eval would per candidate).
 
 The evomerge rows are ``open_search`` + ``Runner.run`` (what ``run_search`` does), each with
-its own SQLite study in a temporary folder and ``warm_start: false``: ``cma`` is the same
-package with the same ``x0`` (the space's first known recipe), seed, popsize and sigma0 as the
-baseline; ``cmaes`` is Optuna's ``CmaEsSampler`` (another sampler, so another path). All
-three rows share one ``Fitness`` object per regime. "same path" counts the trials whose
+its own SQLite study in a temporary folder: ``cma`` is the same package with the same ``x0``
+(the space's first known recipe), seed, popsize and sigma0 as the baseline, warm start off;
+``cmaes`` is Optuna's ``CmaEsSampler`` (another sampler, so another path), warm start off;
+``cmaes+warm`` is evomerge's default configuration: ``CmaEsSampler`` after the warm-start
+trials (the space's known recipes: uniform task arithmetic, default TIES, each source alone,
+counted in N). All rows share one ``Fitness`` object per regime. "same path" counts the trials whose
 parameters equal the baseline's trial of the same number, with the largest |Δ perplexity|
 among them (the two merge engines' float rounding). The two ``cma`` loops ask the same
 first generation; from the second on they part, because evomerge's proposer tells ``cma``
@@ -93,7 +95,7 @@ from evomerge.synthetic import SIZES, build_family
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 REGIMES = ("merge", "fitness")
-SAMPLERS = ("cma", "cmaes")
+SAMPLERS = ("cma", "cmaes", "cmaes+warm")  # +warm: evomerge's defaults (warm start on)
 METRIC = "ppl"
 WORDS = ("the quick brown fox jumps over lazy dog merging models task arithmetic ties dare slerp "
          "and model stock 12 30 42 + =").split()
@@ -400,17 +402,18 @@ def main(argv: list[str] | None = None) -> int:
             group = [run_baseline(regime, space, fitness, args, regime_dir, device)]
             for sampler in args.samplers:
                 experiment = Experiment.model_validate({
-                    "name": f"bench-{regime}-{sampler}", "models": {"base": base, "sources": sources},
+                    "name": f"bench-{regime}-{sampler.replace('+', '-')}", "models": {"base": base, "sources": sources},
                     "search_space": space_spec, "fitness": definition,
-                    "optimizer": {"sampler": sampler, "popsize": args.popsize, "sigma0": args.sigma0,
-                                  "seed": args.seed, "warm_start": False},
+                    "optimizer": {"sampler": sampler.removesuffix("+warm"), "popsize": args.popsize,
+                                  "sigma0": args.sigma0, "seed": args.seed,
+                                  "warm_start": sampler.endswith("+warm")},
                     "budget": {"n_trials": args.trials, "max_failures_in_a_row": args.trials},
                     "device": args.device, "dtype": args.dtype, "seed": args.seed})
                 print(f"[{regime}] evomerge {sampler} (load {load1():.2f}) ...", flush=True)
                 study_dir = Path(tempfile.mkdtemp(dir=args.study_dir)) if args.study_dir else regime_dir
                 try:
                     group.append(run_evomerge(regime, sampler, experiment, fitness,
-                                              f"sqlite:///{study_dir}/{sampler}.db", device))
+                                              f"sqlite:///{study_dir}/{sampler.replace('+', '-')}.db", device))
                 finally:
                     if args.study_dir:
                         shutil.rmtree(study_dir, ignore_errors=True)

@@ -139,9 +139,10 @@ def _check_study(study: optuna.Study, experiment: Experiment, space: SearchSpace
                           f"{', '.join(differ)}); use a new --study name", field="study")
 
 
-def plan_hash(config: MergeConfig, seed: int) -> str:
-    """Identity of a candidate's weights: its config and mask seed."""
-    return hashlib.sha256(f"{seed}\n{config.to_yaml()}".encode()).hexdigest()[:16]
+def plan_hash(config: MergeConfig | str, seed: int) -> str:
+    """Identity of a candidate's weights: its config (or the config's YAML) and mask seed."""
+    text = config if isinstance(config, str) else config.to_yaml()
+    return hashlib.sha256(f"{seed}\n{text}".encode()).hexdigest()[:16]
 
 
 @contextmanager
@@ -284,8 +285,9 @@ class Runner:
     def _evaluate(self, trial: optuna.Trial) -> list[float]:
         search, experiment = self.search, self.search.experiment
         config = search.decode(trial.params)
-        key = plan_hash(config, experiment.seed)
-        for name, value in (("plan", config.to_yaml()), ("plan_hash", key), ("seed", experiment.seed),
+        plan = config.to_yaml()
+        key = plan_hash(plan, experiment.seed)
+        for name, value in (("plan", plan), ("plan_hash", key), ("seed", experiment.seed),
                             ("device", self.device_name)):
             trial.set_user_attr(name, value)
         previous = _completed_with(search.study, key)
