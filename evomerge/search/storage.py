@@ -163,9 +163,10 @@ def heartbeat_thread(storage: optuna.storages.BaseStorage, trial_id: int) -> Ite
 
 
 def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
-    """SQLite in WAL mode with ``synchronous=NORMAL``: a trial makes ~30 small commits, and a
-    full fsync for each one cost more than merging and scoring a small model. Committed trials
-    still survive the process being killed (only an OS crash can lose the last commits)."""
+    """SQLite in WAL mode with ``synchronous=NORMAL``: a trial makes several small commits
+    (about 30 before ``writes.DeferredWrites`` batched its parameters and records), and a full
+    fsync for each one cost more than merging and scoring a small model. Committed trials still
+    survive the process being killed (only an OS crash can lose the last commits)."""
     from sqlalchemy import event
 
     def pragmas(connection, _record):
