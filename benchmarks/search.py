@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{regime}] baseline (load {load1():.2f}) ...", flush=True)
             group = [run_baseline(regime, space, fitness, args, regime_dir, device)]
             for sampler in args.samplers:
+                label = sampler.replace("+", "-")
                 experiment = Experiment.model_validate({
-                    "name": f"bench-{regime}-{sampler.replace('+', '-')}", "models": {"base": base, "sources": sources},
+                    "name": f"bench-{regime}-{label}", "models": {"base": base, "sources": sources},
                     "search_space": space_spec, "fitness": definition,
                     "optimizer": {"sampler": sampler.removesuffix("+warm"), "popsize": args.popsize,
                                   "sigma0": args.sigma0, "seed": args.seed,
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 study_dir = Path(tempfile.mkdtemp(dir=args.study_dir)) if args.study_dir else regime_dir
                 try:
                     group.append(run_evomerge(regime, sampler, experiment, fitness,
-                                              f"sqlite:///{study_dir}/{sampler.replace('+', '-')}.db", device))
+                                              f"sqlite:///{study_dir}/{label}.db", device))
                 finally:
                     if args.study_dir:
                         shutil.rmtree(study_dir, ignore_errors=True)

@@ -245,39 +245,40 @@ class Runner:
             return study.ask(self.search.space.distributions())
 
     def _one_trial(self, trial: optuna.Trial) -> tuple[TrialState, str | None]:
-        study = self.search.study
         try:
-            with heartbeat_thread(study._storage, trial._trial_id):
+            with heartbeat_thread(self.search.study._storage, trial._trial_id):
                 trial.set_user_attr("worker", worker_id())  # after the first heartbeat: see coordination.py
                 values = self._evaluate(trial)
         except (*STORAGE_ERRORS, UpdateFinishedTrialError):
             raise
         except optuna.TrialPruned:
-            self.writes.flush()
-            study.tell(trial, state=TrialState.PRUNED)
+            self._tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED, None
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted")
-            self.writes.flush()
-            study.tell(trial, state=TrialState.FAIL)
+            self._tell(trial, state=TrialState.FAIL)
             raise
         except _Failed as failure:
             return self._fail(trial, str(failure))
         except Exception as error:  # a failed candidate fails its trial, never the study
             return self._fail(trial, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-        self.writes.flush()
-        study.tell(trial, values)
+        self._tell(trial, values)
         if self.proposer is not None:
             self.proposer.tell(trial.params, values[0])
         return TrialState.COMPLETE, None
+
+    def _tell(self, trial: optuna.Trial, values: list[float] | None = None, *,
+              state: TrialState | None = None) -> None:
+        """Write the trial's queued records, then finish it (Optuna's ``tell``)."""
+        self.writes.flush()
+        self.search.study.tell(trial, values, state=state)
 
     def _fail(self, trial: optuna.Trial, reason: str) -> tuple[TrialState, str]:
         log.warning("trial %d failed: %s", trial.number, reason)
         if self.materializer.device.type == "cuda":
             torch.cuda.empty_cache()
         trial.set_user_attr("failure", reason)
-        self.writes.flush()
-        self.search.study.tell(trial, state=TrialState.FAIL)
+        self._tell(trial, state=TrialState.FAIL)
         if self.proposer is not None:
             self.proposer.tell(trial.params, None)
         return TrialState.FAIL, reason

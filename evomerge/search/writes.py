@@ -1,8 +1,9 @@
 """A trial's parameter and user-attribute writes, batched into one storage transaction.
 
 Optuna writes every suggested parameter and every user attribute as a transaction of its
-own. A trial of an 18-gene space made about 30 of them (~1 ms each on SQLite): a quarter of
-a small model's trial. :class:`DeferredWrites` stands in for the study's storage while a
+own: a trial of an 18-gene space made 30 write transactions. Asking such a trial, recording
+8 attributes and telling it took 27.5 ms on SQLite (19.6 ms batched), next to a 0.2 s trial
+of the search benchmark's small model. :class:`DeferredWrites` stands in for the study's storage while a
 trial is asked and run: ``set_trial_param`` and ``set_trial_user_attr`` are queued, and
 :meth:`~DeferredWrites.flush` writes the queue in one transaction (on an RDB storage behind
 Optuna's cache; any other storage gets the same calls one by one). Every other storage
