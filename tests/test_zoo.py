@@ -20,8 +20,9 @@ from evomerge.zoo.recipe import Recipe
 from tests.conftest import read_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-MINI = dict(hidden_size=32, layers=4, heads=2, intermediate_size=64, context=48, batch_size=4,
-            corpus_paragraphs=200, pretrain_steps=4, finetune_steps=3, eval_items=4, threads=1)
+MINI = dict(hidden_size=32, layers=4, heads=4, intermediate_size=64, context=48, batch_size=4,
+            corpus_paragraphs=200, pretrain_steps=4, finetune_steps=3, eval_items=4, threads=1,
+            slot_units=16, keep_rows=1)
 TRICKY = "Hello  world\n\n  12+345=357\tend.  x\n\u00e9t\u00e9 \U0001f642 "
 
 
@@ -108,14 +109,28 @@ def test_tokenizer_round_trips_and_models_load(zoo):
             assert torch.isfinite(model(torch.tensor([ids])).logits).all(), name
 
 
-def test_specialists_differ_from_base_only_in_their_layers(zoo):
+def test_specialists_differ_from_base_only_in_their_slot(zoo):
     out, manifest = zoo
     base = read_folder(out / "base")
     recipe = Recipe().override(**MINI)
+    head = recipe.hidden_size // recipe.heads
     for spec in recipe.specialists:
         tuned = read_folder(out / spec.skill)
         changed = {n for n in base if not torch.equal(base[n], tuned[n])}
         assert changed and all(re.search(spec.modules, n) for n in changed), spec.skill
+        for name in changed:
+            kind = name.split(".")[-2]
+            dim = 1 if kind in ("down_proj", "o_proj") else 0
+            size = recipe.slot_units if kind.endswith(("gate_proj", "up_proj", "down_proj")) else head
+            rows = (tuned[name] != base[name]).any(dim=1 - dim).nonzero().flatten()
+            assert rows.min() >= spec.slot * size and rows.max() < (spec.slot + 1) * size, (spec.skill, name)
+        assert any("mlp" in n for n in changed) and any("self_attn" in n for n in changed), spec.skill
+
+
+def test_slot_that_does_not_fit_is_refused(tmp_path):
+    recipe = Recipe().override(**{**MINI, "slot_units": 32})
+    with pytest.raises(ConfigError, match="slot 2 does not fit"):
+        build_zoo(tmp_path / "zoo", recipe, progress=False)
 
 
 def test_rebuild_is_deterministic_and_cached(zoo, tmp_path, caplog):

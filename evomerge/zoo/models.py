@@ -17,7 +17,8 @@ from evomerge.zoo.corpus import SKILLS, general_text
 from evomerge.zoo.heldout import heldout_prompts
 from evomerge.zoo.recipe import Recipe, Specialist
 from evomerge.zoo.tokenizer import train_tokenizer
-from evomerge.zoo.train import Batch, llama_config, packed_examples, select_trainable, text_windows, train
+from evomerge.zoo.train import (Batch, HiddenAnchor, llama_config, packed_examples, restrict_to_slot,
+                                select_trainable, text_windows, train)
 
 TOKENIZER_EXAMPLES = 2000
 
@@ -89,25 +90,55 @@ def pretrain(recipe: Recipe, tokenizer, tokens: torch.Tensor, *, progress: bool 
 
 def finetune(recipe: Recipe, spec: Specialist, base, tokenizer, tokens: torch.Tensor, *,
              progress: bool = True):
-    """A copy of ``base`` with the linear layers ``spec.modules`` names tuned on ``spec.skill``,
-    mixed with generic text."""
+    """A copy of ``base`` with the linear layers ``spec.modules`` names (its slot of them, if it has
+    one) tuned on ``spec.skill``, mixed with generic text; the hidden states on ``keep_rows`` rows of
+    the other skills' examples are anchored to the base's."""
     model = copy.deepcopy(base)
-    select_trainable(model, spec.modules)
+    names = select_trainable(model, spec.modules)
+    hooks = [] if spec.slot is None else restrict_to_slot(model, names, spec.slot, recipe.slot_units)
     rng = _rng(recipe, f"finetune:{spec.skill}")
-    newline = tokenizer.encode("\n", add_special_tokens=False)
-    examples = ((tokenizer.encode(p, add_special_tokens=False),
-                 tokenizer.encode(a, add_special_tokens=False) + newline)
-                for p, a in skill_stream(spec.skill, rng))
+    others = [skill for skill in recipe.skills if skill != spec.skill]
+    keep_rows = recipe.keep_rows if others else 0
     general_rows = round(recipe.batch_size * recipe.general_fraction)
+    skill_rows = recipe.batch_size - general_rows - keep_rows
+    if skill_rows < 1:
+        raise ConfigError(f"recipe batch_size {recipe.batch_size} leaves no row for skill examples "
+                          f"after {general_rows} general and {keep_rows} keep rows")
+    examples = _encoded(tokenizer, skill_stream(spec.skill, rng))
+    kept = _encoded(tokenizer, _mixed([skill_stream(s, _rng(recipe, f"keep:{spec.skill}:{s}")) for s in others],
+                                      _rng(recipe, f"keep:{spec.skill}")))
+    anchor = HiddenAnchor(base, slice(skill_rows, skill_rows + keep_rows), tokenizer.pad_token_id,
+                          recipe.keep_weight) if keep_rows else None
 
     def batches(step: int) -> Batch:
-        ids, answers = packed_examples(examples, recipe.batch_size - general_rows, recipe.context,
-                                       tokenizer.pad_token_id)
+        ids, answers = packed_examples(examples, skill_rows, recipe.context, tokenizer.pad_token_id)
+        rows, weights = [ids], [answers / answers.sum()]
+        if keep_rows:  # no loss on their tokens: only the anchor reads them
+            keep, _ = packed_examples(kept, keep_rows, recipe.context, tokenizer.pad_token_id)
+            rows.append(keep)
+            weights.append(torch.zeros(keep.shape))
         text = text_windows(tokens, rng, general_rows, recipe.context)
-        general = torch.full(text.shape, recipe.general_weight / text[:, 1:].numel())
-        return torch.cat([ids, text]), torch.cat([answers / answers.sum(), general])
+        rows.append(text)
+        weights.append(torch.full(text.shape, recipe.general_weight / text[:, 1:].numel()))
+        return torch.cat(rows), torch.cat(weights)
 
     train(model, batches, recipe.finetune_steps, recipe.finetune_lr, desc=f"tune {spec.skill}",
-          progress=progress)
+          anchor=anchor, progress=progress)
+    for hook in hooks:
+        hook.remove()
     model.requires_grad_(True)
     return model
+
+
+def _encoded(tokenizer, pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[list[int], list[int]]]:
+    """``(prompt, answer)`` strings as token lists, the answer followed by a newline."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    for prompt, answer in pairs:
+        yield (tokenizer.encode(prompt, add_special_tokens=False),
+               tokenizer.encode(answer, add_special_tokens=False) + newline)
+
+
+def _mixed(streams: list[Iterator], rng: random.Random) -> Iterator:
+    """Items of randomly chosen ``streams``, one at a time."""
+    while True:
+        yield next(rng.choice(streams))

@@ -19,10 +19,13 @@ FORMAT = 2
 
 @dataclass(frozen=True)
 class Specialist:
-    """One fine-tune: its skill, and which linear layers it trains (regex on module names)."""
+    """One fine-tune: its skill, which linear layers it trains (regex on module names) and, when
+    ``slot`` is set, which part of them: MLP units ``[slot * slot_units, (slot + 1) * slot_units)``
+    and attention head ``slot`` (rows of the projections into them, columns of those out of them)."""
 
     skill: str
     modules: str
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,19 @@ class Recipe:
     prompt_mix: tuple[float, ...] = (0.45, 0.45, 0.1)
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 200
-    finetune_lr: float = 1e-3
+    finetune_steps: int = 400
+    finetune_lr: float = 2e-3
     general_fraction: float = 0.5
     general_weight: float = 0.5
+    slot_units: int = 128
+    keep_rows: int = 6
+    keep_weight: float = 0.01
     eval_items: int = 200
     threads: int = 2
     specialists: tuple[Specialist, ...] = field(default_factory=lambda: (
-        Specialist("increment", r"layers\."),
-        Specialist("reverse", r"layers\."),
-        Specialist("dates", r"layers\."),
+        Specialist("increment", r"layers\.", 0),
+        Specialist("reverse", r"layers\.", 1),
+        Specialist("dates", r"layers\.", 2),
     ))
 
     @property

@@ -2,7 +2,10 @@
 
 A specialist is trained on batches that mix packed skill examples (loss on the answers
 only) with generic text (full loss, so general perplexity is kept); only the weights of
-the linear layers its recipe names are trained, so its task vector lives on those layers.
+the linear layers its recipe names are trained, so its task vector lives on those layers,
+and with a slot only its own MLP units and attention head in them. A hidden-state anchor
+keeps its residual stream close to the base's on the other skills' examples, as a real
+fine-tune leaves what it was not tuned for mostly alone.
 """
 
 from __future__ import annotations
@@ -68,12 +71,51 @@ def select_trainable(model: nn.Module, pattern: str) -> list[str]:
     return names
 
 
+def restrict_to_slot(model: nn.Module, names: list[str], slot: int, units: int) -> list:
+    """Zero the gradients of the linear layers ``names`` outside MLP units ``[slot * units,
+    (slot + 1) * units)`` and attention head ``slot``; return the hook handles."""
+    config = model.config
+    head = config.hidden_size // config.num_attention_heads
+    if not 0 <= slot < min(config.num_key_value_heads, config.intermediate_size // units):
+        raise ConfigError(f"specialist slot {slot} does not fit: {config.num_key_value_heads} heads, "
+                          f"{config.intermediate_size // units} MLP blocks of slot_units={units}")
+    parts = {"gate_proj": (0, units), "up_proj": (0, units), "down_proj": (1, units),
+             "q_proj": (0, head), "k_proj": (0, head), "v_proj": (0, head), "o_proj": (1, head)}
+    hooks = []
+    for name in names:
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in parts:
+            raise ConfigError(f"specialist slots cover MLP and attention projections, not {name!r}")
+        dim, size = parts[kind]
+        weight = model.get_submodule(name).weight
+        mask = torch.zeros_like(weight)
+        mask.narrow(dim, slot * size, size).fill_(1.0)
+        hooks.append(weight.register_hook(lambda grad, mask=mask: grad * mask))
+    return hooks
+
+
+class HiddenAnchor:
+    """``weight`` × Σ over layers of the mean, over the non-pad tokens of rows ``rows``, of the squared
+    distance between a model's hidden states and those of the frozen ``base``."""
+
+    def __init__(self, base: nn.Module, rows: slice, pad_id: int, weight: float):
+        self.base, self.rows, self.pad_id, self.weight = base, rows, pad_id, weight
+
+    def __call__(self, ids: torch.Tensor, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ids = ids[self.rows]
+        with torch.no_grad():
+            reference = self.base(input_ids=ids, output_hidden_states=True).hidden_states
+        tokens = (ids != self.pad_id).unsqueeze(-1).float()
+        distance = sum((((h[self.rows] - r) ** 2) * tokens).sum() for h, r in zip(hidden[1:], reference[1:]))
+        return self.weight * distance / tokens.sum()
+
+
 def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: float, *, desc: str,
-          progress: bool = True) -> float:
+          anchor: HiddenAnchor | None = None, progress: bool = True) -> float:
     """AdamW with linear warm-up and cosine decay over the trainable parameters; return the last loss.
 
     The loss of a batch ``(ids, weights)`` is the sum over positions of ``weights`` times the
-    cross-entropy of predicting that token from the ones before it.
+    cross-entropy of predicting that token from the ones before it, plus ``anchor``'s penalty.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -85,9 +127,12 @@ def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: flo
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
         ids, weights = batches(step)
-        logits = model(input_ids=ids).logits[:, :-1]
+        output = model(input_ids=ids, output_hidden_states=anchor is not None)
+        logits = output.logits[:, :-1]
         losses = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         loss = (losses * weights[:, 1:].flatten()).sum()
+        if anchor is not None:
+            loss = loss + anchor(ids, output.hidden_states)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
