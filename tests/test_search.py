@@ -64,10 +64,10 @@ def test_log(tmp_path, monkeypatch):
 
 
 def test_search_records_every_trial_and_starts_from_known_recipes(llama, tmp_path, test_log):
-    search = run_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=7))),
+    search = run_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=11))),
                         progress=False)
     trials = search.study.get_trials()
-    assert len(trials) == 7 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(trials) == 11 and all(t.state == TrialState.COMPLETE for t in trials)
     recipes = search.space.known_recipes()
     assert [t.params for t in trials[:len(recipes)]] == recipes
     assert all(t.user_attrs.get("warm_start") for t in trials[:len(recipes)])
@@ -77,19 +77,19 @@ def test_search_records_every_trial_and_starts_from_known_recipes(llama, tmp_pat
         assert attrs["metrics"]["close"] == pytest.approx(trial.value)
         assert attrs["seed"] == 0 and attrs["device"] == "cpu" and ":" in attrs["worker"]
         assert attrs["time_materialize_s"] > 0 and attrs["time_fitness_s"] >= 0
-    assert len(logged(test_log)) == 7  # one fitness call per trial
+    assert len(logged(test_log)) == 11  # one fitness call per trial
     assert search.study.user_attrs["mergekit_compatible"] is True
 
 
 def test_rerun_resumes_without_repeating(llama, tmp_path, test_log):
-    experiment = parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=5)))
+    experiment = parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=10)))
     first = {t.number: t.value for t in run_search(experiment, progress=False).study.get_trials()}
     again = run_search(experiment, progress=False)  # budget already spent: nothing runs
     assert {t.number: t.value for t in again.study.get_trials()} == first
-    more = run_search(experiment, n_trials=8, progress=False).study.get_trials()
-    assert len(more) == 8 and {t.number: t.value for t in more[:5]} == first
+    more = run_search(experiment, n_trials=13, progress=False).study.get_trials()
+    assert len(more) == 13 and {t.number: t.value for t in more[:10]} == first
     fingerprints = [entry["fingerprint"] for entry in logged(test_log)]
-    assert len(fingerprints) == 8 - sum("same_plan_as" in t.user_attrs for t in more)
+    assert len(fingerprints) == 13 - sum("same_plan_as" in t.user_attrs for t in more)
 
 
 def test_a_repeated_plan_reuses_the_stored_result(llama, tmp_path, test_log):
@@ -164,7 +164,7 @@ def test_resume_after_kill_9_keeps_completed_trials_and_repeats_none(llama, tmp_
     before = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
     evaluated_before = len(logged(tmp_path / "calls.jsonl"))
 
-    resumed = _start_search(experiment, tmp_path, 8, sleep="0")
+    resumed = _start_search(experiment, tmp_path, 12, sleep="0")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     trials = optuna.load_study(study_name="t", storage=f"sqlite:///{db}").get_trials()
@@ -172,7 +172,7 @@ def test_resume_after_kill_9_keeps_completed_trials_and_repeats_none(llama, tmp_
     dead = [t for t in trials if t.state == TrialState.FAIL]
     assert all("died mid-trial" in t.user_attrs["failure"] for t in dead) and len(dead) <= 1
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert len(trials) == 8 + len(dead)  # the dead trial was retried and its retry counts instead
+    assert len(trials) == 12 + len(dead)  # the dead trial was retried and its retry counts instead
     for trial in dead:
         retry = next(t for t in trials if t.system_attrs.get("failed_trial") == trial.number)
         assert retry.state == TrialState.COMPLETE and retry.params == trial.params
@@ -264,7 +264,7 @@ def test_cli_search_status_export(llama, tmp_path, test_log, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(main, ["search", str(experiment), "-q"])
     assert result.exit_code == 0, result.output
-    assert "study t: 5 trials (4 complete, 1 waiting)" in result.output  # 5 warm-start recipes
+    assert "study t: 9 trials (4 complete, 5 waiting)" in result.output  # 9 warm-start recipes
     status = runner.invoke(main, ["status", str(experiment)])
     assert status.exit_code == 0 and "best: trial" in status.output
     exported = runner.invoke(main, ["export", str(experiment), "-o", "best.yaml"])

@@ -155,15 +155,16 @@ def test_uniform_task_arithmetic_matches_hand_written_config(llama):
         torch.testing.assert_close(merged[name], expected[name])
 
 
-def test_ties_recipes_uniform_default_and_each_source_alone(llama):
+def test_ties_recipes_uniform_default_sum_each_source_alone_and_left_out(llama):
     base, *fts = (str(p) for p in llama)
     recipes = make_space("ps_ties", llama).known_recipes()
     densities = [{v for k, v in r.items() if ".density." in k} for r in recipes]
     weights = [[r[f"ft{i}.weight.g0.mlp"] for i in (1, 2, 3)] for r in recipes]
-    assert densities == [{1.0}, {0.5}, {1.0}, {1.0}, {1.0}]
-    assert weights == [[1 / 3] * 3, [1 / 3] * 3, [1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert densities == [{1.0}, {0.5}] + [{1.0}] * 7
+    assert weights == [[1 / 3] * 3, [1 / 3] * 3, [1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1],
+                       [0, 1, 1], [1, 0, 1], [1, 1, 0]]
     space = make_space("ps_task_arithmetic", llama)
-    for recipe, ft in zip(space.known_recipes()[1:], fts):  # weight 1 for one model, 0 others
+    for recipe, ft in zip(space.known_recipes()[2:], fts):  # weight 1 for one model, 0 others
         merged, source = merge_state_dict(space.decode(recipe)), read_folder(ft)
         for name in source:
             torch.testing.assert_close(merged[name], source[name])

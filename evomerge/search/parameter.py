@@ -227,17 +227,21 @@ class ParameterSpace(SearchSpace):
     # ----------------------------------------------------------------- recipes
 
     def known_recipes(self) -> list[dict[str, Any]]:
-        """Uniform weights with density 1 (task arithmetic / model soup) or ``t = 0.5``;
-        the same weights at density 0.5 (default TIES-style trim); each source alone
-        (weight 1, the others 0) or ``t = 0`` / ``t = 1``. Values are clipped to the bounds;
-        recipes about an unsearched parameter are skipped, duplicates dropped."""
+        """Uniform weights with density 1 (model soup) or ``t = 0.5``; the same weights at
+        density 0.5 (default TIES-style trim); every weight 1 (task arithmetic, λ = 1); each
+        source alone (weight 1, the others 0) and, from three sources on, each one left out;
+        ``t = 0`` / ``t = 1``. Values are clipped to the bounds; recipes about an unsearched
+        parameter are skipped, duplicates dropped."""
         n = len(self.sources)
         uniform = [1.0 / n] * n
         candidates: list[tuple[str | None, dict[str, Any]]] = [
             (None, {"weight": uniform, "density": 1.0, "t": 0.5}),
             ("density", {"weight": uniform, "density": 0.5}),
+            ("weight", {"weight": [1.0] * n, "density": 1.0}),
             *(("weight", {"weight": [float(i == j) for j in range(n)], "density": 1.0})
               for i in range(n) if n > 1),
+            *(("weight", {"weight": [float(i != j) for j in range(n)], "density": 1.0})
+              for i in range(n) if n > 2),
             ("t", {"t": 0.0}), ("t", {"t": 1.0}),
         ]
         return unique([self._recipe(values) for key, values in candidates
