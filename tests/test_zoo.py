@@ -17,6 +17,7 @@ from evomerge.zoo.build import MANIFEST, build_zoo
 from evomerge.zoo.corpus import MONTHS, SKILLS, dates, general_text, increment, reverse
 from evomerge.zoo.heldout import SPLITS, general_texts, skill_items, write_heldout
 from evomerge.zoo.recipe import Recipe
+from evomerge.zoo.train import HiddenAnchor
 from tests.conftest import read_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +172,25 @@ def test_pretraining_corpus_holds_task_examples_but_no_heldout_prompt():
         assert not heldout & set(examples), skill
     with pytest.raises(ConfigError, match="prompt_mix has 2 weights for 3 specialists"):
         corpus(recipe.override(prompt_mix=[1, 1]))
+
+
+def test_hidden_anchor_is_zero_for_the_base_and_ignores_other_rows_and_padding(zoo):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = zoo
+    base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    tuned = AutoModelForCausalLM.from_pretrained(out / "increment").eval()
+    pad = base.config.pad_token_id
+    ids = torch.randint(5, base.config.vocab_size, (3, 12))
+    anchor = HiddenAnchor(base, slice(1, 3), pad, 2.0)
+    with torch.no_grad():
+        assert anchor(ids, base(input_ids=ids, output_hidden_states=True).hidden_states) == 0
+        distance = anchor(ids, tuned(input_ids=ids, output_hidden_states=True).hidden_states)
+        assert distance > 0
+        other_rows = ids.clone()
+        other_rows[0] = pad  # row 0 is outside the anchored rows
+        hidden = tuned(input_ids=other_rows, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(anchor(other_rows, hidden), distance)
+        padded = torch.cat([ids, torch.full((3, 4), pad)], dim=1)  # right padding: causal, so earlier states are equal
+        hidden = tuned(input_ids=padded, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(anchor(padded, hidden), distance)
