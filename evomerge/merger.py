@@ -70,7 +70,7 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
         return tensors[0].clone()
     dtype = work_dtype(tensors, torch_dtype(plan.config.dtype))
     tensors = [t.to(dtype) for t in tensors]
-    return plan.method.kernel(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys,
+    return plan.method.run(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys,
                                           positions, ranks, words, workspace, out))
 
 

@@ -71,6 +71,17 @@ def method_configs(base: str, ft: list[str], arch: str = "llama") -> dict[str, d
                        {"model": ft[1], "parameters": {"weight": 0.5, "density": 0.6}}],
             "parameters": {"lambda": 1.1},
         },
+        "dare_ties_unrescaled": {
+            "merge_method": "dare_ties", "base_model": base,
+            "models": [{"model": ft[0], "parameters": {"weight": 0.8, "density": [0.3, 0.7]}},
+                       {"model": ft[2], "parameters": {"weight": 0.6, "density": 0.5}}],
+            "parameters": {"rescale": False},
+        },
+        "della_unrescaled": {
+            "merge_method": "della", "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.1}} for m in ft],
+            "parameters": {"rescale": False},
+        },
         "della_linear": {
             "merge_method": "della_linear", "base_model": base,
             "models": [{"model": m, "parameters": {"weight": 0.4, "density": 0.7, "epsilon": 0.2}} for m in ft],

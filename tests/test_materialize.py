@@ -17,6 +17,7 @@ import yaml
 
 from evomerge import ConfigError, EvomergeError, merge, merge_state_dict, parse_config
 from evomerge.materialize import Materializer
+from evomerge.merge import blocks, registry
 from evomerge.merge.registry import METHODS
 from evomerge.modeling import load_model
 from tests.method_configs import method_configs
@@ -140,6 +141,31 @@ def test_generation_with_repeated_layers_matches_disk(materializer, family, tmp_
     live = materializer.apply(config).generate(prompt, **kwargs)
     disk = load_model(merge(config, tmp_path / "repeated")).generate(prompt, **kwargs)
     assert torch.equal(live, disk)
+
+
+def test_blocked_kernels_equal_the_merge_engine(family, monkeypatch):
+    """With blocks far smaller than the tensors (1000 elements: not dividing them), every
+    kernel that is elementwise given the caches runs block by block; each candidate still
+    equals the engine's unblocked merge. Rescaled DARE/DELLA (an L1 sum over the whole
+    tensor) and the non-elementwise methods run whole."""
+    base, *ft = family
+    configs = {name: as_config(c) for name, c in method_configs(base, ft).items()}
+    references = {name: merge_state_dict(config, seed=2) for name, config in configs.items()}
+    materializer = Materializer(base, ft)
+    blocked = []
+
+    def counting(kernel, inputs, block=None):
+        blocked.append(inputs.tensors[0].numel() > blocks.BLOCK)
+        return blocks.run_in_blocks(kernel, inputs, block)
+
+    monkeypatch.setattr(blocks, "BLOCK", 1000)
+    monkeypatch.setattr(registry, "run_in_blocks", counting)
+    whole = {"dare_ties", "dare_linear", "della", "della_linear", "slerp", "model_stock",
+             "model_stock_filter_wise", "passthrough"}
+    for name, config in configs.items():
+        blocked.clear()
+        assert_same_weights(applied(materializer, config, seed=2), references[name], name)
+        assert any(blocked) == (name not in whole), name
 
 
 def test_magnitude_position_cache_changes_nothing(family):

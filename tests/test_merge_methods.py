@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from evomerge.merge import (
 )
 from evomerge.merge import random as random_module
 from evomerge.merge.random import bernoulli_mask, keep_flags, random_key, random_words, stream_words
-from evomerge.merge.task_arithmetic import task_vectors
+from evomerge.merge.task_arithmetic import sum_rows, task_vectors
 from evomerge.merge.workspace import Workspace
 
 floats = st.floats(-2, 2, allow_nan=False, width=32)
@@ -300,3 +301,25 @@ def test_other_kernels_with_workspace_and_out_change_no_bit(dtype):
             out = torch.empty_like(expected)
             assert merge(*args, **options, workspace=workspace, out=out) is out
             assert torch.equal(bits(out), bits(expected)), (merge.__name__, shape)
+
+
+@given(rows=st.integers(1, 6), seed=st.integers(0, 1000),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_sum_rows_order_and_signed_zeros(rows, seed, dtype):
+    """float32/64: numpy's row-by-row reduction from +0, bit for bit (a quarter of the entries
+    are ±0, whose sums flip sign with the order); up to three rows that is also torch.sum's.
+    bfloat16: torch.sum (float32 accumulation)."""
+    generator = torch.Generator().manual_seed(seed)
+    stacked = torch.randn(rows, 777, generator=generator, dtype=torch.float64)
+    zeros = torch.rand(rows, 777, generator=generator) < 0.25
+    stacked[zeros] = torch.where(torch.rand(rows, 777, generator=generator) < 0.5, -0.0, 0.0).double()[zeros]
+    stacked = stacked.to(dtype)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    if dtype == torch.bfloat16:
+        expected = torch.sum(stacked, dim=0)
+    else:
+        expected = torch.from_numpy(np.add.reduce(stacked.numpy(), axis=0, initial=0.0))
+        if rows <= 3:
+            assert torch.equal(torch.sum(stacked, dim=0).view(bits), expected.view(bits))
+    assert torch.equal(sum_rows(stacked).view(bits), expected.view(bits))
+    assert torch.equal(sum_rows(stacked, out=torch.full_like(expected, 9.0)).view(bits), expected.view(bits))

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 
+from evomerge.merge.blocks import run_in_blocks
 from evomerge.merge.linear import linear_merge
 from evomerge.merge.model_stock import model_stock_merge
 from evomerge.merge.slerp import slerp_merge
@@ -49,6 +50,7 @@ class MergeInputs:
     words: Sequence[torch.Tensor | None] | None = None
     workspace: Workspace | None = None  # scratch buffers (None: fresh allocations)
     out: torch.Tensor | None = None  # where the kernel may write its result
+    numel: int | None = None  # when the tensors are one block of larger ones: their element count
 
     @property
     def base(self) -> torch.Tensor:
@@ -68,9 +70,18 @@ class MergeMethod:
     max_inputs: int | None = None
     reference: str = ""
     sparsify: Sparsify | None = None  # task-arithmetic family: how task vectors are trimmed
+    # whether the kernel computes each output element from the same element of its inputs
+    # (and caches) alone, so that it may run block by block (see ``blocks.py``)
+    elementwise: Callable[[MergeInputs], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def run(self, inputs: MergeInputs) -> torch.Tensor:
+        """The kernel on ``inputs``, block by block when it is elementwise on them."""
+        if self.elementwise is not None and self.elementwise(inputs):
+            return run_in_blocks(self.kernel, inputs)
+        return self.kernel(inputs)
 
 
 @dataclass(frozen=True)
@@ -101,8 +112,28 @@ def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeIn
             gammas=[p.get("gamma", 0.0) for p in per], epsilons=[p.get("epsilon", 0.0) for p in per],
             keys=non_base(inputs.keys), positions=non_base(inputs.positions),
             ranks=non_base(inputs.ranks), words=non_base(inputs.words),
-            workspace=inputs.workspace, out=inputs.out)
+            workspace=inputs.workspace, out=inputs.out, numel=inputs.numel)
     return kernel
+
+
+# the per-input caches without which a trim needs the whole task vector
+_TRIM_CACHES = {Sparsify.magnitude: ("positions",), Sparsify.magnitude_outliers: ("positions",),
+                Sparsify.random: ("words",), Sparsify.della: ("words", "ranks")}
+
+
+def _task_arithmetic_elementwise(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], bool]:
+    """Elementwise unless a task vector is trimmed without its caches, or rescaled to its
+    L1 norm (a sum over the whole tensor)."""
+    def elementwise(inputs: MergeInputs) -> bool:
+        trimmed = [i for i in inputs.non_base()
+                   if variant.sparsify is not None and inputs.per_input[i]["density"] < 1]
+        if not trimmed:
+            return True
+        if inputs.shared["rescale"]:
+            return False
+        caches = [getattr(inputs, name) for name in _TRIM_CACHES[variant.sparsify]]
+        return all(cache is not None and cache[i] is not None for cache in caches for i in trimmed)
+    return elementwise
 
 
 def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
@@ -143,14 +174,16 @@ def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference
     if variant.sparsify is Sparsify.della:
         params.append(Param("epsilon", float, "non_base", 0.15, 0.0, 1.0))
     return MergeMethod(name, _task_arithmetic_kernel(variant), tuple(params), needs_base=True,
-                       reference=reference, sparsify=variant.sparsify)
+                       reference=reference, sparsify=variant.sparsify,
+                       elementwise=_task_arithmetic_elementwise(variant))
 
 
 _TA = TaskArithmeticVariant
 METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("linear", _linear_kernel,
                 (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
-                needs_base=False, reference="https://arxiv.org/abs/2203.05482"),
+                needs_base=False, reference="https://arxiv.org/abs/2203.05482",
+                elementwise=lambda inputs: True),
     _task_arithmetic_method("task_arithmetic", _TA(None, False, False, False),
                             "https://arxiv.org/abs/2212.04089"),
     _task_arithmetic_method("ties", _TA(Sparsify.magnitude, True, True, False),

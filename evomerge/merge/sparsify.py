@@ -98,19 +98,22 @@ def sparsify_(delta: torch.Tensor, method: Sparsify, density: float, *, rescale:
               gamma: float = 0.0, epsilon: float = 0.0, key: int = 0,
               position: torch.Tensor | None = None, rank: torch.Tensor | None = None,
               words: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-              scratch: torch.Tensor | None = None) -> torch.Tensor:
+              scratch: torch.Tensor | None = None, numel: int | None = None) -> torch.Tensor:
     """:func:`sparsify` in place: ``delta`` becomes ``delta * keep`` (rescaled); returns it.
 
     ``delta`` must be contiguous. ``mask`` and ``scratch`` (shaped like ``delta``, its
     dtype, contiguous) are optional scratch buffers; the boolean flags of the keep-mask are
-    carved from ``scratch``'s bytes.
+    carved from ``scratch``'s bytes. ``numel``: when ``delta`` is one block of a larger
+    task vector (with ``position``/``rank``/``words`` sliced alike), that vector's element
+    count, which magnitude trims count their kept range in.
     """
     if density >= 1:
         return delta
     if delta.numel() == 0 or density <= 0 and method in (Sparsify.magnitude, Sparsify.della):
         return delta.zero_()
     flags = bool_views(scratch, 2, delta.numel()) if scratch is not None else None
-    keep = _keep(delta, method, density, gamma, epsilon, key, position, rank, words, flags)
+    keep = _keep(delta, method, density, gamma, epsilon, key, position, rank, words, flags,
+                 delta.numel() if numel is None else numel)
     # Multiplying by a float mask gives the same values as by the boolean one (1 or 0,
     # signed zeros included) and is several times faster.
     mask = torch.empty_like(delta) if mask is None else mask
@@ -128,9 +131,8 @@ def sparsify_(delta: torch.Tensor, method: Sparsify, density: float, *, rescale:
 
 def _keep(delta: torch.Tensor, method: Sparsify, density: float, gamma: float, epsilon: float,
           key: int, position: torch.Tensor | None, rank: torch.Tensor | None,
-          words: torch.Tensor | None, flags: list[torch.Tensor] | None) -> torch.Tensor:
+          words: torch.Tensor | None, flags: list[torch.Tensor] | None, numel: int) -> torch.Tensor:
     """Boolean keep-mask of a sparsification (flat; written into ``flags[0]`` when given)."""
-    numel = delta.numel()
     out = flags[0] if flags else None
     if method in (Sparsify.magnitude, Sparsify.magnitude_outliers):
         start, stop = _kept_range(method, numel, density, gamma)
@@ -143,7 +145,7 @@ def _keep(delta: torch.Tensor, method: Sparsify, density: float, gamma: float, e
             keep &= torch.ge(position.reshape(-1), start, out=flags[1] if flags else None)
         return keep
     if words is None:
-        words = stream_words(key, numel, delta.device)
+        words = stream_words(key, delta.numel(), delta.device)
     if method is Sparsify.random:
         return keep_flags(density, words.reshape(-1), out)
     if method is Sparsify.della:

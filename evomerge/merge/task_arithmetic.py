@@ -17,12 +17,25 @@ from evomerge.merge.sparsify import Sparsify, sparsify_
 from evomerge.merge.workspace import Workspace
 
 
+def sum_rows(stacked: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum over dim 0. In float32/float64: ``((0 + row 0) + row 1) + …`` in row order,
+    one add per row (ATen's dim-0 reduction is about twice slower on CPU; it gives the same
+    bits for up to three rows, mergekit's case with three sources, and starts from +0 like
+    it). Half-precision rows are summed by ``torch.sum``, which accumulates in float32."""
+    if stacked.dtype not in (torch.float32, torch.float64):
+        return torch.sum(stacked, dim=0, out=out)
+    out = torch.zeros_like(stacked[0]) if out is None else out.zero_()
+    for row in stacked:
+        out.add_(row)
+    return out
+
+
 def sign_consensus(weighted: torch.Tensor, *, majority: torch.Tensor | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """TIES election: 1 where a task vector agrees with the sign of their weighted sum, else 0
     (in ``weighted``'s dtype). ``majority`` (shaped like one task vector) and ``out`` (like
     ``weighted``) are optional scratch buffers."""
-    majority = torch.sum(weighted, dim=0, out=majority)
+    majority = sum_rows(weighted, out=majority)
     majority.ge_(0).mul_(2).sub_(1)  # torch.where(sum >= 0, 1, -1), NaN → -1
     return torch.sign(weighted, out=out).eq_(majority)
 
@@ -56,6 +69,7 @@ def task_arithmetic_merge(
     words: Sequence[torch.Tensor | None] | None = None,
     workspace: Workspace | None = None,
     out: torch.Tensor | None = None,
+    numel: int | None = None,
 ) -> torch.Tensor:
     """Merge task vectors ``deltas`` (each ``source - base``) into ``base``.
 
@@ -64,7 +78,8 @@ def task_arithmetic_merge(
     ``epsilons``/``keys`` are per task vector; ``positions``/``ranks``/``words`` are
     optional precomputed magnitude positions / DELLA ranks / random stream words.
     Temporaries come from ``workspace``; the result (in ``base.dtype``) is written to
-    ``out`` when given, else to a new tensor.
+    ``out`` when given, else to a new tensor. ``numel``: the whole tensor's element count
+    when ``base`` and ``deltas`` are one block of it (see :func:`sparsify_`).
     """
     workspace = Workspace() if workspace is None else workspace
     count = len(deltas)
@@ -81,21 +96,21 @@ def task_arithmetic_merge(
                       gamma=gammas[i] if gammas else 0.0, epsilon=epsilons[i] if epsilons else 0.0,
                       key=keys[i] if keys else 0, position=positions[i] if positions else None,
                       rank=ranks[i] if ranks else None, words=words[i] if words else None,
-                      mask=masks[i], scratch=mixed)
+                      mask=masks[i], scratch=mixed, numel=numel)
     weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape((count,) + (1,) * base.dim())
     stacked.mul_(weight)
     if consensus:
         mask = sign_consensus(stacked, majority=mixed, out=masks)
-        torch.sum(stacked.mul_(mask), dim=0, out=mixed)
-        # (weight * mask).sum(0), written over the task vectors (no longer needed)
-        divisor = torch.sum(mask.mul_(weight), dim=0, out=stacked[0])
-        divisor.add_(torch.eq(divisor, 0, out=masks[0]))  # divisor[divisor == 0] = 1
+        sum_rows(stacked.mul_(mask), out=mixed)
+        if normalize:  # by (weight * mask).sum(0), written over the (summed) task vectors
+            divisor = sum_rows(mask.mul_(weight), out=stacked[0])
+            mixed /= divisor.add_(torch.eq(divisor, 0, out=masks[0]))  # divisor[divisor == 0] = 1
     else:
-        torch.sum(stacked, dim=0, out=mixed)
-        divisor = weight.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
+        sum_rows(stacked, out=mixed)
+        if normalize:
+            divisor = weight.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            mixed /= divisor
     if lam != 1:
         mixed *= lam
     return torch.add(base, mixed, out=out)
