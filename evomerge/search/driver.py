@@ -230,7 +230,7 @@ class Runner:
 
     def _show_best(self, bar) -> None:
         study = self.search.study
-        if len(study.directions) == 1:
+        if not bar.disable and len(study.directions) == 1:  # two storage queries: only when shown
             try:
                 bar.set_postfix(best=f"{study.best_value:.4g}", trial=study.best_trial.number)
             except ValueError:
