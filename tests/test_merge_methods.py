@@ -15,7 +15,9 @@ from evomerge.merge import (
     slerp_merge, sparsify, task_arithmetic_merge,
 )
 from evomerge.merge import random as random_module
+from evomerge.merge import blocks
 from evomerge.merge.random import bernoulli_mask, keep_flags, random_key, random_words, stream_words
+from evomerge.merge.sparsify import rescale_factor, sparsify_
 from evomerge.merge.task_arithmetic import sum_rows, task_vectors
 from evomerge.merge.workspace import Workspace
 
@@ -323,3 +325,28 @@ def test_sum_rows_order_and_signed_zeros(rows, seed, dtype):
             assert torch.equal(torch.sum(stacked, dim=0).view(bits), expected.view(bits))
     assert torch.equal(sum_rows(stacked).view(bits), expected.view(bits))
     assert torch.equal(sum_rows(stacked, out=torch.full_like(expected, 9.0)).view(bits), expected.view(bits))
+
+
+@settings(deadline=None, max_examples=40)
+@given(method=st.sampled_from(list(Sparsify)), density=st.floats(0.05, 0.95), gamma=st.floats(0, 0.1),
+       rescale=st.booleans(), numel=st.integers(1, 5000), block=st.integers(7, 1500), seed=st.integers(0, 99))
+def test_sparsify_by_blocks_equals_the_whole_vector(method, density, gamma, rescale, numel, block, seed):
+    """A task vector trimmed block by block (sliced caches, the whole vector's ``numel`` and its
+    ``rescale_factor``) equals the same trim of the whole vector, bit for bit."""
+    generator = torch.Generator().manual_seed(seed)
+    base, source = torch.randn(2, numel, generator=generator)
+    delta = source - base
+    key = random_key(seed, "w", 1)
+    caches = dict(position=magnitude_position(delta), rank=della_rank(delta), words=stream_words(key, numel, "cpu"))
+    options = dict(rescale=rescale, gamma=gamma, epsilon=min(density, 1 - density) / 2, key=key)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blocks, "BLOCK", block)
+        whole = sparsify_(delta.clone(), method, density, **options, **caches)
+        scale = rescale_factor(source, base, method, density, gamma=options["gamma"],
+                               epsilon=options["epsilon"], key=key, **caches, workspace=Workspace())
+    blocked = delta.clone()
+    for start in range(0, numel, block):
+        part = slice(start, start + block)
+        sparsify_(blocked[part], method, density, **options, numel=numel, scale=scale if rescale else None,
+                  **{name: cache[part] for name, cache in caches.items()})
+    assert torch.equal(blocked.view(torch.int32), whole.view(torch.int32))

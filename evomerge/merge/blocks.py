@@ -30,20 +30,22 @@ def _blocks(tensors: Sequence[torch.Tensor | None] | None, start: int,
 
 
 def run_in_blocks(kernel: Callable[[MergeInputs], torch.Tensor], inputs: MergeInputs,
-                  block: int | None = None) -> torch.Tensor:
+                  block: int | None = None,
+                  prepare: Callable[[MergeInputs], MergeInputs] | None = None) -> torch.Tensor:
     """``kernel(inputs)``, computed on successive blocks of the flattened tensors (and of the
-    per-input caches) when the tensors are on CPU, contiguous and larger than ``block``
-    (default :data:`BLOCK`)."""
+    per-input caches) when they are contiguous and larger than ``block`` (default
+    :data:`BLOCK`), after ``prepare(inputs)`` (what the blocks need from the whole tensors).
+    The caller runs it on CPU tensors only."""
     block = BLOCK if block is None else block
     tensors, out = inputs.tensors, inputs.out
     per_element = [*tensors, *(t for cache in (inputs.positions, inputs.ranks, inputs.words)
                                for t in cache or () if t is not None)]
     numel = tensors[0].numel()
-    if (numel <= block or tensors[0].device.type != "cpu"
-            or not all(t.is_contiguous() for t in per_element)
+    if (numel <= block or not all(t.is_contiguous() for t in per_element)
             or out is not None and not out.is_contiguous()):
         return kernel(inputs)
     out = torch.empty_like(tensors[0]) if out is None else out
+    inputs = inputs if prepare is None else prepare(inputs)
     for start in range(0, numel, block):
         stop = min(start + block, numel)
         target = out.view(-1)[start:stop]

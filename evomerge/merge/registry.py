@@ -3,6 +3,7 @@ and the kernel that computes one output tensor from its inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from evomerge.merge.blocks import run_in_blocks
 from evomerge.merge.linear import linear_merge
 from evomerge.merge.model_stock import model_stock_merge
 from evomerge.merge.slerp import slerp_merge
-from evomerge.merge.sparsify import Sparsify
+from evomerge.merge.sparsify import Sparsify, rescale_factor
 from evomerge.merge.task_arithmetic import task_arithmetic_merge, task_vectors
 from evomerge.merge.workspace import Workspace
 
@@ -50,7 +51,10 @@ class MergeInputs:
     words: Sequence[torch.Tensor | None] | None = None
     workspace: Workspace | None = None  # scratch buffers (None: fresh allocations)
     out: torch.Tensor | None = None  # where the kernel may write its result
-    numel: int | None = None  # when the tensors are one block of larger ones: their element count
+    # when the tensors are one block of larger ones: their element count, and per input its
+    # task vector's L1 rescale factor (computed on the whole tensor by the method's ``prepare``)
+    numel: int | None = None
+    scales: Sequence[torch.Tensor | None] | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -73,15 +77,18 @@ class MergeMethod:
     # whether the kernel computes each output element from the same element of its inputs
     # (and caches) alone, so that it may run block by block (see ``blocks.py``)
     elementwise: Callable[[MergeInputs], bool] | None = None
+    # what a blocked run needs computed on the whole tensors first (e.g. L1 rescale factors)
+    prepare: Callable[[MergeInputs], MergeInputs] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
     def run(self, inputs: MergeInputs) -> torch.Tensor:
-        """The kernel on ``inputs``, block by block when it is elementwise on them."""
-        if self.elementwise is not None and self.elementwise(inputs):
-            return run_in_blocks(self.kernel, inputs)
-        return self.kernel(inputs)
+        """The kernel on ``inputs``; on CPU block by block when it is elementwise on them."""
+        if (self.elementwise is None or inputs.tensors[0].device.type != "cpu"
+                or not self.elementwise(inputs)):
+            return self.kernel(inputs)
+        return run_in_blocks(self.kernel, inputs, prepare=self.prepare)
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,8 @@ def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeIn
             gammas=[p.get("gamma", 0.0) for p in per], epsilons=[p.get("epsilon", 0.0) for p in per],
             keys=non_base(inputs.keys), positions=non_base(inputs.positions),
             ranks=non_base(inputs.ranks), words=non_base(inputs.words),
-            workspace=inputs.workspace, out=inputs.out, numel=inputs.numel)
+            workspace=inputs.workspace, out=inputs.out, numel=inputs.numel,
+            scales=non_base(inputs.scales))
     return kernel
 
 
@@ -121,19 +129,44 @@ _TRIM_CACHES = {Sparsify.magnitude: ("positions",), Sparsify.magnitude_outliers:
                 Sparsify.random: ("words",), Sparsify.della: ("words", "ranks")}
 
 
+def _trimmed(variant: TaskArithmeticVariant, inputs: MergeInputs) -> list[int]:
+    """The inputs whose task vectors ``variant`` sparsifies (non-base, density < 1)."""
+    if variant.sparsify is None:
+        return []
+    return [i for i in inputs.non_base() if inputs.per_input[i]["density"] < 1]
+
+
 def _task_arithmetic_elementwise(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], bool]:
-    """Elementwise unless a task vector is trimmed without its caches, or rescaled to its
-    L1 norm (a sum over the whole tensor)."""
+    """Elementwise unless a task vector is trimmed without its caches."""
     def elementwise(inputs: MergeInputs) -> bool:
-        trimmed = [i for i in inputs.non_base()
-                   if variant.sparsify is not None and inputs.per_input[i]["density"] < 1]
-        if not trimmed:
-            return True
-        if inputs.shared["rescale"]:
-            return False
-        caches = [getattr(inputs, name) for name in _TRIM_CACHES[variant.sparsify]]
-        return all(cache is not None and cache[i] is not None for cache in caches for i in trimmed)
+        caches = [getattr(inputs, name) for name in _TRIM_CACHES.get(variant.sparsify, ())]
+        return all(cache is not None and cache[i] is not None
+                   for cache in caches for i in _trimmed(variant, inputs))
     return elementwise
+
+
+def _flat(cache: Sequence[torch.Tensor | None] | None, index: int) -> torch.Tensor | None:
+    return None if cache is None or cache[index] is None else cache[index].reshape(-1)
+
+
+def _task_arithmetic_prepare(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], MergeInputs]:
+    """With ``rescale``: each trimmed task vector's L1 rescale factor, a sum over the whole tensor."""
+    def prepare(inputs: MergeInputs) -> MergeInputs:
+        trimmed = _trimmed(variant, inputs)
+        if not inputs.shared["rescale"] or not trimmed:
+            return inputs
+        workspace = Workspace() if inputs.workspace is None else inputs.workspace
+        scales: list[torch.Tensor | None] = [None] * len(inputs.tensors)
+        base = inputs.base.reshape(-1)
+        for i in trimmed:
+            per = inputs.per_input[i]
+            scales[i] = rescale_factor(
+                inputs.tensors[i].reshape(-1), base, variant.sparsify, per["density"],
+                gamma=per.get("gamma", 0.0), epsilon=per.get("epsilon", 0.0), key=inputs.keys[i],
+                position=_flat(inputs.positions, i), rank=_flat(inputs.ranks, i),
+                words=_flat(inputs.words, i), workspace=workspace)
+        return dataclasses.replace(inputs, scales=scales, workspace=workspace)
+    return prepare
 
 
 def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
@@ -175,7 +208,8 @@ def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference
         params.append(Param("epsilon", float, "non_base", 0.15, 0.0, 1.0))
     return MergeMethod(name, _task_arithmetic_kernel(variant), tuple(params), needs_base=True,
                        reference=reference, sparsify=variant.sparsify,
-                       elementwise=_task_arithmetic_elementwise(variant))
+                       elementwise=_task_arithmetic_elementwise(variant),
+                       prepare=_task_arithmetic_prepare(variant))
 
 
 _TA = TaskArithmeticVariant

@@ -16,8 +16,9 @@ from enum import Enum
 
 import torch
 
+from evomerge.merge import blocks
 from evomerge.merge.random import keep_flags, stream_words
-from evomerge.merge.workspace import bool_views
+from evomerge.merge.workspace import Workspace
 
 _EPS = 1e-7
 
@@ -98,52 +99,95 @@ def sparsify_(delta: torch.Tensor, method: Sparsify, density: float, *, rescale:
               gamma: float = 0.0, epsilon: float = 0.0, key: int = 0,
               position: torch.Tensor | None = None, rank: torch.Tensor | None = None,
               words: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-              scratch: torch.Tensor | None = None, numel: int | None = None) -> torch.Tensor:
+              scratch: torch.Tensor | None = None, numel: int | None = None,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`sparsify` in place: ``delta`` becomes ``delta * keep`` (rescaled); returns it.
 
     ``delta`` must be contiguous. ``mask`` and ``scratch`` (shaped like ``delta``, its
-    dtype, contiguous) are optional scratch buffers; the boolean flags of the keep-mask are
-    carved from ``scratch``'s bytes. ``numel``: when ``delta`` is one block of a larger
-    task vector (with ``position``/``rank``/``words`` sliced alike), that vector's element
-    count, which magnitude trims count their kept range in.
+    dtype, contiguous) are optional scratch buffers. When ``delta`` is one block of a larger task vector
+    (with ``position``/``rank``/``words`` sliced alike): ``numel`` is that vector's element
+    count, which magnitude trims count their kept range in, and ``scale`` its L1 rescale
+    factor (:func:`rescale_factor`).
     """
     if density >= 1:
         return delta
     if delta.numel() == 0 or density <= 0 and method in (Sparsify.magnitude, Sparsify.della):
         return delta.zero_()
-    flags = bool_views(scratch, 2, delta.numel()) if scratch is not None else None
-    keep = _keep(delta, method, density, gamma, epsilon, key, position, rank, words, flags,
-                 delta.numel() if numel is None else numel)
-    # Multiplying by a float mask gives the same values as by the boolean one (1 or 0,
-    # signed zeros included) and is several times faster.
+    # A float mask (1 or 0): multiplying by it gives the same values as by a boolean one
+    # (signed zeros included) and is several times faster, and comparisons write it directly.
     mask = torch.empty_like(delta) if mask is None else mask
-    mask.view(-1).copy_(keep.view(torch.uint8))
+    _keep(delta, method, density, gamma, epsilon, key, position, rank, words, mask.view(-1),
+          None if scratch is None else scratch.view(-1), delta.numel() if numel is None else numel)
     if not rescale:
         return delta.mul_(mask)
-    l1 = torch.empty_like(delta) if scratch is None else scratch
-    before = torch.abs(delta, out=l1).sum()
-    delta.mul_(mask)
-    after = torch.abs(delta, out=l1).sum()
+    if scale is None:
+        l1 = torch.empty_like(delta) if scratch is None else scratch
+        before = l1_norm(delta, l1)
+        scale = _l1_ratio(before, l1_norm(delta.mul_(mask), l1))
+    else:
+        delta.mul_(mask)
+    return delta.mul_(scale)
+
+
+def l1_norm(delta: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ|delta|`` (0-dim, ``delta``'s dtype). On CPU: the sums of successive
+    ``blocks.BLOCK``-element chunks of the flattened tensor, added in order, so that
+    :func:`rescale_factor`, which visits a task vector block by block, gets the same bits."""
+    absolute = torch.abs(delta, out=scratch).reshape(-1)
+    if delta.device.type != "cpu":
+        return absolute.sum()
+    total = torch.zeros((), dtype=delta.dtype, device=delta.device)
+    for start in range(0, absolute.numel(), blocks.BLOCK):
+        total += absolute[start:start + blocks.BLOCK].sum()
+    return total
+
+
+def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The factor that restores the L1 norm (1 when either norm is ~0: no rescale)."""
     if before < _EPS or after < _EPS:
-        return delta
-    return delta.mul_(before / after)
+        return torch.ones((), dtype=before.dtype, device=before.device)
+    return before / after
+
+
+def rescale_factor(source: torch.Tensor, base: torch.Tensor, method: Sparsify, density: float, *,
+                   gamma: float, epsilon: float, key: int, position: torch.Tensor | None,
+                   rank: torch.Tensor | None, words: torch.Tensor | None,
+                   workspace: Workspace) -> torch.Tensor:
+    """The L1 rescale factor :func:`sparsify_` applies to ``source - base`` (flat, contiguous
+    CPU tensors with their per-element caches), computed block by block as
+    :func:`l1_norm` sums, so that a blocked kernel can apply it to each block."""
+    numel, before, after = source.numel(), [], []
+    for start in range(0, numel, blocks.BLOCK):
+        part = slice(start, start + blocks.BLOCK)
+        delta = torch.sub(source[part], base[part],
+                          out=workspace.take("stacked", source[part].shape, source.dtype, source.device))
+        scratch = workspace.take("mixed", delta.shape, delta.dtype, delta.device)
+        before.append(torch.abs(delta, out=scratch).sum())
+        sparsify_(delta, method, density, rescale=False, gamma=gamma, epsilon=epsilon, key=key,
+                  position=None if position is None else position[part],
+                  rank=None if rank is None else rank[part], words=None if words is None else words[part],
+                  mask=workspace.take("masks", delta.shape, delta.dtype, delta.device),
+                  scratch=scratch, numel=numel)
+        after.append(torch.abs(delta, out=scratch).sum())
+    return _l1_ratio(*(sum(sums, torch.zeros((), dtype=source.dtype)) for sums in (before, after)))
 
 
 def _keep(delta: torch.Tensor, method: Sparsify, density: float, gamma: float, epsilon: float,
           key: int, position: torch.Tensor | None, rank: torch.Tensor | None,
-          words: torch.Tensor | None, flags: list[torch.Tensor] | None, numel: int) -> torch.Tensor:
-    """Boolean keep-mask of a sparsification (flat; written into ``flags[0]`` when given)."""
-    out = flags[0] if flags else None
+          words: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor | None,
+          numel: int) -> torch.Tensor:
+    """Write the keep-mask of a sparsification into ``out`` (flat, ``delta``'s dtype: 1 keep,
+    0 drop) and return it; ``scratch``: None or a flat buffer like ``out``."""
     if method in (Sparsify.magnitude, Sparsify.magnitude_outliers):
         start, stop = _kept_range(method, numel, density, gamma)
         if position is None:
             magnitude = delta.detach().abs().reshape(-1).float()
             keep = _top(magnitude, stop) & ~_top(magnitude, start)
-            return keep if out is None else out.copy_(keep)
-        keep = torch.lt(position.reshape(-1), stop, out=out)
+            return out.copy_(keep.view(torch.uint8))
+        torch.lt(position.reshape(-1), stop, out=out)
         if start > 0:
-            keep &= torch.ge(position.reshape(-1), start, out=flags[1] if flags else None)
-        return keep
+            out.mul_(torch.ge(position.reshape(-1), start, out=scratch))
+        return out
     if words is None:
         words = stream_words(key, delta.numel(), delta.device)
     if method is Sparsify.random:

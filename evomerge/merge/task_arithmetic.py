@@ -70,6 +70,7 @@ def task_arithmetic_merge(
     workspace: Workspace | None = None,
     out: torch.Tensor | None = None,
     numel: int | None = None,
+    scales: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Merge task vectors ``deltas`` (each ``source - base``) into ``base``.
 
@@ -78,8 +79,9 @@ def task_arithmetic_merge(
     ``epsilons``/``keys`` are per task vector; ``positions``/``ranks``/``words`` are
     optional precomputed magnitude positions / DELLA ranks / random stream words.
     Temporaries come from ``workspace``; the result (in ``base.dtype``) is written to
-    ``out`` when given, else to a new tensor. ``numel``: the whole tensor's element count
-    when ``base`` and ``deltas`` are one block of it (see :func:`sparsify_`).
+    ``out`` when given, else to a new tensor. ``numel`` and ``scales`` (per task vector):
+    the whole tensor's element count and L1 rescale factors when ``base`` and ``deltas``
+    are one block of it (see :func:`sparsify_`).
     """
     workspace = Workspace() if workspace is None else workspace
     count = len(deltas)
@@ -96,7 +98,7 @@ def task_arithmetic_merge(
                       gamma=gammas[i] if gammas else 0.0, epsilon=epsilons[i] if epsilons else 0.0,
                       key=keys[i] if keys else 0, position=positions[i] if positions else None,
                       rank=ranks[i] if ranks else None, words=words[i] if words else None,
-                      mask=masks[i], scratch=mixed, numel=numel)
+                      mask=masks[i], scratch=mixed, numel=numel, scale=scales[i] if scales else None)
     weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape((count,) + (1,) * base.dim())
     stacked.mul_(weight)
     if consensus:

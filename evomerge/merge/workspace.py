@@ -47,11 +47,3 @@ class Workspace:
         """Bytes held by all slots."""
         return sum(slot.numel() for slot in self._slots.values())
 
-
-def bool_views(buffer: torch.Tensor, count: int, numel: int) -> list[torch.Tensor]:
-    """``count`` boolean arrays of ``numel`` elements carved from the bytes of the
-    contiguous tensor ``buffer`` (which must hold at least ``count · numel`` bytes)."""
-    raw = buffer.reshape(-1).view(torch.uint8)
-    if raw.numel() < count * numel:
-        raise ValueError(f"scratch of {raw.numel()} bytes cannot hold {count} × {numel} flags")
-    return [raw[i * numel:(i + 1) * numel].view(torch.bool) for i in range(count)]
