@@ -5,8 +5,10 @@ weights, election, sum, add). On a tensor of millions of elements every pass goe
 main memory; on a block of :data:`BLOCK` elements the temporaries (workspace slots of
 block size) stay in the last-level cache, and only the inputs and the output travel.
 A block is a slice of the flattened tensors, and every step of such a kernel is
-elementwise (magnitude trims count their kept range in the whole tensor), so the result
-is the same bit for bit. On CUDA a block would only add kernel launches: it runs whole.
+elementwise (magnitude trims count their kept range in the whole tensor; the L1 rescale
+of DARE/DELLA, a sum over the whole tensor, is computed first by the method's
+``prepare``), so the result is the same bit for bit. On CUDA a block would only add
+kernel launches: there kernels run whole.
 """
 
 from __future__ import annotations

@@ -104,10 +104,10 @@ def sparsify_(delta: torch.Tensor, method: Sparsify, density: float, *, rescale:
     """:func:`sparsify` in place: ``delta`` becomes ``delta * keep`` (rescaled); returns it.
 
     ``delta`` must be contiguous. ``mask`` and ``scratch`` (shaped like ``delta``, its
-    dtype, contiguous) are optional scratch buffers. When ``delta`` is one block of a larger task vector
-    (with ``position``/``rank``/``words`` sliced alike): ``numel`` is that vector's element
-    count, which magnitude trims count their kept range in, and ``scale`` its L1 rescale
-    factor (:func:`rescale_factor`).
+    dtype, contiguous) are optional scratch buffers. When ``delta`` is one block of a
+    larger task vector (with ``position``/``rank``/``words`` sliced alike): ``numel`` is
+    that vector's element count, which magnitude trims count their kept range in, and
+    ``scale`` its L1 rescale factor (:func:`rescale_factor`).
     """
     if density >= 1:
         return delta
