@@ -153,6 +153,7 @@ class Materializer:
         if cache_positions and not self.cache_positions:
             log.info("not caching positions, ranks and random words (%s over the memory budget)",
                      _gb(self.bound.total - available))
+        self.progress = progress
         self._resident = {} if self.streaming else self._load_resident(progress)
         self._positions: dict[tuple, torch.Tensor] = {}
         self._ranks: dict[tuple, torch.Tensor] = {}
@@ -249,13 +250,29 @@ class Materializer:
         plan = config if isinstance(config, MergePlan) else self.plan(config, seed)
         paths = {name: Path(name).resolve() for name in plan.config.referenced_models()}
         layers = self._layer_modules(plan)
+        building = self._caches_to_build(plan)
+        if building:
+            log.info("first %s candidate: caching the task vectors' %s (once; later candidates reuse them)",
+                     plan.method.name, building)
         with torch.no_grad():
-            for op in plan.ops:
+            for op in tqdm(plan.ops, desc=f"caching {building}", unit="tensor", leave=False,
+                           disable=not (building and self.progress)):
                 self._apply_op(op, plan, paths, layers)
         for layer, scale in zip(layers, plan.layer_scales):
             set_input_scale(layer, scale)
         self._set_layers(layers, plan)
         return self.model
+
+    def _caches_to_build(self, plan: MergePlan) -> str | None:
+        """What this candidate's method caches that no candidate has cached yet (None: nothing)."""
+        sparsify = plan.method.sparsify
+        if not self.cache_positions or sparsify is None:
+            return None
+        if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
+            return None if self._positions else "magnitude positions"
+        if sparsify is Sparsify.della and not self._ranks:
+            return "DELLA ranks and random words"
+        return None if self._words else "random words"
 
     def _layer_modules(self, plan: MergePlan) -> list[nn.Module]:
         """One module per output position, shaped like the base layer it is taken from."""

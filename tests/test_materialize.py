@@ -168,6 +168,22 @@ def test_blocked_kernels_equal_the_merge_engine(family, monkeypatch):
         assert any(blocked) == (name not in whole), name
 
 
+def test_the_first_candidate_that_builds_caches_says_so(family, caplog):
+    base, *ft = family
+    materializer = Materializer(base, ft)
+    configs = method_configs(base, ft)
+    expected = [("task_arithmetic", None), ("ties", "magnitude positions"), ("breadcrumbs", None),
+                ("dare_ties", "random words"), ("della", "DELLA ranks and random words"), ("ties", None)]
+    for name, cached in expected:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="evomerge.materialize"):
+            materializer.apply(as_config(configs[name]))
+        messages = [r.getMessage() for r in caplog.records if "caching" in r.getMessage()]
+        assert messages == ([] if cached is None else [
+            f"first {configs[name]['merge_method']} candidate: caching the task vectors' {cached} "
+            "(once; later candidates reuse them)"]), name
+
+
 def test_magnitude_position_cache_changes_nothing(family):
     base, *ft = family
     cached, uncached = Materializer(base, ft), Materializer(base, ft, cache_positions=False)
