@@ -70,6 +70,7 @@ from evomerge.config import MergeConfig, load_config, torch_dtype
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
 from evomerge.merge.random import stream_words
+from evomerge.merge.registry import trimmed_inputs
 from evomerge.merge.sparsify import Sparsify, della_rank, magnitude_position
 from evomerge.merge.workspace import Workspace
 from evomerge.merger import execute_op, resolve_device
@@ -368,17 +369,12 @@ class Materializer:
             caches["ranks"] = self._per_input(op, paths, tensors, self._ranks, della_rank)
         return caches
 
-    @staticmethod
-    def _trimmed(op: TensorOp) -> list[bool]:
-        """Per input of ``op``: whether its task vector is sparsified (non-base, density < 1)."""
-        return [i != op.base_index and p.get("density", 1.0) < 1 for i, p in enumerate(op.per_input)]
-
     def _per_input(self, op: TensorOp, paths: dict[str, Path], tensors: list[torch.Tensor],
                    cache: dict[tuple, torch.Tensor], derive) -> list[torch.Tensor | None]:
         """Cached ``derive(source - base)`` for each sparsified input of ``op``."""
         base_model, base_name = op.inputs[op.base_index]
         result: list[torch.Tensor | None] = []
-        for (model, name), tensor, trimmed in zip(op.inputs, tensors, self._trimmed(op)):
+        for (model, name), tensor, trimmed in zip(op.inputs, tensors, trimmed_inputs(op.per_input, op.base_index)):
             key = (paths[model], name, paths[base_model], base_name)
             if trimmed and key not in cache:
                 cache[key] = derive(tensor - tensors[op.base_index])
@@ -389,7 +385,8 @@ class Materializer:
                       tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Each sparsified input's random stream (cached per resident tensor, for one key)."""
         result: list[torch.Tensor | None] = []
-        for (model, name), tensor, key, trimmed in zip(op.inputs, tensors, op.keys, self._trimmed(op)):
+        flags = trimmed_inputs(op.per_input, op.base_index)
+        for (model, name), tensor, key, trimmed in zip(op.inputs, tensors, op.keys, flags):
             slot = (paths[model], name)
             if trimmed and self._words.get(slot, (None,))[0] != key:
                 self._words[slot] = (key, stream_words(key, tensor.numel(), self.device))

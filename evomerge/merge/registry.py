@@ -129,11 +129,16 @@ _TRIM_CACHES = {Sparsify.magnitude: ("positions",), Sparsify.magnitude_outliers:
                 Sparsify.random: ("words",), Sparsify.della: ("words", "ranks")}
 
 
+def trimmed_inputs(per_input: Sequence[Mapping[str, Any]], base_index: int | None) -> list[bool]:
+    """Per input of a sparsifying method: whether its task vector is trimmed (non-base, density < 1)."""
+    return [i != base_index and p.get("density", 1.0) < 1 for i, p in enumerate(per_input)]
+
+
 def _trimmed(variant: TaskArithmeticVariant, inputs: MergeInputs) -> list[int]:
-    """The inputs whose task vectors ``variant`` sparsifies (non-base, density < 1)."""
+    """The inputs whose task vectors ``variant`` sparsifies."""
     if variant.sparsify is None:
         return []
-    return [i for i in inputs.non_base() if inputs.per_input[i]["density"] < 1]
+    return [i for i, trim in enumerate(trimmed_inputs(inputs.per_input, inputs.base_index)) if trim]
 
 
 def _task_arithmetic_elementwise(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], bool]:
