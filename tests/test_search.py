@@ -144,11 +144,19 @@ def _start_search(experiment: Path, tmp_path: Path, n_trials: int, sleep: str) -
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(condition, timeout: float = 120):
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180):
+    """Poll ``condition`` until it returns something true, and return that; fail with the
+    search's output if ``process`` exits first or the condition still fails after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
+    while not (result := condition()):
+        exited = process.poll() is not None
+        if exited or time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            what = f"exited with {process.returncode}" if exited else f"still short after {timeout} s"
+            pytest.fail(f"search {what}:\n{out}\n{err}")
         time.sleep(0.2)
+    return result
 
 
 @pytest.mark.slow
@@ -156,7 +164,7 @@ def test_resume_after_kill_9_keeps_completed_trials_and_repeats_none(llama, tmp_
     experiment = write_experiment(tmp_path, experiment_dict(llama, tmp_path))
     db = tmp_path / "study.db"
     process = _start_search(experiment, tmp_path, 10, sleep="0.5")
-    _wait_for(lambda: _complete(db) >= 3)
+    wait_for(lambda: _complete(db) >= 3, process)
     time.sleep(0.2)  # into the next trial's fitness
     process.kill()
     process.wait()
@@ -187,7 +195,7 @@ def test_ctrl_c_stops_after_the_current_trial(llama, tmp_path):
     experiment = write_experiment(tmp_path, experiment_dict(llama, tmp_path, n_trials=50))
     db = tmp_path / "study.db"
     process = _start_search(experiment, tmp_path, 50, sleep="0.5")
-    _wait_for(lambda: _complete(db) >= 2)
+    wait_for(lambda: _complete(db) >= 2, process)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err

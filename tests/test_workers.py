@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from optuna.trial import TrialState
 from evomerge.search.coordination import counted
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import parse_experiment
-from tests.test_search import REPO, experiment_dict, logged, write_experiment
+from evomerge.search.storage import open_storage
+from tests.test_search import REPO, experiment_dict, logged, wait_for, write_experiment
 
 HEARTBEAT = "2"  # seconds; a trial silent for 3 heartbeats counts as dead
 
@@ -50,14 +52,6 @@ def complete(url: str) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials(url) if t.state == TrialState.COMPLETE]
 
 
-def wait_for(condition, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return result
-
-
 def assert_retried(all_trials, dead) -> None:
     """Each dead trial was failed and its retry (same parameters, if it had any) completed."""
     for trial in dead:
@@ -65,6 +59,28 @@ def assert_retried(all_trials, dead) -> None:
         retry = next(t for t in all_trials if trial.number in t.system_attrs.get("retry_history", []))
         assert retry.state == TrialState.COMPLETE
         assert retry.params == trial.params or not trial.params  # died while asking: sampled anew
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgres"])
+def test_workers_opening_a_new_database_at_once_all_get_it(tmp_path, storage, request):
+    url = request.getfixturevalue("postgres_url") if storage == "postgres" else f"sqlite:///{tmp_path}/study.db"
+    start_together = threading.Barrier(4)
+    errors: list[Exception] = []
+
+    def open_and_create(index: int) -> None:
+        start_together.wait()
+        try:  # each opening races to create the schema
+            optuna.create_study(study_name=f"s{index}", storage=open_storage(url))
+        except Exception as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=open_and_create, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors
+    assert sorted(optuna.get_all_study_names(url)) == ["s0", "s1", "s2", "s3"]
 
 
 @pytest.fixture
@@ -105,7 +121,7 @@ def test_kill_9_one_worker_mid_trial_fails_and_retries_its_trial(experiment_dict
         return next((t for t in trials(postgres_url) if t.state == TrialState.RUNNING
                      and int(str(t.user_attrs.get("worker", ":0")).rpartition(":")[2]) in children), None)
 
-    worker = wait_for(running_child).user_attrs["worker"]
+    worker = wait_for(running_child, process).user_attrs["worker"]
     os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err  # the other two finished the budget
@@ -140,7 +156,7 @@ def test_a_silent_worker_on_another_host_is_found_by_its_heartbeat(llama, tmp_pa
 def test_kill_9_the_only_process_then_restart_loses_and_repeats_nothing(experiment_dict_for, tmp_path, postgres_url):
     experiment = write_experiment(tmp_path, experiment_dict_for(tmp_path, postgres_url, 10))
     process = start(experiment, tmp_path, sleep="0.5")
-    wait_for(lambda: len(complete(postgres_url)) >= 3)
+    wait_for(lambda: len(complete(postgres_url)) >= 3, process)
     time.sleep(0.2)  # into the next trial
     process.kill()
     process.wait()
@@ -165,7 +181,7 @@ def test_database_restart_stops_workers_with_one_line_and_a_rerun_resumes(experi
     running the same command again resumes: nothing completed is lost, interrupted trials are retried."""
     experiment = write_experiment(tmp_path, experiment_dict_for(tmp_path, postgres_url, 16))
     process = start(experiment, tmp_path, "--workers", "2", sleep="0.3")
-    wait_for(lambda: len(complete(postgres_url)) >= 4)
+    wait_for(lambda: len(complete(postgres_url)) >= 4, process)
     postgres_server.stop()
     try:
         out, err = process.communicate(timeout=120)

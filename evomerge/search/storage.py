@@ -36,6 +36,7 @@ GRACE = 3  # missed heartbeats after which a running trial's worker counts as de
 MAX_RETRY = 1  # a dead worker's trial runs again once (a candidate that kills its worker fails twice)
 HEARTBEAT_ATTR = "evomerge:heartbeat"
 STORAGE_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)  # the database went away
+CREATE_ATTEMPTS = 5  # openings of a new database that lose the race to create its tables are retried
 
 
 class StorageError(EvomergeError):
@@ -105,15 +106,30 @@ def open_storage(url: str, *, heartbeat: int | None = None) -> optuna.storages.B
         options = {"heartbeat_interval": heartbeat, "grace_period": GRACE * heartbeat,
                    "heartbeat_stale_trial_callback": RETRY}
     engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)
-    except Exception as error:  # SQLAlchemy raises many types for bad URLs / unreachable servers
-        raise ConfigError(f"cannot open storage {display_url(url)}: {_first_line(error)}", field="storage") from None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)
+            break
+        except Exception as error:  # SQLAlchemy raises many types for bad URLs / unreachable servers
+            if _lost_creation_race(error) and attempt + 1 < CREATE_ATTEMPTS:
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            raise ConfigError(f"cannot open storage {display_url(url)}: {_first_line(error)}",
+                              field="storage") from None
     if url.startswith("sqlite"):
         _write_ahead_log(storage)
     return storage
+
+
+def _lost_creation_race(error: Exception) -> bool:
+    """Whether ``error`` comes from another process creating the same new database's tables at
+    the same moment (Optuna's schema creation is not atomic): opening again then succeeds."""
+    if isinstance(error, sqlalchemy.exc.IntegrityError):  # both stamped the schema version
+        return True
+    text = str(error)
+    return isinstance(error, sqlalchemy.exc.DBAPIError) and ("already exists" in text or "is locked" in text)
 
 
 def display_url(url: str) -> str:
