@@ -13,8 +13,14 @@ A search evaluates many candidates over the same models. What one candidate cost
   ``AutoModelForCausalLM.from_pretrained`` of the output onto the device (every page
   touched, as a first forward pass would); median over ``--mergekit-repeats`` runs, merge
   and reload shown apart.
-* **copy floor**: copying one model's parameters device-to-device into existing tensors,
-  the least any in-place materialization must move; ``× floor`` = apply / floor.
+* **copy**: copying one model's parameters device-to-device into existing tensors (the
+  device's copy bandwidth); ``× copy`` = apply / copy.
+* **floor**: a plain copy of the bytes the merge must read and write, as the materializer
+  issue defines it: a method that reads ``n`` models (base + 3 sources for the
+  task-arithmetic family and model_stock, base + 1 for slerp, 1 for a layer stack) and
+  writes one moves ``(n + 1) / 2`` times a one-model copy's bytes, so its floor is
+  ``copy · (n + 1) / 2``; ``× floor`` = apply / floor. Caches (magnitude positions, random
+  words) are the materializer's choice and not counted as bytes the merge must read.
 * **peak memory**: on CPU, the process's resident-set high-water mark during the method's
   applies (first one included; ``/proc/self/clear_refs`` resets it before each method)
   minus the memory-mapped file pages still mapped and minus the process's memory before
@@ -61,6 +67,8 @@ from merge_to_disk import ensure_family, warm_page_cache
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "passthrough")
 CACHES = {"ties": ("positions",), "dare_ties": ("words",)}  # cache kinds a method builds
+MODELS_READ = {"task_arithmetic": 4, "ties": 4, "dare_ties": 4, "slerp": 2, "model_stock": 4,
+               "passthrough": 1}  # models a candidate's merge reads (below): its floor's bytes
 WEIGHTS = (0.5, 0.3, 0.2)  # on ft1, ft2, ft3
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +183,7 @@ def touch(model: torch.nn.Module) -> None:
         parameter.view(-1)[::4096 // parameter.element_size()].sum()
 
 
-def copy_floor(model: torch.nn.Module, device: torch.device, repeats: int) -> float:
+def copy_time(model: torch.nn.Module, device: torch.device, repeats: int) -> float:
     """Median seconds to copy one model's parameters into existing tensors on ``device``."""
     targets = list(model.parameters())
     sources = [p.detach().clone() for p in targets]
@@ -257,9 +265,14 @@ def bench_mergekit(rows: dict[str, Row], models: list[Path], layers: int,
 # --------------------------------------------------------------------------- report
 
 
-def format_table(rows: dict[str, Row], floor: float) -> str:
+def floor(method: str, copy: float) -> float:
+    """The time of a plain copy of the bytes ``method`` must read (``MODELS_READ``) and write (one model)."""
+    return copy * (MODELS_READ[method] + 1) / 2
+
+
+def format_table(rows: dict[str, Row], copy: float) -> str:
     header = ("method", "first apply s", "apply s", "mergekit merge s", "reload s", "mergekit total s",
-              "mergekit/apply", "× floor", "peak GB", "bound GB", "load")
+              "mergekit/apply", "floor s", "× floor", "× copy", "peak GB", "bound GB", "load")
     table = [header]
     for method, row in rows.items():
         apply = statistics.median(row.applies)
@@ -272,7 +285,8 @@ def format_table(rows: dict[str, Row], floor: float) -> str:
             f"{reload:.2f}" if reload is not None else "-",
             f"{total:.2f}" if total is not None else "-",
             f"{total / apply:.0f}x" if total is not None else "-",
-            f"{apply / floor:.1f}", f"{row.peak / 1e9:.2f}", f"{row.bound / 1e9:.2f}",
+            f"{floor(method, copy):.3f}", f"{apply / floor(method, copy):.1f}", f"{apply / copy:.1f}",
+            f"{row.peak / 1e9:.2f}", f"{row.bound / 1e9:.2f}",
             "/".join(f"{x:.1f}" for x in row.loads)))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = []
@@ -307,16 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_device(args.device)}, python {platform.python_version()}, torch "
           f"{torch.__version__}, llama-{args.size} ({params / 1e6:.1f}M parameters) in {args.dtype} on "
           f"{args.device}; materializer built in {built:.1f} s; load average {load():.1f}")
-    floor = copy_floor(materializer.model, args.device, args.repeats)
+    copy = copy_time(materializer.model, args.device, args.repeats)
     rows = bench_evomerge(materializer, args.methods, models, layers, args, memory)
     del materializer
     bench_mergekit(rows, models, layers, args)
     print()
     print(f"apply = median of {args.repeats} candidates after the first; mergekit = median of "
           f"{args.mergekit_repeats} run(s) of run_merge + from_pretrained onto {args.device}; "
-          f"copy floor {floor:.3f} s; peak = above the process before loading; "
+          f"copy (one model) {copy:.3f} s; floor = copy · (models read + 1) / 2; "
+          f"peak = above the process before loading; "
           f"load = 1-min load average after evomerge / after mergekit")
-    print(format_table(rows, floor))
+    print(format_table(rows, copy))
     return 1 if any(row.error for row in rows.values()) else 0
 
 
