@@ -30,6 +30,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float64": torch.float64, "fp64": torch.float64,
 }
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's when PyYAML was built with it
 
 
 class _Strict(BaseModel):
@@ -99,8 +100,9 @@ class MergeConfig(_Strict):
         return list(dict.fromkeys(names))
 
     def to_yaml(self) -> str:
-        """Dump as YAML that both ``evomerge merge`` and ``mergekit-yaml`` read."""
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        """Dump as YAML that both ``evomerge merge`` and ``mergekit-yaml`` read (the same text
+        as ``yaml.safe_dump``: a search hashes it; libyaml's emitter writes it ~5× faster)."""
+        return yaml.dump(self.model_dump(mode="json", exclude_none=True), Dumper=SAFE_DUMPER, sort_keys=False)
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:

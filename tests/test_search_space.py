@@ -93,6 +93,8 @@ def test_every_point_decodes_to_a_valid_config(case, data, llama):
     config = space.decode(params)
     assert_valid(space, config)
     assert space.decode(dict(params)) == config  # deterministic
+    text = yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    assert config.to_yaml() == text  # libyaml or not: the same plan text, so the same plan hash
     back = space.from_unit(space.to_unit(params))
     assert back.keys() == params.keys()
     for name, value in params.items():
