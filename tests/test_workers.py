@@ -18,10 +18,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from evomerge.search.coordination import counted
+from evomerge.search.coordination import claim, counted
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import parse_experiment
-from evomerge.search.storage import open_storage
+from evomerge.search.storage import RETRY, open_storage
 from tests.test_search import REPO, experiment_dict, logged, wait_for, write_experiment
 
 HEARTBEAT = "2"  # seconds; a trial silent for 3 heartbeats counts as dead
@@ -81,6 +81,68 @@ def test_workers_opening_a_new_database_at_once_all_get_it(tmp_path, storage, re
         worker.join()
     assert not errors
     assert sorted(optuna.get_all_study_names(url)) == ["s0", "s1", "s2", "s3"]
+
+
+def _study(tmp_path: Path, waiting: int = 0) -> optuna.Study:
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/claim.db"))
+    for i in range(waiting):
+        study.enqueue_trial({"x": i})
+    return study
+
+
+def test_claim_puts_back_a_trial_another_worker_pushed_over_the_budget(tmp_path):
+    study = _study(tmp_path)
+    study.tell(study.ask(), 1.0)
+
+    def ask_after_another_worker():  # between this worker's look at the study and its ask
+        study.ask()
+        return study.ask()
+
+    assert claim(study, ask_after_another_worker, 2, lambda: False) is None
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING,
+                                                     TrialState.WAITING]
+
+
+def test_claim_puts_back_a_new_trial_when_another_worker_took_the_last_queued_one(tmp_path):
+    study = _study(tmp_path, waiting=1)
+    study.tell(study.ask(), 1.0)  # trial 0 was the queued one
+    study.enqueue_trial({"x": 1})
+
+    def ask_after_another_worker_popped():
+        study.ask()  # pops trial 1
+        return study.ask()  # a new trial, 2: over the budget of 2
+
+    assert claim(study, ask_after_another_worker_popped, 2, lambda: False) is None
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING,
+                                                     TrialState.WAITING]
+
+
+def test_claim_runs_a_queued_trial_within_the_budget_and_a_new_one_at_its_edge(tmp_path):
+    study = _study(tmp_path, waiting=2)
+    first = claim(study, study.ask, 3, lambda: False)
+    fixed = study._storage.get_trial(first._trial_id).system_attrs.get("fixed_params")
+    assert first.number == 0 and fixed == {"x": 0}  # popped from the queue
+    for trial in (first, claim(study, study.ask, 3, lambda: False)):
+        study.tell(trial, 1.0)
+    third = claim(study, study.ask, 3, lambda: False)
+    fixed = study._storage.get_trial(third._trial_id).system_attrs.get("fixed_params")
+    assert third.number == 2 and fixed is None  # a new trial: the queue is empty
+    study.tell(third, 1.0)
+    assert claim(study, study.ask, 3, lambda: False) is None
+
+
+def test_claim_counts_a_retry_enqueued_meanwhile_in_place_of_its_failed_trial(tmp_path):
+    study = _study(tmp_path)
+    dead = study.ask()
+    study.tell(dead, state=TrialState.FAIL)
+
+    def ask_after_a_retry():  # another worker re-queues the failed trial, then this one asks
+        RETRY(study, study._storage.get_trial(dead._trial_id))
+        return study.ask()
+
+    trial = claim(study, ask_after_a_retry, 2, lambda: False)
+    assert trial is not None and trial.number == 1  # the retry, counted in place of trial 0
+    assert [t.number for t in counted(study.get_trials())] == [1]
 
 
 @pytest.fixture

@@ -51,10 +51,11 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return sorted((t for t in trials if t.number not in retried), key=lambda t: t.number)
 
 
-def fail_dead_workers(study: optuna.Study) -> int:
-    """Fail (and re-queue once) the running trials of dead workers; return how many were failed here."""
+def fail_dead_workers(study: optuna.Study, trials: list[FrozenTrial]) -> int:
+    """Fail (and re-queue once) the running trials of dead workers among ``trials`` (the study's,
+    just read); return how many were failed here."""
     storage, count = study._storage, 0
-    for trial, reason in _dead_trials(study):
+    for trial, reason in _dead_trials(study, trials):
         try:
             storage.set_trial_user_attr(trial._trial_id, "failure", reason)
             if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
@@ -70,13 +71,13 @@ def fail_dead_workers(study: optuna.Study) -> int:
     return count
 
 
-def _dead_trials(study: optuna.Study) -> list[tuple[FrozenTrial, str]]:
+def _dead_trials(study: optuna.Study, trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, str]]:
     """Running trials of processes on this host that are gone, and (with heartbeats) trials whose
     worker died between asking and recording itself (no worker, no heartbeat, older than the grace)."""
     host, now, dead = socket.gethostname(), datetime.datetime.now(), []
     storage = study._storage
     grace = GRACE * storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in (t for t in trials if t.state == TrialState.RUNNING):
         worker = trial.user_attrs.get("worker")
         if worker is None:
             started = trial.datetime_start
@@ -105,16 +106,17 @@ def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | No
     budget is spent (or ``stop()``). ``ask`` creates or pops a trial (``study.ask``)."""
     waits = is_heartbeat_enabled(study._storage)  # else a dead worker's trial is never failed: do not wait
     while not stop():
-        dead = fail_dead_workers(study)
+        everything = study.get_trials(deepcopy=False)
+        dead = fail_dead_workers(study, everything)
         if dead:
             log.warning("failed and re-queued %d trial(s) of dead workers", dead)
+            everything = study.get_trials(deepcopy=False)
         if budget is None:
             return ask()
-        trials = counted(study.get_trials(deepcopy=False))
+        trials = counted(everything)
         if len(trials) < budget or any(t.state == TrialState.WAITING for t in trials[:budget]):
             trial = ask()
-            numbers = [t.number for t in counted(study.get_trials(deepcopy=False))]
-            if numbers.index(trial.number) < budget:
+            if _position(trial.number, everything, trials, study) < budget:
                 return trial
             log.debug("trial %d is over the budget (another worker asked first): back to waiting", trial.number)
             trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # after its queued writes
@@ -123,6 +125,22 @@ def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | No
             return None
         _sleep(POLL, stop)
     return None
+
+
+def _position(number: int, everything: list[FrozenTrial], trials: list[FrozenTrial],
+              study: optuna.Study) -> int:
+    """Trial ``number``'s index among the counted trials, just after it was asked; ``everything``
+    and ``trials`` (its counted part) were read before asking. A trial popped from the queue was
+    among them, and since then only new trials can have appeared, which come after it or retire
+    a failed trial before it: its index can only have dropped. A new trial numbered right after
+    ``everything`` had no other trial created before it. Otherwise the study is read again."""
+    if number < len(everything):
+        index = next((i for i, t in enumerate(trials) if t.number == number), None)
+        if index is not None:
+            return index
+    elif number == len(everything):
+        return len(trials)
+    return [t.number for t in counted(study.get_trials(deepcopy=False))].index(number)
 
 
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
