@@ -4,6 +4,7 @@ restart of the only process, and the database server restarting mid-search."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -174,13 +175,15 @@ def test_three_workers_run_exactly_the_budget(experiment_dict_for, tmp_path, pos
 @pytest.mark.slow
 def test_kill_9_one_worker_mid_trial_fails_and_retries_its_trial(experiment_dict_for, tmp_path, postgres_url):
     experiment = write_experiment(tmp_path, experiment_dict_for(tmp_path, postgres_url, 12))
-    process = start(experiment, tmp_path, "--workers", "3", sleep="1")
+    process = start(experiment, tmp_path, "--workers", "3", sleep="2")
 
-    def running_child():
+    def running_child():  # a child's trial with over a second of scoring left when it is killed
         children = {c.pid for c in psutil.Process(process.pid).children()}
         if len(complete(postgres_url)) < 2:
             return None
+        now = datetime.datetime.now()
         return next((t for t in trials(postgres_url) if t.state == TrialState.RUNNING
+                     and (now - t.datetime_start).total_seconds() < 1
                      and int(str(t.user_attrs.get("worker", ":0")).rpartition(":")[2]) in children), None)
 
     worker = wait_for(running_child, process).user_attrs["worker"]
