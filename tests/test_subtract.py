@@ -44,11 +44,16 @@ def quick_fitness(tmp_path: Path, skills: tuple[str, ...] = ("increment", "rever
     return path
 
 
-def run_script(name: str, argv: list[str]) -> int:
+def load_script(name: str):
+    """``benchmarks/<name>.py`` as a module."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(argv)
+    return module
+
+
+def run_script(name: str, argv: list[str]) -> int:
+    return load_script(name).main(argv)
 
 
 @pytest.fixture(scope="module")

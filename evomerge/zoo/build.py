@@ -55,7 +55,7 @@ def build_zoo(out_dir: str | Path, recipe: Recipe | None = None, *, force: bool 
         return manifest
     check_output_dir(out_dir, force or manifest is not None)
     start = time.perf_counter()
-    with _deterministic(recipe.threads), _staging(out_dir) as tmp:
+    with deterministic(recipe.threads), _staging(out_dir) as tmp:
         manifest = _build(tmp, recipe, progress)
         manifest["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -102,7 +102,7 @@ def _staging(out_dir: Path):
 
 
 @contextmanager
-def _deterministic(threads: int):
+def deterministic(threads: int):
     """Deterministic torch kernels on ``threads`` threads; the previous settings are restored."""
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     if threads < 1:
