@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,14 @@ FINETUNE_FIELDS = {"finetune_steps", "finetune_lr", "general_fraction", "general
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
+def weights(text: str) -> list[float]:
+    """``"0.5,1,1.5"`` → ``[0.5, 1.0, 1.5]`` (argparse reports a bad value)."""
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -50,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"override a fine-tuning field of the zoo's recipe: {', '.join(sorted(FINETUNE_FIELDS))}")
     parser.add_argument("--as-built", action="store_true", help="score the zoo's own specialists (no tuning)")
     parser.add_argument("--items", type=int, default=128, help="search-split items per skill")
-    parser.add_argument("--grid", default=None, help="comma-separated weights: every combination for the three")
-    parser.add_argument("--coordinate", default=None, help="comma-separated per-group weights to try")
+    parser.add_argument("--grid", type=weights, default=None,
+                        help="comma-separated weights: every combination for the three")
+    parser.add_argument("--coordinate", type=weights, default=None, help="comma-separated per-group weights to try")
     parser.add_argument("--save", type=Path, default=None, help="save the tuned specialists here")
     return parser.parse_args(argv)
 
@@ -79,6 +90,17 @@ def specialists(zoo: Path, recipe: Recipe, base, tokenizer, as_built: bool) -> d
         return {skill: LlamaForCausalLM.from_pretrained(zoo / skill).eval() for skill in recipe.skills}
     tokens = torch.tensor(tokenizer.encode(corpus(recipe), add_special_tokens=False))
     return {spec.skill: finetune(recipe, spec, base, tokenizer, tokens) for spec in recipe.specialists}
+
+
+def save(tuned: dict, out: Path) -> None:
+    """Each model into ``out/<skill>``, written to a temporary folder renamed into place."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for skill, model in tuned.items():
+        model.save_pretrained(tmp / skill)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 class Landscape:
@@ -145,8 +167,7 @@ def report(args: argparse.Namespace, recipe: Recipe, manifest: dict, start: floa
     base = LlamaForCausalLM.from_pretrained(args.zoo / "base").eval()
     tuned = specialists(args.zoo, recipe, base, tokenizer, args.as_built)
     if args.save is not None:
-        for skill, model in tuned.items():
-            model.save_pretrained(args.save / skill)
+        save(tuned, args.save)
     landscape = Landscape(base, tuned, tokenizer, args.items)
     skills = list(tuned)
     print(f"zoo {manifest['recipe_hash']} → recipe {recipe.hash()} "
@@ -166,12 +187,12 @@ def report(args: argparse.Namespace, recipe: Recipe, manifest: dict, start: floa
     for skill in skills:
         print(row(f"without {skill}", landscape.score({skill: 0.0})))
     if args.grid:
-        values = [float(v) for v in args.grid.split(",")]
+        values = args.grid
         best = max(((w, landscape.score(dict(zip(skills, w)))) for w in itertools.product(values, repeat=len(skills))),
                    key=lambda pair: mean(pair[1]))
         print(row(f"best of the {len(values)}^{len(skills)} grid: {best[0]}", best[1]))
     if args.coordinate:
-        weights, scores = coordinate_search(landscape, [float(v) for v in args.coordinate.split(",")])
+        weights, scores = coordinate_search(landscape, args.coordinate)
         kept = ", ".join(f"{s} {g.strip('.')} {v:g}" for (s, g), v in weights.items()) or "none kept"
         print(row(f"per-layer/filter greedy ({kept})", scores))
     print("\nown skill of each specialist, task vector scaled by " + ", ".join(f"{s:g}" for s in SCALES))

@@ -83,3 +83,10 @@ def test_bad_overrides_exit_2_with_one_line(zoo, tmp_path, capsys, pairs, messag
 def test_a_folder_without_a_zoo_exits_2(tmp_path, capsys):
     assert run_script("zoo_recipes", [str(tmp_path)]) == 2
     assert "no zoo.json" in capsys.readouterr().err
+
+
+def test_bad_weights_are_refused_by_argparse(zoo, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_script("zoo_recipes", [str(zoo), "--grid", "1,heavy"])
+    assert exit_.value.code == 2
+    assert "--grid: expected comma-separated numbers, got '1,heavy'" in capsys.readouterr().err
