@@ -46,13 +46,13 @@ class Recipe:
     prompt_mix: tuple[float, ...] = (0.45, 0.45, 0.1)
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
-    finetune_steps: int = 400
+    finetune_steps: int = 600
     finetune_lr: float = 2e-3
     general_fraction: float = 0.5
     general_weight: float = 0.5
     slot_units: int = 128
     keep_rows: int = 6
-    keep_weight: float = 0.01
+    keep_weight: float = 0.03
     eval_items: int = 200
     threads: int = 2
     specialists: tuple[Specialist, ...] = field(default_factory=lambda: (
