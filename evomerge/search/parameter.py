@@ -81,6 +81,10 @@ class ParameterSpace(SearchSpace):
         self._layout(spec, context.num_layers, fail)
         self.bounds = self._bounds(spec, fail)
         self.fixed = self._fixed(spec, fail)
+        for param in self.method.params:  # else every trial would fail in the merge engine
+            if param.default is REQUIRED and param.name not in self.bounds and param.name not in self.fixed:
+                fail(("search",), f"{self.method.name} needs {param.name!r}: search it "
+                     f"(search: {{{param.name}: [low, high]}}) or fix it (fixed: {{{param.name}: value}})")
         self.della = self.method.param("epsilon") is not None
         if self.della and self._low("density") <= 0:
             fail(("search", "density") if "density" in self.bounds else ("fixed", "density"),
