@@ -83,11 +83,15 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
 def demo(workdir: Path | None, n_trials: int | None, device: str | None, seed: int | None, quiet: bool) -> None:
     """Build the tiny model zoo if missing, search for its best merge, export it, write the report."""
     from evomerge.demo import run_demo
-    from evomerge.search.heldout import format_rows
+    from evomerge.search.heldout import as_text, comparisons, heldout_table, paired_table
 
     setup_logging(quiet, False)
     rows, out = run_demo(workdir, n_trials=n_trials, device=device, seed=seed, progress=not quiet)
-    click.echo(format_rows(rows))
+    click.echo(as_text(heldout_table(rows)))
+    paired = comparisons(rows)
+    if paired:
+        click.echo("\npaired on the same held-out items (95% CI: paired bootstrap; p: sign test):")
+        click.echo(as_text(paired_table(paired)))
     click.echo(f"best merge: {out / 'best.yaml'}  report: {out / 'report' / 'index.html'}")
 
 

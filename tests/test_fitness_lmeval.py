@@ -139,3 +139,19 @@ def test_model_left_in_eval_mode_without_grads(live):
     fitness.evaluate(model, tokenizer)
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_per_item_values_are_lm_evals_per_document_scores(live, tmp_path):
+    """``evaluate_items`` returns, in document order, the values lm-eval logs per sample (the
+    oracle), whose mean is the score; metrics that are not an item mean have no items."""
+    model, tokenizer, folder = live
+    mc = {split: DATA / "data" / "mc" / f"{split}.jsonl" for split in ("search", "test")}
+    disk_copy(TASKS / "fit_mc.yaml", tmp_path, "fit_mc_test", eval_split="test", data=mc)
+    fitness = load_fitness(DATA / "fitness.yaml")
+    scores, items = fitness.evaluate_items(model, tokenizer, "test")
+    samples = from_disk(folder, tmp_path, "fit_mc_test", samples=True)["samples"]["fit_mc_test"]
+    assert items["mc"] == [float(s["acc"]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+    assert 0 < sum(items["mc"]) < len(items["mc"]) == 8  # informative: some right, some wrong
+    assert sum(items["mc"]) / 8 == scores["mc"] and sum(items["const"]) / 4 == scores["const"] == 0.25
+    assert set(items) == {"mc", "const"}  # perplexity windows and a callable are not item means
+    assert scores == fitness.evaluate(model, tokenizer, "test")

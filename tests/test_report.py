@@ -16,10 +16,12 @@ from evomerge.errors import EvomergeError
 from evomerge.modeling import load_model
 from evomerge.search.driver import run_search
 from evomerge.search.experiment import parse_experiment
-from evomerge.search.heldout import DEFAULT_MERGES, format_rows, rows_to_markdown
+from evomerge.search.heldout import DEFAULT_MERGES, as_markdown, as_text, heldout_table
 from evomerge.search.report import write_report
+from evomerge.synthetic import build_family
 
 FUNCTIONS = Path(__file__).parent / "data" / "search" / "fitness_fns.py"
+TASKS = Path(__file__).parent / "data" / "fitness" / "tasks"
 SPLIT_AWARE = '''
 def skill(model, tokenizer, split="search"):
     """A smooth function of the weights, shifted by 1000 on the test split."""
@@ -79,6 +81,8 @@ def test_report_writes_plots_tables_and_an_offline_page(reported):
     header = "| model | kind | extra | norm | skill | weighted_sum | mean skill |"
     assert (out / "heldout.md").read_text().startswith(header)
     assert not list(out.parent.glob(".out.tmp-*"))
+    assert json.loads((out / "paired.json").read_text()) == []  # callables score no items to pair
+    assert '<table class="paired">' not in page
 
 
 def test_heldout_rows_cover_trial_base_sources_and_defaults_on_the_test_split(reported):
@@ -100,15 +104,43 @@ def test_heldout_rows_cover_trial_base_sources_and_defaults_on_the_test_split(re
     assert len({row["metrics"]["skill"] for row in rows[1:]}) == len(rows) - 1  # each its own model
 
 
+def test_trials_are_compared_with_every_row_item_by_item(tmp_path):
+    """With lm-eval skills (per-item scores), each reported trial gets a paired comparison
+    with every other row, consistent with the rows' own items and mean skills. (Fine-tunes
+    10× further from the base than the shared family's, so that the rows answer differently.)"""
+    family = build_family(tmp_path / "family", "llama", delta_scale=0.5)
+    data = experiment_data(family, tmp_path, budget={"n_trials": 2})
+    data["fitness"] = {"include_path": str(TASKS), "metrics": {
+        "mc": {"type": "lm_eval", "task": "fit_mc", "metric": "acc", "limit": 4},
+        "const": {"type": "lm_eval", "task": "fit_const", "metric": "exact_match", "weight": 0.5}}}
+    search = run_search(parse_experiment(yaml.safe_dump(data)), progress=False)
+    out = write_report(search, tmp_path / "out")
+    rows = json.loads((out / "heldout.json").read_text())
+    paired = json.loads((out / "paired.json").read_text())
+    trial, others = rows[0], rows[1:]
+    assert [(p["model"], p["reference"]) for p in paired] == [(trial["label"], row["label"]) for row in others]
+    assert {name: len(values) for name, values in trial["items"].items()} == {"mc": 8, "const": 4}
+    for comparison, row in zip(paired, others):
+        for name, values in row["items"].items():
+            assert sum(values) / len(values) == row["metrics"][name]
+        assert comparison["difference"] == pytest.approx(trial["mean_skill"] - row["mean_skill"], abs=1e-12)
+        pairs = [(a, b) for name in trial["items"] for a, b in zip(trial["items"][name], row["items"][name])]
+        assert (comparison["wins"], comparison["losses"]) == (sum(a > b for a, b in pairs),
+                                                              sum(a < b for a, b in pairs))
+    assert any(p["wins"] + p["losses"] for p in paired)  # the rows do differ on some items
+    assert "Paired on the same held-out items" in (out / "heldout.md").read_text()
+    assert '<table class="paired">' in (out / "index.html").read_text()
+
+
 def test_tables_are_aligned_text_and_markdown():
     rows = [{"label": "trial 3", "kind": "trial", "trial": 3, "metrics": {"acc": 0.51234, "ppl": 12.5},
              "objectives": {"weighted_sum": 0.25}, "mean_skill": 0.51234},
             {"label": "base", "kind": "base", "trial": None, "metrics": {"acc": 0.25, "ppl": 9.0},
              "objectives": {"weighted_sum": -1.5}, "mean_skill": None}]
-    lines = format_rows(rows).splitlines()
+    lines = as_text(heldout_table(rows)).splitlines()
     assert lines[0].split() == ["model", "kind", "acc", "ppl", "weighted_sum", "mean", "skill"]
     assert len({len(line) for line in lines}) == 1 and lines[2].endswith("0.5123") and lines[3].endswith("-")
-    markdown = rows_to_markdown(rows).splitlines()
+    markdown = as_markdown(heldout_table(rows)).splitlines()
     assert markdown[1] == "| --- | --- | ---: | ---: | ---: | ---: |"
     assert markdown[3] == "| base | base | 0.25 | 9 | -1.5 | - |"
 

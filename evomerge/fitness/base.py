@@ -29,7 +29,13 @@ class FitnessError(EvomergeError):
 
 
 class Metric(ABC):
-    """One reported score: ``name``, optimization ``direction`` and objective ``weight``."""
+    """One reported score: ``name``, optimization ``direction`` and objective ``weight``.
+
+    ``item_mean``: the score is the mean of the per-item values (numbers), so two models'
+    values on the same items can be compared item by item (:mod:`evomerge.search.paired`).
+    """
+
+    item_mean = False
 
     def __init__(self, name: str, direction: Direction, weight: float):
         self.name, self.direction, self.weight = name, direction, weight

@@ -92,6 +92,18 @@ class Fitness:
             self._cache.put(cache_key, split, fraction, scores)
         return scores
 
+    def evaluate_items(self, model: nn.Module, tokenizer: Any, split: str = "test"
+                       ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Every item of ``split`` scored afresh (no cache): the scores of :meth:`evaluate`, and
+        the per-item values of each metric whose score is their mean (``Metric.item_mean``; a
+        metric with an unscored item is left out), for paired comparisons."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        items: dict[str, list[Any]] = {}
+        scores = self._score(model, tokenizer, split, 1.0, items)
+        return scores, {name: [float(v) for v in values] for name, values in items.items()
+                        if self.metrics[name].item_mean and None not in values}
+
     def iter_stages(self, model: nn.Module, tokenizer: Any, split: str = "search", *,
                     cache_key: str | None = None) -> Iterator[tuple[float, dict[str, float]]]:
         """``(fraction, scores)`` after each of :attr:`stages`; stop iterating to prune.

@@ -36,7 +36,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -220,6 +220,7 @@ class LmEvalMetric(Metric):
         self.filter = self.filter or filters[0]
         direction = "maximize" if search.higher_is_better()[self.metric] else "minimize"
         super().__init__(name, direction, weight)
+        self.item_mean = _is_mean(search.aggregation().get(self.metric, mean))
         self.tasks, self.path, self.batch_size = tasks, path, batch_size
         self.apply_chat_template = apply_chat_template
         self.limits = {"search": limit, "test": test_limit}
@@ -246,11 +247,12 @@ class LmEvalMetric(Metric):
         task, count = self.tasks[split], self.num_items(split)
         lm = self._lm(model, tokenizer)
         task.set_fewshot_seed(FEWSHOT_SEED)
-        task.build_all_requests(
-            limit=count, apply_chat_template=self.apply_chat_template,
-            fewshot_as_multiturn=self.apply_chat_template,
-            chat_template=lm.apply_chat_template if self.apply_chat_template else None,
-            tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")
+        with _no_request_progress_bar():
+            task.build_all_requests(
+                limit=count, apply_chat_template=self.apply_chat_template,
+                fewshot_as_multiturn=self.apply_chat_template,
+                chat_template=lm.apply_chat_template if self.apply_chat_template else None,
+                tokenizer_name=lm.tokenizer_name if self.apply_chat_template else "")
         by_doc: list[list[Any]] = [[] for _ in range(count)]
         for instance in task.instances:
             by_doc[instance.doc_id].append(instance)
@@ -283,6 +285,27 @@ class LmEvalMetric(Metric):
 
         _quiet_hflm_notices()
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+
+
+@contextmanager
+def _no_request_progress_bar() -> Iterator[None]:
+    """lm-eval's ``build_all_requests`` draws a progress bar of its own for work that takes
+    milliseconds here (once per split): hide it."""
+    import lm_eval.api.task as task_module
+
+    saved = task_module.tqdm
+    task_module.tqdm = partial(saved, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = saved
+
+
+def _is_mean(function: Any) -> bool:
+    """Whether an lm-eval aggregation is the plain mean of the items' values."""
+    from lm_eval.api.metrics import mean as lm_eval_mean
+
+    return function in (mean, lm_eval_mean)
 
 
 class _DropNotices(logging.Filter):

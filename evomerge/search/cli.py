@@ -113,7 +113,7 @@ def export(experiment: Path | None, study: str | None, storage: str | None, tria
 @click.argument("experiment", required=False, type=click.Path(path_type=Path))
 @study_options
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder to write (index.html, PNGs, trials.csv, heldout.md/json).")
+              help="Folder to write (index.html, PNGs, trials.csv, heldout.md/json, paired.json).")
 @click.option("--no-heldout", is_flag=True, help="Leave out the held-out table (no model is loaded or scored).")
 @click.option("--device", default=None, help="Device for the held-out scores (default: the experiment's).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")

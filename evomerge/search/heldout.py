@@ -17,7 +17,9 @@ is the trial number (None for the others), ``metrics`` every score the fitness r
 ``objectives`` the objective value(s) by name, and ``mean_skill`` the mean of the
 metrics with a non-zero weight that are maximized (the skill accuracies: minimized
 metrics such as perplexity and report-only metrics of weight 0 are left out; None when
-there are none), one scale-free number to compare rows by.
+there are none), one scale-free number to compare rows by. ``items`` holds the per-item
+values of those metrics (None when one of them has no per-item mean, e.g. a callable):
+:func:`comparisons` pairs each trial with every other row on them (:mod:`.paired`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from tqdm.auto import tqdm
 
 from evomerge.config import MergeConfig, parse_config, torch_dtype
 from evomerge.materialize import Materializer
-from evomerge.search.driver import Search, plan_hash
+from evomerge.search.driver import Search
+from evomerge.search.paired import Paired, compare
 from evomerge.search.space import model_labels
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,15 @@ def candidates(search: Search, trials: Sequence[FrozenTrial]) -> list[Candidate]
     return rows
 
 
+def skill_metrics(search: Search) -> list[str]:
+    """The maximized metrics with a non-zero weight: what the mean skill averages."""
+    return [name for name, metric in search.fitness.metrics.items()
+            if metric.weight != 0 and metric.direction == "maximize"]
+
+
 def mean_skill(search: Search, scores: dict[str, float]) -> float | None:
     """Mean of the maximized metrics with a non-zero weight (None when there are none)."""
-    skills = [scores[name] for name, metric in search.fitness.metrics.items()
-              if metric.weight != 0 and metric.direction == "maximize" and name in scores]
+    skills = [scores[name] for name in skill_metrics(search) if name in scores]
     return sum(skills) / len(skills) if skills else None
 
 
@@ -96,22 +104,32 @@ def heldout_rows(search: Search, trials: Sequence[FrozenTrial], *, materializer:
                  progress: bool = False) -> list[dict[str, Any]]:
     """Score ``trials``, the base, each source and the default merges on the test split."""
     materializer = materializer or search_materializer(search, progress=progress)
-    fitness, rows = search.fitness, []
+    fitness, skills, rows = search.fitness, skill_metrics(search), []
     for candidate in tqdm(candidates(search, trials), desc="held-out", unit="model", disable=not progress):
         model = materializer.apply(candidate.config, seed=candidate.seed)
-        scores = fitness.evaluate(model, materializer.tokenizer, SPLIT,
-                                  cache_key=plan_hash(candidate.config, candidate.seed))
+        scores, items = fitness.evaluate_items(model, materializer.tokenizer, SPLIT)
         log.debug("held-out %s: %s", candidate.label, scores)
         rows.append({"label": candidate.label, "kind": candidate.kind, "trial": candidate.trial,
                      "metrics": scores,
                      "objectives": dict(zip(fitness.metric_names, fitness.objectives(scores))),
-                     "mean_skill": mean_skill(search, scores)})
+                     "mean_skill": mean_skill(search, scores),
+                     "items": {name: items[name] for name in skills} if skills and set(skills) <= set(items)
+                     else None})
     return rows
 
 
-def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells: label, kind, every metric, objectives not already a
-    metric column, mean skill."""
+def comparisons(rows: Sequence[dict[str, Any]]) -> list[Paired]:
+    """Each trial row against every other row, paired on their items (rows without items are skipped)."""
+    paired = [row for row in rows if row.get("items")]
+    return [compare(row["items"], other["items"], labels=(row["label"], other["label"]))
+            for row in paired if row["kind"] == "trial" for other in paired if other is not row]
+
+
+Table = tuple[list[str], list[list[str]]]  # header, cells
+
+
+def heldout_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """Label, kind, every metric, objectives not already a metric column, mean skill."""
     metrics = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
     objectives = [name for name in dict.fromkeys(n for row in rows for n in row["objectives"])
                   if name not in metrics]
@@ -125,9 +143,16 @@ def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return ["model", "kind", *metrics, *objectives, "mean skill"], cells
 
 
-def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as an aligned plain-text table (numbers right-aligned)."""
-    header, cells = _table(rows)
+def paired_table(paired: Sequence[Paired]) -> Table:
+    """Model, reference, Δ mean skill with its 95% interval, wins, losses, sign-test p."""
+    cells = [[p.model, p.reference, f"{p.difference:+.4f}", f"[{p.low:+.4f}, {p.high:+.4f}]", str(p.wins),
+              str(p.losses), f"{p.p_value:.2g}"] for p in paired]
+    return ["model", "vs", "Δ mean skill", "95% CI", "wins", "losses", "p (sign test)"], cells
+
+
+def as_text(table: Table) -> str:
+    """An aligned plain-text table (the first two columns left-aligned, the rest right-aligned)."""
+    header, cells = table
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
 
     def line(values: list[str]) -> str:
@@ -137,16 +162,16 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def rows_to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a GitHub-flavoured Markdown table."""
-    header, cells = _table(rows)
+def as_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table."""
+    header, cells = table
     lines = [header, ["---", "---", *["---:"] * (len(header) - 2)], *cells]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
 
 
-def rows_to_html(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as an HTML ``<table>`` (escaped)."""
-    header, cells = _table(rows)
+def as_html(table: Table, css_class: str) -> str:
+    """An HTML ``<table>`` (escaped)."""
+    header, cells = table
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in line) + "</tr>" for line in cells)
-    return f'<table class="heldout"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'

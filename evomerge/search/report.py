@@ -12,7 +12,9 @@ an existing non-empty folder is refused unless ``force``):
   front (multi-objective studies with two or three objectives), and a layer map of each
   reported trial's merge (:func:`layer_map`);
 * ``heldout.md`` / ``heldout.json`` — the held-out comparison on the test split
-  (:mod:`evomerge.search.heldout`); ``trials.csv`` — ``study.trials_dataframe()``.
+  (:mod:`evomerge.search.heldout`), and ``paired.json`` — each reported trial against every
+  other row, item by item (:mod:`evomerge.search.paired`); ``trials.csv`` —
+  ``study.trials_dataframe()``.
 
 The reported trials are the best trial, or the Pareto front of a multi-objective study
 (trials with the same plan counted once).
@@ -45,12 +47,17 @@ from evomerge.io.writer import check_output_dir
 from evomerge.plan import build_plan, open_models
 from evomerge.search.driver import Search, open_search
 from evomerge.search.experiment import load_experiment, parse_experiment
-from evomerge.search.heldout import heldout_rows, rows_to_html, rows_to_markdown
+from evomerge.search.heldout import as_html, as_markdown, comparisons, heldout_rows, heldout_table, paired_table
+from evomerge.search.paired import RESAMPLES, Paired
 from evomerge.search.results import locate_study, open_study, summarize
 from evomerge.search.space import model_labels
 
 log = logging.getLogger(__name__)
 ANNOTATE_MAX_COLUMNS = 32  # layer maps write each cell's value up to this many layers
+PAIRED_NOTE = (f"Paired on the same held-out items: Δ = the trial's mean skill minus the other row's; 95% CI: "
+               f"paired bootstrap over the items ({RESAMPLES} resamples, each skill's items on their own); "
+               "wins/losses: items the trial scored higher/lower on; p: exact two-sided sign test of wins "
+               "against losses.")
 
 
 @dataclass(frozen=True)
@@ -295,17 +302,21 @@ def _staging(out_dir: Path) -> Iterator[Path]:
     os.replace(tmp, out_dir)
 
 
-def _html(study: optuna.Study, sections: list[str], rows: list[dict] | None, notes: list[str],
-          trials: Sequence[FrozenTrial]) -> str:
+def _html(study: optuna.Study, sections: list[str], rows: list[dict] | None, paired: list[Paired],
+          notes: list[str], trials: Sequence[FrozenTrial]) -> str:
     from plotly.offline import get_plotlyjs
 
-    heldout = ("<h2>Held-out comparison (test split)</h2>" + rows_to_html(rows)
-               + "<p>mean skill: the mean of the maximized metrics with a non-zero weight.</p>"
-               if rows is not None else "")
+    heldout = ""
+    if rows is not None:
+        heldout = ("<h2>Held-out comparison (test split)</h2>" + as_html(heldout_table(rows), "heldout")
+                   + "<p>mean skill: the mean of the maximized metrics with a non-zero weight.</p>")
+        if paired:
+            heldout += ("<h3>Paired on the same items</h3>" + as_html(paired_table(paired), "paired")
+                        + f"<p>{escape(PAIRED_NOTE)}</p>")
     plans = "".join(f"<h3>Trial {t.number}</h3><pre>{escape(t.user_attrs.get('plan', ''))}</pre>" for t in trials)
     note_list = "".join(f"<li>{escape(note)}</li>" for note in notes)
     files = " · ".join(f'<a href="{name}">{name}</a>' for name in
-                       ["trials.csv", *(["heldout.md", "heldout.json"] if rows is not None else [])])
+                       ["trials.csv", *(["heldout.md", "heldout.json", "paired.json"] if rows is not None else [])])
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>evomerge report: {escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} table{{border-collapse:collapse}}
@@ -342,6 +353,7 @@ def write_report(search_or_study: Search | optuna.Study, out_dir: str | Path, *,
         search = dataclasses.replace(search, device=device) if device else search
         rows = heldout_rows(search, trials, progress=progress)
     rows = rows if heldout else None
+    paired = comparisons(rows) if rows is not None else []
     plots, notes = study_plots(study, trials)
     with _staging(out_dir) as folder:
         sections = []
@@ -357,9 +369,11 @@ def write_report(search_or_study: Search | optuna.Study, out_dir: str | Path, *,
             sections.append(f'<h2>{escape(plot.title)}</h2>{div}<p><a href="{plot.slug}.png">PNG</a></p>')
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         if rows is not None:
-            (folder / "heldout.md").write_text(rows_to_markdown(rows))
+            (folder / "heldout.md").write_text(as_markdown(heldout_table(rows)) + (
+                f"\n{PAIRED_NOTE}\n\n{as_markdown(paired_table(paired))}" if paired else ""))
             (folder / "heldout.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (folder / "index.html").write_text(_html(study, sections, rows, notes, trials))
+            (folder / "paired.json").write_text(json.dumps([p.as_dict() for p in paired], indent=2) + "\n")
+        (folder / "index.html").write_text(_html(study, sections, rows, paired, notes, trials))
     log.info("wrote report %s", out_dir / "index.html")
     return out_dir
 
