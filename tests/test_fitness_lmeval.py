@@ -155,3 +155,60 @@ def test_per_item_values_are_lm_evals_per_document_scores(live, tmp_path):
     assert sum(items["mc"]) / 8 == scores["mc"] and sum(items["const"]) / 4 == scores["const"] == 0.25
     assert set(items) == {"mc", "const"}  # perplexity windows and a callable are not item means
     assert scores == fitness.evaluate(model, tokenizer, "test")
+
+
+def test_zoo_greedy_tasks_score_every_item_as_generating_the_answer(tmp_path):
+    """The shipped one-pass zoo task template (``_zoo_greedy_template_yaml``, loglikelihood
+    ``acc``) and the generation one (``_zoo_template_yaml``, exact match) give each item the
+    same value when the answer's tokens are the tokenizer's own encoding of it (zoo answers:
+    digits and "/", each a token of its own in the zoo's tokenizer). The model: a random Llama
+    whose newline logit is doubled, so that it ends some answers within the 16-token budget.
+    Answers whose tokens re-encode alike: where it ends its answer, that answer (right) or, on odd
+    items, with a character added (wrong); where it does not, its first token (wrong: the model
+    goes on without a newline); else "?"."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo.corpus import general_text
+    from evomerge.zoo.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([general_text(random.Random(0), 40)], 400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)).eval()
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    with torch.no_grad():
+        model.lm_head.weight[newline] *= 2
+    repo = Path(__file__).resolve().parents[1]
+    items = []
+    for skill in ("increment", "reverse", "dates"):
+        lines = (repo / "fitness" / "data" / skill / "test.jsonl").read_text().splitlines()[:20]
+        for prompt in (json.loads(line)["prompt"] for line in lines):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            generated, answer = out[0, ids.shape[1]:].tolist(), "?"
+            stop = generated.index(newline) + 1 if newline in generated else 1  # else: its first token
+            text = tokenizer.decode(generated[:stop]).removesuffix("\n")
+            if text and tokenizer(prompt + text).input_ids == ids[0].tolist() + generated[:stop - (stop > 1)]:
+                answer = text + ("x" if newline in generated and len(items) % 2 else "")
+            items.append({"prompt": prompt, "answer": answer})
+    tasks, data = tmp_path / "tasks", {s: tmp_path / f"{s}.jsonl" for s in ("search", "test")}
+    tasks.mkdir()
+    for path in data.values():
+        path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    for template, task in (("_zoo_template_yaml", "probe"), ("_zoo_greedy_template_yaml", "probe_greedy")):
+        (tasks / template).write_text((repo / "fitness" / "tasks" / template).read_text())
+        (tasks / f"{task}.yaml").write_text(yaml.safe_dump({
+            "include": template, "task": task,
+            "dataset_kwargs": {"data_files": {s: str(p) for s, p in data.items()}}}))
+    fitness = load_fitness({"include_path": str(tasks), "metrics": {
+        "generate": metric("probe", "exact_match"), "greedy": metric("probe_greedy", "acc")}})
+    scores, values = fitness.evaluate_items(model, tokenizer, "test")
+    assert values["generate"] == values["greedy"]
+    assert 0.1 <= scores["greedy"] < 0.5  # right on some even items only
+    assert sum(item["answer"] not in ("?", "he", "hex") for item in items) >= 5  # first-token answers

@@ -23,9 +23,10 @@ from evomerge import merge
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
 from evomerge.materialize import Materializer
-from evomerge.search.driver import open_search, run_search
+from evomerge.search.driver import Runner, open_search, run_search
 from evomerge.search.experiment import parse_experiment
 from evomerge.search.results import export_yaml, pick_trial
+from evomerge.search.samplers import CmaPackageProposer
 from tests.conftest import read_folder
 
 FUNCTIONS = Path(__file__).parent / "data" / "search" / "fitness_fns.py"
@@ -212,6 +213,37 @@ def test_other_samplers(llama, tmp_path, test_log, sampler):
     trials = search.study.get_trials()
     assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) >= 8
+
+
+def test_ipop_restarts_a_stopped_cma_with_twice_the_population(llama, tmp_path):
+    """A flat fitness meets cma's stopping criterion (tolfun) after every generation: with
+    ``restarts: ipop`` the search goes on with populations 4, 8, 16; replaying the study on
+    resume reaches the same evolution; without restarts one evolution runs."""
+    flat = tmp_path / "flat.py"
+    flat.write_text("def score(model, tokenizer, split='search'):\n    return 1.0\n")
+    metrics = {"flat": {"type": "callable", "function": f"{flat}:score", "direction": "maximize"}}
+    populations = {}
+    for restarts in ("ipop", None):
+        data = experiment_dict(llama, tmp_path, sampler="cma", n_trials=14, metrics=metrics,
+                               name=f"t-{restarts}")
+        data["optimizer"].update(restarts=restarts, warm_start=False)
+        search = open_search(parse_experiment(yaml.safe_dump(data)))
+        runner = Runner(search, progress=False)
+        assert runner.run(14, None) == 14
+        trials = search.study.get_trials()
+        assert all(t.state == TrialState.COMPLETE for t in trials)
+        assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 14
+        replayed = CmaPackageProposer(search.space, search.experiment.optimizer, search.study)
+        populations[restarts] = [(p.restarts, p.es.popsize) for p in (runner.proposer, replayed)]
+    assert populations == {"ipop": [(2, 16), (2, 16)], None: [(0, 4), (0, 4)]}
+
+
+def test_restarts_with_optunas_cma_es_are_refused_before_anything_is_written(llama, tmp_path):
+    data = experiment_dict(llama, tmp_path)
+    data["optimizer"]["restarts"] = "ipop"
+    with pytest.raises(EvomergeError, match="optimizer.restarts: restarts: ipop needs sampler cma"):
+        open_search(parse_experiment(yaml.safe_dump(data)))
+    assert not (tmp_path / "study.db").exists()
 
 
 def test_multi_objective_search_with_nsga2(llama, tmp_path, test_log):

@@ -12,7 +12,7 @@
       sampler: cmaes                     # cmaes | cma | tpe | nsga2 | random
       popsize: 8                         # CMA-ES population / NSGA-II population
       sigma0: 0.25                       # CMA-ES initial step, in units of each parameter's range
-      restarts: null                     # CMA-ES restarts: ipop | bipop
+      restarts: null                     # ipop: restart a converged CMA-ES, population ×2 (sampler cma)
       seed: 0
       warm_start: true                   # first trials: the space's known recipes
     budget: {n_trials: 40, timeout: null, max_failures_in_a_row: 5}
@@ -60,7 +60,7 @@ class Optimizer(_Strict):
     sampler: Sampler = "cmaes"
     popsize: int | None = None
     sigma0: float | None = None
-    restarts: Literal["ipop", "bipop"] | None = None
+    restarts: Literal["ipop"] | None = None
     seed: int = 0
     warm_start: bool = True
 

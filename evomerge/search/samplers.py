@@ -6,14 +6,22 @@ every parameter to [0, 1] for CMA-ES, so ``sigma0`` is in units of each paramete
 ``cma`` runs Nikolaus Hansen's ``cma`` package on the space's ``[0, 1]^d`` code
 (``SearchSpace.to_unit``/``from_unit``); on resume its state is rebuilt by replaying the
 study's finished trials, generation by generation.
+
+Restarts (``restarts: ipop``, Auger & Hansen 2005) run with ``cma``: when an evolution meets
+one of ``cma``'s stopping criteria (it has converged, or its fitness went flat), a new one
+starts from a uniformly random point of ``[0, 1]^d`` (from the optimizer's seed) with twice
+the population, and the study goes on. Optuna's ``CmaEsSampler`` ignores restart strategies
+since Optuna 4.4, so ``cmaes`` refuses the option rather than silently running without them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -31,11 +39,15 @@ def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]
         raise ConfigError(f"sampler {kind} optimizes one objective; the fitness has {len(directions)} "
                           "(use nsga2, tpe or random)", field="optimizer.sampler")
     if kind == "cmaes":
-        options = {"sigma0": optimizer.sigma0, "popsize": optimizer.popsize,
-                   "restart_strategy": optimizer.restarts}
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed), warn_independent_sampling=False,
-            **{k: v for k, v in options.items() if v is not None})
+        if optimizer.restarts:
+            raise ConfigError(f"restarts: {optimizer.restarts} needs sampler cma (Optuna's CmaEsSampler ignores "
+                              "restart strategies since Optuna 4.4)", field="optimizer.restarts")
+        options = {"sigma0": optimizer.sigma0, "popsize": optimizer.popsize}
+        with warnings.catch_warnings():  # sigma0: deprecated in Optuna 4.9, kept until 6 (pyproject: optuna<6)
+            warnings.filterwarnings("ignore", message=".*sigma0", category=FutureWarning)
+            return optuna.samplers.CmaEsSampler(
+                seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+                warn_independent_sampling=False, **{k: v for k, v in options.items() if v is not None})
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if kind == "nsga2":
@@ -44,20 +56,18 @@ def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]
 
 
 class CmaPackageProposer:
-    """Parameters proposed by ``cma.CMAEvolutionStrategy``; told the (minimized) results."""
+    """Parameters proposed by ``cma.CMAEvolutionStrategy`` (restarted as the module docstring
+    says with ``restarts: ipop``); told the (minimized) results."""
 
     def __init__(self, space: SearchSpace, optimizer: Optimizer, study: optuna.Study):
-        import cma
-
-        self.space = space
+        self.space, self.optimizer = space, optimizer
         self.sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-        dimension = len(space.distributions())
+        self.dimension = len(space.distributions())
         recipes = space.known_recipes()
-        x0 = space.to_unit(recipes[0]) if recipes else [0.5] * dimension
-        options = {"seed": optimizer.seed + 1, "bounds": [0, 1], "verbose": -9}
-        if optimizer.popsize:
-            options["popsize"] = optimizer.popsize
-        self.es = cma.CMAEvolutionStrategy(x0, optimizer.sigma0 or 0.25, options)
+        self.restarts = 0
+        self._starts = np.random.default_rng(optimizer.seed)  # restart points
+        self.es = self._evolution(space.to_unit(recipes[0]) if recipes else [0.5] * self.dimension,
+                                  optimizer.popsize)
         self._pending: list = []
         self._proposed: dict[str, Any] = {}
         self._asked = False  # cma needs an ask() before each tell()
@@ -87,6 +97,19 @@ class CmaPackageProposer:
             self.es.ask()
         self.es.tell([x for x, _ in self._told], [worst if v is None else v for _, v in self._told])
         self._told, self._pending, self._asked = [], [], False
+        if self.optimizer.restarts and self.es.stop():
+            self.restarts += 1
+            log.info("CMA-ES stopped (%s): restart %d with population %d", ", ".join(self.es.stop()),
+                     self.restarts, 2 * self.es.popsize)
+            self.es = self._evolution(list(self._starts.random(self.dimension)), 2 * self.es.popsize)
+
+    def _evolution(self, x0: list[float], popsize: int | None):
+        import cma
+
+        options = {"seed": self.optimizer.seed + 1 + self.restarts, "bounds": [0, 1], "verbose": -9}
+        if popsize:
+            options["popsize"] = popsize
+        return cma.CMAEvolutionStrategy(x0, self.optimizer.sigma0 or 0.25, options)
 
 
 def _key(params: dict[str, Any]) -> str:
