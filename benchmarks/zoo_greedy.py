@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("zoo", nargs="?", type=Path, default=REPO / "runs" / "zoo", help="a built zoo")
     parser.add_argument("--study", default=None, help="Optuna storage URL of a search on this zoo")
-    parser.add_argument("--study-name", default="zoo-ps", help="the study's name")
+    parser.add_argument("--study-name", default="zoo-ps-layers", help="the study's name")
     parser.add_argument("--trials", type=int, default=8, help="completed trials to check (with --study)")
     parser.add_argument("--splits", default="search,test", help="comma-separated: search, test")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
