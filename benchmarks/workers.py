@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -50,14 +51,14 @@ RECIPE = dict(pretrain_steps=30, finetune_steps=10, corpus_paragraphs=2000, eval
 
 
 def experiment_yaml(limit: int) -> str:
-    fitness = (REPO / "fitness" / "zoo_skills.yaml").read_text().replace("limit: 64", f"limit: {limit}")
+    fitness = re.sub(r"limit: \d+", f"limit: {limit}", (REPO / "fitness" / "zoo_skills.yaml").read_text())
     fitness = fitness.replace("include_path: tasks", f"include_path: {REPO / 'fitness' / 'tasks'}")
     fitness = fitness.replace("data/general/", f"{REPO / 'fitness' / 'data' / 'general'}/")
     path = Path(tempfile.mkdtemp(prefix="evomerge-bench-")) / "fitness.yaml"
     path.write_text(fitness)
     return f"""
 name: bench
-models: {{base: {ZOO}/base, sources: [{ZOO}/addition, {ZOO}/reverse, {ZOO}/dates]}}
+models: {{base: {ZOO}/base, sources: [{ZOO}/increment, {ZOO}/reverse, {ZOO}/dates]}}
 search_space: {{kind: parameter, method: task_arithmetic, layer_granularity: 1, search: {{weight: [0.0, 1.5]}},
                fixed: {{lambda: 1.0}}}}
 fitness: {path}
