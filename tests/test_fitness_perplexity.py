@@ -100,6 +100,23 @@ def test_max_tokens_caps_the_stream(live):
     assert corpus.windows[-1].end == 300
 
 
+@pytest.mark.parametrize("max_tokens,limit,caps", [(400, 150, (150, 400)), (400, 900, (400, 400)),
+                                                    (None, 150, (150, None))])
+def test_limit_caps_the_search_split_only(live, max_tokens, limit, caps):
+    """``limit`` (search-split tokens) makes the search estimate cheaper; the test split keeps
+    ``max_tokens``, and each split's value is the reference loop's on its capped stream."""
+    model, tokenizer = live
+    fitness = ppl_fitness({"search": "data/text/search.txt", "test": "data/text/test.txt"},
+                          max_tokens=max_tokens, limit=limit, context=64, stride=32)
+    for split, cap in zip(("search", "test"), caps):
+        value = fitness.evaluate(model, tokenizer, split)["ppl"]
+        ids = fitness.metrics["ppl"].corpus(tokenizer, split).ids
+        path = SEARCH_TXT if split == "search" else SEARCH_TXT.with_name("test.txt")
+        assert torch.equal(ids, tokens(tokenizer, path, cap))
+        assert value == pytest.approx(reference_ppl(model, ids, 64, 32)[0], rel=RTOL)
+    assert len(fitness.metrics["ppl"].corpus(tokenizer, "search").ids) == caps[0]
+
+
 def test_documents_are_joined_by_eos(live):
     _, tokenizer = live
     docs = read_texts(SEARCH_JSONL)

@@ -35,6 +35,7 @@ Definition (YAML; relative paths are relative to the file)::
         data: {search: data/general/search.txt, test: data/general/test.txt}
         text_field: text         # for .jsonl / .parquet / datasets.save_to_disk folders
         max_tokens: 8192         # default: the whole corpus
+        limit: 2048              # search-split tokens per candidate (default max_tokens); test ignores it
         context: 128             # window length in tokens (default 512)
         stride: 64               # default context // 2; must be < context
         batch_size: 8

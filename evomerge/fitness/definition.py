@@ -53,6 +53,7 @@ class PerplexitySpec(_Strict):
     data: SplitFiles
     text_field: str = "text"
     max_tokens: PositiveInt | None = None
+    limit: PositiveInt | None = None  # search-split tokens per candidate (None: max_tokens); test ignores it
     context: int = Field(512, ge=2)
     stride: PositiveInt | None = None  # None: context // 2
     batch_size: PositiveInt = 8
@@ -204,7 +205,7 @@ class _Builder:
                 self.fail(at + ("data", split), f"{path}: {error}")
             paths.append(path)
         return PerplexityMetric(name, texts, context=spec.context, stride=stride, max_tokens=spec.max_tokens,
-                                batch_size=spec.batch_size, weight=spec.weight, paths=paths)
+                                limit=spec.limit, batch_size=spec.batch_size, weight=spec.weight, paths=paths)
 
     def _callable(self, name: str, spec: CallableSpec, at: tuple) -> Metric:
         from evomerge.fitness.callable import CallableMetric, resolve_function

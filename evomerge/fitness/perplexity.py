@@ -3,11 +3,13 @@
 The corpus (``.txt``: the whole file is one document; ``.jsonl``: one document per line,
 field ``text_field``; ``.parquet``: column ``text_field``; or a ``datasets.save_to_disk``
 folder) is tokenized without special tokens, documents joined by the EOS token, and cut at
-``max_tokens``. Windows follow Hugging Face's strided-perplexity recipe: window *k* covers
-tokens ``[k·stride, k·stride + context)`` (the last one ends at the stream's end) and scores
-only the tokens no earlier window scored, so every token after the first is predicted
-exactly once, each with at least ``context − stride`` tokens of context (the first window's
-tokens with what precedes them). ``stride < context`` is required for that.
+``max_tokens`` (on the search split at ``limit`` when it is smaller: a cheaper estimate while
+searching, the whole ``max_tokens`` in held-out reports). Windows follow Hugging Face's
+strided-perplexity recipe: window *k* covers tokens ``[k·stride, k·stride + context)`` (the
+last one ends at the stream's end) and scores only the tokens no earlier window scored, so
+every token after the first is predicted exactly once, each with at least ``context − stride``
+tokens of context (the first window's tokens with what precedes them). ``stride < context`` is
+required for that.
 
 Perplexity = exp(total negative log-likelihood / scored tokens). The items are the windows,
 so a fraction scores the first windows of the corpus. Only the logits of scored positions
@@ -124,10 +126,13 @@ class PerplexityMetric(Metric):
     """Perplexity of ``texts[split]`` (lower is better); items are token windows."""
 
     def __init__(self, name: str, texts: dict[str, list[str]], *, context: int, stride: int,
-                 max_tokens: int | None, batch_size: int, weight: float, paths: list[Path]):
+                 max_tokens: int | None, batch_size: int, weight: float, paths: list[Path],
+                 limit: int | None = None):
         super().__init__(name, "minimize", weight)
         self.texts, self.context, self.stride = texts, context, stride
-        self.max_tokens, self.batch_size, self.paths = max_tokens, batch_size, paths
+        self.batch_size, self.paths = batch_size, paths
+        search = max_tokens if limit is None else min(limit, max_tokens or limit)
+        self.max_tokens = {"search": search, "test": max_tokens}
         self._tokenizer: Any = None
         self._corpora: dict[str, _Corpus] = {}
 
@@ -139,7 +144,7 @@ class PerplexityMetric(Metric):
         if tokenizer is not self._tokenizer:
             self._tokenizer, self._corpora = tokenizer, {}
         if split not in self._corpora:
-            ids = token_stream(self.texts[split], tokenizer, self.max_tokens)
+            ids = token_stream(self.texts[split], tokenizer, self.max_tokens[split])
             self._corpora[split] = _Corpus(ids, self.context, self.stride)
             log.debug("%s/%s: %d tokens in %d windows", self.name, split, len(ids),
                       len(self._corpora[split].windows))
