@@ -265,9 +265,11 @@ class Materializer:
         return self.model
 
     def _caches_to_build(self, plan: MergePlan) -> str | None:
-        """What this candidate's method caches that no candidate has cached yet (None: nothing)."""
+        """What this candidate's method caches that no candidate has cached yet (None: nothing,
+        also when it trims no task vector)."""
         sparsify = plan.method.sparsify
-        if not self.cache_positions or sparsify is None:
+        if not self.cache_positions or sparsify is None or not any(
+                any(trimmed_inputs(op.per_input, op.base_index)) for op in plan.ops if op.base_index is not None):
             return None
         if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
             return None if self._positions else "magnitude positions"
