@@ -35,7 +35,7 @@ import torch
 from evomerge.config import MergeConfig, parse_config
 from evomerge.fitness import load_fitness
 from evomerge.materialize import Materializer
-from evomerge.search.heldout import DEFAULT_MERGES, as_text
+from evomerge.search.heldout import as_text, reference_candidates
 from evomerge.zoo.corpus import SKILLS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,18 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def candidates(zoo: Path, args: argparse.Namespace) -> dict[str, MergeConfig]:
     """Label → merge config: base, specialists, default merges, then study trials."""
-    sources = [str(zoo / skill) for skill in SKILLS]
-    layers = json.loads((zoo / "base" / "config.json").read_text())["num_hidden_layers"]
-
-    def whole(path: str) -> MergeConfig:
-        return MergeConfig.model_validate({"merge_method": "passthrough", "dtype": "float32",
-                                           "slices": [{"sources": [{"model": path, "layer_range": [0, layers]}]}]})
-
-    configs = {name: whole(str(zoo / name)) for name in ("base", *SKILLS)}
-    for label, (method, per_source, top) in DEFAULT_MERGES.items():
-        configs[label] = MergeConfig.model_validate({
-            "merge_method": method, "base_model": str(zoo / "base"), "dtype": "float32", "parameters": top,
-            "models": [{"model": path, "parameters": per_source} for path in sources]})
+    depth = json.loads((zoo / "base" / "config.json").read_text())["num_hidden_layers"]
+    configs = {c.label: c.config for c in reference_candidates(
+        str(zoo / "base"), [str(zoo / skill) for skill in SKILLS], depth=depth, dtype="float32")}
     if args.study:
         study = optuna.load_study(study_name=args.study_name, storage=args.study)
         done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and "plan" in t.user_attrs]

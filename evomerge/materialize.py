@@ -268,14 +268,18 @@ class Materializer:
         """What this candidate's method caches that no candidate has cached yet (None: nothing,
         also when it trims no task vector)."""
         sparsify = plan.method.sparsify
-        if not self.cache_positions or sparsify is None or not any(
-                any(trimmed_inputs(op.per_input, op.base_index)) for op in plan.ops if op.base_index is not None):
+        if not self.cache_positions or sparsify is None:
             return None
         if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
-            return None if self._positions else "magnitude positions"
-        if sparsify is Sparsify.della and not self._ranks:
-            return "DELLA ranks and random words"
-        return None if self._words else "random words"
+            building = None if self._positions else "magnitude positions"
+        elif sparsify is Sparsify.della and not self._ranks:
+            building = "DELLA ranks and random words"
+        else:
+            building = None if self._words else "random words"
+        if building and any(any(trimmed_inputs(op.per_input, op.base_index))
+                            for op in plan.ops if op.base_index is not None):
+            return building
+        return None
 
     def _layer_modules(self, plan: MergePlan) -> list[nn.Module]:
         """One module per output position, shaped like the base layer it is taken from."""

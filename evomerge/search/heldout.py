@@ -66,24 +66,28 @@ def search_materializer(search: Search, *, progress: bool = False) -> Materializ
 
 def candidates(search: Search, trials: Sequence[FrozenTrial]) -> list[Candidate]:
     """The trials' stored plans, then the base, each source alone and the default merges."""
-    experiment = search.experiment
-    dtype, seed = experiment.dtype, experiment.seed
-    depth = search.space.context.num_layers
+    seed = search.experiment.seed
+    rows = [Candidate(f"trial {t.number}", "trial", parse_config(t.user_attrs["plan"], f"<trial {t.number}>"),
+                      t.user_attrs.get("seed", seed), t.number) for t in trials]
+    return rows + reference_candidates(search.base, search.sources, depth=search.space.context.num_layers,
+                                       dtype=search.experiment.dtype, seed=seed)
 
+
+def reference_candidates(base: str, sources: Sequence[str], *, depth: int, dtype: str,
+                         seed: int = 0) -> list[Candidate]:
+    """The base and each source alone (passthroughs of their ``depth`` layers), then the
+    default merges of every source."""
     def whole(model: str) -> MergeConfig:
         return MergeConfig.model_validate({
             "merge_method": "passthrough", "dtype": dtype,
             "slices": [{"sources": [{"model": model, "layer_range": [0, depth]}]}]})
 
-    rows = [Candidate(f"trial {t.number}", "trial", parse_config(t.user_attrs["plan"], f"<trial {t.number}>"),
-                      t.user_attrs.get("seed", seed), t.number) for t in trials]
-    rows.append(Candidate("base", "base", whole(search.base), seed))
-    rows += [Candidate(label, "source", whole(path), seed)
-             for label, path in zip(model_labels(search.sources), search.sources)]
+    rows = [Candidate("base", "base", whole(base), seed)]
+    rows += [Candidate(label, "source", whole(path), seed) for label, path in zip(model_labels(sources), sources)]
     for label, (method, per_source, top) in DEFAULT_MERGES.items():
         config = MergeConfig.model_validate({
-            "merge_method": method, "base_model": search.base, "dtype": dtype, "parameters": top,
-            "models": [{"model": path, "parameters": per_source} for path in search.sources]})
+            "merge_method": method, "base_model": base, "dtype": dtype, "parameters": top,
+            "models": [{"model": path, "parameters": per_source} for path in sources]})
         rows.append(Candidate(label, "default", config, seed))
     return rows
 

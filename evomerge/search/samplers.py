@@ -97,9 +97,10 @@ class CmaPackageProposer:
             self.es.ask()
         self.es.tell([x for x, _ in self._told], [worst if v is None else v for _, v in self._told])
         self._told, self._pending, self._asked = [], [], False
-        if self.optimizer.restarts and self.es.stop():
+        stopped = self.optimizer.restarts and self.es.stop()
+        if stopped:
             self.restarts += 1
-            log.info("CMA-ES stopped (%s): restart %d with population %d", ", ".join(self.es.stop()),
+            log.info("CMA-ES stopped (%s): restart %d with population %d", ", ".join(stopped),
                      self.restarts, 2 * self.es.popsize)
             self.es = self._evolution(list(self._starts.random(self.dimension)), 2 * self.es.popsize)
 
