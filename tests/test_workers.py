@@ -120,12 +120,12 @@ def test_claim_puts_back_a_new_trial_when_another_worker_took_the_last_queued_on
 
 def test_claim_runs_a_queued_trial_within_the_budget_and_a_new_one_at_its_edge(tmp_path):
     study = _study(tmp_path, waiting=2)
-    first = claim(study, study.ask, 3, lambda: False)
+    first = claim(study, study.ask, 3, lambda: False).trial
     fixed = study._storage.get_trial(first._trial_id).system_attrs.get("fixed_params")
     assert first.number == 0 and fixed == {"x": 0}  # popped from the queue
-    for trial in (first, claim(study, study.ask, 3, lambda: False)):
+    for trial in (first, claim(study, study.ask, 3, lambda: False).trial):
         study.tell(trial, 1.0)
-    third = claim(study, study.ask, 3, lambda: False)
+    third = claim(study, study.ask, 3, lambda: False).trial
     fixed = study._storage.get_trial(third._trial_id).system_attrs.get("fixed_params")
     assert third.number == 2 and fixed is None  # a new trial: the queue is empty
     study.tell(third, 1.0)
@@ -141,8 +141,8 @@ def test_claim_counts_a_retry_enqueued_meanwhile_in_place_of_its_failed_trial(tm
         RETRY(study, study._storage.get_trial(dead._trial_id))
         return study.ask()
 
-    trial = claim(study, ask_after_a_retry, 2, lambda: False)
-    assert trial is not None and trial.number == 1  # the retry, counted in place of trial 0
+    claimed = claim(study, ask_after_a_retry, 2, lambda: False)
+    assert claimed is not None and claimed.trial.number == 1  # the retry, counted in place of trial 0
     assert [t.number for t in counted(study.get_trials())] == [1]
 
 

@@ -80,3 +80,37 @@ def test_incompatible_distribution_is_refused_at_flush(tmp_path):
         study.ask({"x": optuna.distributions.IntDistribution(0, 5)})
     with pytest.raises(ValueError, match="different distribution kind"):
         writes.flush()
+
+
+def test_a_flush_updates_attributes_already_stored_and_the_last_value_wins(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db"), study_name="s")
+    study.enqueue_trial({"x": 0.5, "n": 1, "c": "a"}, user_attrs={"warm_start": True})
+    trial, writes = deferred_trial(study)
+    writes.flush()
+    trial.set_user_attr("warm_start", False)  # stored by enqueue_trial: updated, not duplicated
+    trial.set_user_attr("plan", "merge_method: linear\n")  # stored by the first flush
+    trial.set_user_attr("failure", "first")
+    trial.set_user_attr("failure", "second")  # twice in one queue
+    writes.flush()
+    stored = optuna.load_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path}/study.db")).trials[0]
+    assert stored.user_attrs == {"warm_start": False, "plan": "merge_method: linear\n",
+                                 "metrics": {"skill": 0.5}, "failure": "second"}
+
+
+def test_statements_per_flush_do_not_grow_with_the_records(tmp_path):
+    """Parameters and user attributes are written in bulk: a flush's statement count does not
+    depend on how many of them are queued."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db"), study_name="s")
+    statements: list[str] = []
+    event.listen(study._storage._backend.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *args: statements.append(statement))
+    counts = []
+    for extra in (0, 0, 12):  # the first trial takes Optuna's path for parameters new to the study
+        trial, writes = deferred_trial(study)
+        for i in range(extra):
+            trial.set_user_attr(f"extra{i}", i)
+        statements.clear()
+        writes.flush()
+        counts.append(len(statements))
+        study.tell(trial, 1.0)
+    assert counts[1] == counts[2] <= 6, counts

@@ -27,6 +27,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import optuna
 import psutil
@@ -100,10 +101,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class Claim(NamedTuple):
+    trial: optuna.Trial
+    trials: list[FrozenTrial]  # the study's trials, read just before ``trial`` was asked
+
+
 def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | None,
-          stop: Callable[[], bool]) -> optuna.Trial | None:
-    """The next trial this worker may run within ``budget`` (module docstring), or None when the
-    budget is spent (or ``stop()``). ``ask`` creates or pops a trial (``study.ask``)."""
+          stop: Callable[[], bool]) -> Claim | None:
+    """The next trial this worker may run within ``budget`` (module docstring), with the study's
+    trials read just before asking it, or None when the budget is spent (or ``stop()``).
+    ``ask`` creates or pops a trial (``study.ask``)."""
     waits = is_heartbeat_enabled(study._storage)  # else a dead worker's trial is never failed: do not wait
     while not stop():
         everything = study.get_trials(deepcopy=False)
@@ -112,12 +119,12 @@ def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | No
             log.warning("failed and re-queued %d trial(s) of dead workers", dead)
             everything = study.get_trials(deepcopy=False)
         if budget is None:
-            return ask()
+            return Claim(ask(), everything)
         trials = counted(everything)
         if len(trials) < budget or any(t.state == TrialState.WAITING for t in trials[:budget]):
             trial = ask()
             if _position(trial.number, everything, trials, study) < budget:
-                return trial
+                return Claim(trial, everything)
             log.debug("trial %d is over the budget (another worker asked first): back to waiting", trial.number)
             trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # after its queued writes
             continue

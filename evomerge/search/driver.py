@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge import __version__
@@ -210,11 +210,12 @@ class Runner:
         bar = tqdm(total=remaining, desc=f"search {study.study_name}", unit="trial", disable=not self.progress)
         with _stop_on_interrupt(flag), bar:
             while not stop():
-                trial = claim(study, self._ask, n_trials, stop)
-                if trial is None:
+                claimed = claim(study, self._ask, n_trials, stop)
+                if claimed is None:
                     break
+                trial = claimed.trial
                 try:
-                    state, reason = self._one_trial(trial)
+                    state, reason = self._one_trial(trial, claimed.trials)
                 except UpdateFinishedTrialError:  # failed as stale while it ran (heartbeats starved)
                     log.warning("trial %d was failed by another worker (no heartbeat for %d heartbeat "
                                 "intervals); its retry runs instead", trial.number, GRACE)
@@ -244,11 +245,12 @@ class Runner:
         with deferring(study, self.writes):
             return study.ask(self.search.space.distributions())
 
-    def _one_trial(self, trial: optuna.Trial) -> tuple[TrialState, str | None]:
+    def _one_trial(self, trial: optuna.Trial, trials: list[FrozenTrial]) -> tuple[TrialState, str | None]:
+        """Run ``trial``; ``trials``: the study's, read just before it was asked."""
         try:
             with heartbeat_thread(self.search.study._storage, trial._trial_id):
                 trial.set_user_attr("worker", worker_id())  # after the first heartbeat: see coordination.py
-                values = self._evaluate(trial)
+                values = self._evaluate(trial, trials)
         except (*STORAGE_ERRORS, UpdateFinishedTrialError):
             raise
         except optuna.TrialPruned:
@@ -283,7 +285,7 @@ class Runner:
             self.proposer.tell(trial.params, None)
         return TrialState.FAIL, reason
 
-    def _evaluate(self, trial: optuna.Trial) -> list[float]:
+    def _evaluate(self, trial: optuna.Trial, trials: list[FrozenTrial]) -> list[float]:
         search, experiment = self.search, self.search.experiment
         config = search.decode(trial.params)
         plan = config.to_yaml()
@@ -291,7 +293,7 @@ class Runner:
         for name, value in (("plan", plan), ("plan_hash", key), ("seed", experiment.seed),
                             ("device", self.device_name)):
             trial.set_user_attr(name, value)
-        previous = _completed_with(search.study, key)
+        previous = _completed_with(trials, key)
         if previous is not None:
             trial.set_user_attr("metrics", previous.user_attrs.get("metrics"))
             trial.set_user_attr("same_plan_as", previous.number)
@@ -318,11 +320,10 @@ class Runner:
         return values
 
 
-def _completed_with(study: optuna.Study, key: str):
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.user_attrs.get("plan_hash") == key:
-            return trial
-    return None
+def _completed_with(trials: list[FrozenTrial], key: str) -> FrozenTrial | None:
+    """A completed trial among ``trials`` that scored the same candidate (plan hash ``key``)."""
+    return next((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("plan_hash") == key),
+                None)
 
 
 def run_search(experiment: Experiment, *, study_name: str | None = None, storage: str | None = None,

@@ -2,9 +2,11 @@
 
 Optuna writes every suggested parameter and every user attribute as a transaction of its
 own: a trial of an 18-gene space made 30 write transactions. Asking such a trial, recording
-8 attributes and telling it took 27.5 ms on SQLite (19.6 ms batched), next to a 0.2 s trial
-of the search benchmark's small model. :class:`DeferredWrites` stands in for the study's storage while a
-trial is asked and run: ``set_trial_param`` and ``set_trial_user_attr`` are queued, and
+8 attributes and telling it took 27.5 ms on SQLite, 19.6 ms in one transaction (an earlier
+machine state), and in one transaction of bulk statements (4 a flush instead of 2 per
+record) 9.1 ms instead of 12.2 ms, next to a 0.2 s trial of the search benchmark's small
+model. :class:`DeferredWrites` stands in for the study's storage while a trial is asked and
+run: ``set_trial_param`` and ``set_trial_user_attr`` are queued, and
 :meth:`~DeferredWrites.flush` writes the queue in one transaction (on an RDB storage behind
 Optuna's cache; any other storage gets the same calls one by one). Every other storage
 call made through it flushes first, so this process reads its own writes in order; the
@@ -15,6 +17,7 @@ has finished.
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from typing import Any
@@ -59,19 +62,26 @@ class DeferredWrites:
 
 
 def _write_rdb(cached, backend: RDBStorage, queue: list[tuple[str, tuple]]) -> None:
-    """The queue in one session of Optuna's RDB storage. A trial is looked up (and checked to be
-    running) once for all its parameters, whose distributions are checked against the ones
-    Optuna's cache knows for the study (a parameter new to the study takes Optuna's own path,
-    which looks up earlier trials' distribution)."""
+    """The queue in one session of Optuna's RDB storage, in bulk statements: each trial is
+    looked up (and checked to be running) once, its parameters inserted together, and its
+    user attributes looked up together, then updated or inserted together (the last value
+    of a key wins). Parameter distributions are checked against the ones Optuna's cache
+    knows for the study; a parameter new to the study takes Optuna's own path, which looks
+    up earlier trials' distribution."""
     from optuna.distributions import check_distribution_compatibility, distribution_to_json
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import insert
 
-    checked: set[int] = set()
+    params: list[dict[str, Any]] = []
+    attrs: dict[tuple[int, str], str] = {}
     with _create_scoped_session(backend.scoped_session, True) as session:
+        for trial_id in dict.fromkeys(args[0] for _, args in queue):
+            backend.check_trial_is_updatable(trial_id, models.TrialModel.find_or_raise_by_id(trial_id, session).state)
         for kind, args in queue:
             if kind == "user_attr":
-                backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, *args)
+                trial_id, key, value = args
+                attrs[trial_id, key] = json.dumps(value)
                 continue
             trial_id, name, value, distribution = args
             study_id, _ = cached._trial_id_to_study_id_and_number.get(trial_id, (None, None))
@@ -80,13 +90,21 @@ def _write_rdb(cached, backend: RDBStorage, queue: list[tuple[str, tuple]]) -> N
                 backend._set_trial_param_without_commit(session, trial_id, name, value, distribution)
                 known[name] = distribution
                 continue
-            if trial_id not in checked:
-                state = models.TrialModel.find_or_raise_by_id(trial_id, session).state
-                backend.check_trial_is_updatable(trial_id, state)
-                checked.add(trial_id)
             check_distribution_compatibility(known[name], distribution)
-            session.add(models.TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
-                                               distribution_json=distribution_to_json(distribution)))
+            params.append({"trial_id": trial_id, "param_name": name, "param_value": value,
+                           "distribution_json": distribution_to_json(distribution)})
+        if params:
+            session.execute(insert(models.TrialParamModel), params)
+        if attrs:
+            model = models.TrialUserAttributeModel
+            stored = session.query(model).filter(model.trial_id.in_({t for t, _ in attrs}),
+                                                 model.key.in_({k for _, k in attrs})).all()
+            for row in stored:
+                if (row.trial_id, row.key) in attrs:
+                    row.value_json = attrs.pop((row.trial_id, row.key))
+            if attrs:
+                session.execute(insert(model), [{"trial_id": t, "key": k, "value_json": v}
+                                                for (t, k), v in attrs.items()])
 
 
 @contextmanager
