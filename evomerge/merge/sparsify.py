@@ -38,7 +38,7 @@ def magnitude_position(delta: torch.Tensor) -> torch.Tensor:
     bits = delta.detach().abs().reshape(-1).float().view(torch.int32)
     order = torch.argsort(0x7FFFFFFF - bits, stable=True)
     position = torch.empty(order.numel(), dtype=torch.int32, device=delta.device)
-    position[order] = torch.arange(order.numel(), dtype=torch.int32, device=delta.device)
+    position.scatter_(0, order, torch.arange(order.numel(), dtype=torch.int32, device=delta.device))
     return position.reshape(delta.shape)
 
 
