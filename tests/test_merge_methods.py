@@ -212,6 +212,24 @@ def test_selection_without_sort_equals_stable_order_with_ties(method, gamma):
         assert torch.equal(fast, sorted_)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 3000), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(1, 40))
+def test_magnitude_position_is_the_stable_decreasing_magnitude_order(seed, numel, dtype, levels):
+    """The CPU path (NumPy sort of key << 32 | index) equals torch's stable argsort: ties (few
+    magnitude levels, signed zeros, bf16 rounding) by position."""
+    g = torch.Generator().manual_seed(seed)
+    delta = (torch.randint(-levels, levels + 1, (numel,), generator=g).float() / 7
+             + torch.randn(numel, generator=g) * (seed % 2) * 1e-3).to(dtype)
+    if numel:
+        delta[torch.randint(0, numel, (numel // 5,), generator=g)] = -0.0
+    order = torch.argsort(delta.float().abs(), descending=True, stable=True)
+    expected = torch.empty(numel, dtype=torch.int32)
+    expected[order] = torch.arange(numel, dtype=torch.int32)
+    position = magnitude_position(delta)
+    assert position.dtype == torch.int32 and torch.equal(position, expected)
+
+
 def test_slerp_keeps_precision_on_large_tensors():
     """Tens of millions of elements: the cosine must not drift past the linear fallback."""
     g = torch.Generator().manual_seed(0)
