@@ -12,6 +12,7 @@ probabilities per row for DELLA, optional rescale to the original L1 norm).
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 
 import numpy as np
@@ -34,26 +35,28 @@ class Sparsify(str, Enum):
 def magnitude_position(delta: torch.Tensor) -> torch.Tensor:
     """Each element's position in the stable decreasing-``|delta|`` order (int32, shaped
     like ``delta``): a magnitude trim keeping ``k`` elements keeps ``position < k``."""
-    # The bits of a non-negative float32 order like its value: an ascending stable order of
-    # 2**31 - 1 - bits is the decreasing-magnitude order, ties by position.
-    bits = delta.detach().abs().reshape(-1).float().view(torch.int32)
-    if delta.device.type == "cpu":
-        order = _stable_order_cpu(0x7FFFFFFF - bits)
-    else:
-        order = torch.argsort(0x7FFFFFFF - bits, stable=True)
-    position = torch.empty(order.numel(), dtype=torch.int32, device=delta.device)
-    position.scatter_(0, order, torch.arange(order.numel(), dtype=torch.int32, device=delta.device))
+    # The bits of a non-negative float32 order like its value: the ascending stable order of
+    # 2**31 - 1 - bits (written over the fresh |delta|) is the decreasing-magnitude order.
+    keys = delta.detach().abs().reshape(-1).float().view(torch.int32).neg_().add_(0x7FFFFFFF)
+    index = torch.arange(keys.numel(), dtype=torch.int32, device=delta.device)
+    order = _stable_order_cpu(keys, index) if delta.device.type == "cpu" else torch.argsort(keys, stable=True)
+    position = torch.empty_like(index).scatter_(0, order, index)
     return position.reshape(delta.shape)
 
 
-def _stable_order_cpu(keys: torch.Tensor) -> torch.Tensor:
-    """``torch.argsort(keys, stable=True)`` for flat non-negative int32 ``keys``, about twice as
-    fast on CPU (11 vs 23 ns an element for 24.6M keys, one thread): NumPy sorts the distinct
-    int64 values ``key << 32 | index`` (a SIMD sort; distinct values need no stability), whose
-    low 32 bits are then the order."""
-    packed = keys.numpy().astype(np.int64)
-    packed <<= 32
-    packed |= np.arange(packed.size, dtype=np.int64)
+_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)  # int32 words of an int64
+
+
+def _stable_order_cpu(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``torch.argsort(keys, stable=True)`` (int64) for flat non-negative int32 ``keys``, with
+    ``index`` = their arange (int32), faster on CPU: NumPy sorts the distinct int64 values
+    ``key << 32 | index`` (a SIMD sort; distinct values need no stability), whose low words
+    are the order. For the 24.6M-element embedding of a 124.7M-parameter family's task
+    vector, one thread: 0.46 s instead of 1.0-1.5 s for the whole of ``magnitude_position``."""
+    packed = np.empty(keys.numel(), dtype=np.int64)
+    words = packed.view(np.int32).reshape(-1, 2)
+    words[:, _LOW] = index.numpy()
+    words[:, _HIGH] = keys.numpy()
     packed.sort()
     packed &= 0xFFFFFFFF
     return torch.from_numpy(packed)
