@@ -66,11 +66,11 @@ def test_shipped_heldout_files_match_generators_and_are_disjoint(tmp_path):
 
 
 def test_task_yamls_load_in_lm_eval(monkeypatch):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     monkeypatch.chdir(ROOT)
     names = [f"zoo_{skill}" for skill in SKILLS]
-    tasks = get_task_dict(names, TaskManager(include_path=str(ROOT / "fitness" / "tasks")))
+    tasks = TaskManager(include_path=str(ROOT / "fitness" / "tasks")).load(names)["tasks"]
     for name in names:
         task = tasks[name]
         skill = name.removeprefix("zoo_")
