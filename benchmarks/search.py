@@ -27,17 +27,20 @@ its own SQLite study in a temporary folder: ``cma`` is the same package with the
 ``cmaes`` is Optuna's ``CmaEsSampler`` (another sampler, so another path), warm start off;
 ``cmaes+warm`` is evomerge's default configuration: ``CmaEsSampler`` after the warm-start
 trials (the space's known recipes: uniform task arithmetic, default TIES, each source alone,
-counted in N). All rows share one ``Fitness`` object per regime. "same path" counts the trials whose
-parameters equal the baseline's trial of the same number, with the largest |Δ perplexity|
-among them (the two merge engines' float rounding). The two ``cma`` loops ask the same
-first generation; from the second on they part, because evomerge's proposer tells ``cma``
-the re-encoded parameters (``space.to_unit``, lists) rather than the arrays ``ask``
-returned, and ``cma`` then reconstructs the genotypes of boundary-repaired samples
-differently (the space's ``x0`` sits on the density bound, so many are repaired). So
-best-after-N compares two runs of the same algorithm: equal within noise, not by
-construction. ``run_merge`` reseeds numpy's global RNG (``random_seed``), which ``cma``
-samples from; the baseline restores it after each merge, as mergekit-evolve's Ray workers
-leave the driver's RNG alone.
+counted in N). With ``--same-time``, one more row runs the defaults for as long as the
+baseline's N trials took (``timeout``; the trial in flight finishes): its best perplexity is
+the best merge found in the same minutes. The other rows share one ``Fitness`` object per
+regime (its score cache, keyed by merge plan, would serve the same-time row's first trials).
+"same path" counts the trials whose parameters equal the baseline's trial of the same
+number, with the largest |Δ perplexity| among them (the two merge engines' float rounding).
+The two ``cma`` loops ask the same first generation; from the second on they part, because
+evomerge's proposer tells ``cma`` the re-encoded parameters (``space.to_unit``, lists)
+rather than the arrays ``ask`` returned, and ``cma`` then reconstructs the genotypes of
+boundary-repaired samples differently (the space's ``x0`` sits on the density bound, so many
+are repaired). So best-after-N compares two runs of the same algorithm: equal within noise,
+not by construction. ``run_merge`` reseeds numpy's global RNG (``random_seed``), which
+``cma`` samples from; the baseline restores it after each merge, as mergekit-evolve's Ray
+workers leave the driver's RNG alone.
 
 Regimes (rows grouped, ``--regimes``): ``merge`` (merge-bound: cheap perplexity, ``--cheap-
 tokens`` tokens) and ``fitness`` (fitness-bound: ``--heavy-tokens`` tokens, where scoring
@@ -56,6 +59,7 @@ Run from the repository root with the project's virtual environment active::
     python benchmarks/search.py                                # small llama, both regimes, N=16
     python benchmarks/search.py --threads 1                    # the same on a busy shared machine
     python benchmarks/search.py --regimes merge --samplers cma # the headline ratio only
+    python benchmarks/search.py --threads 1 --regimes merge --same-time  # + best in the baseline's time
     python benchmarks/search.py --size 100m --trials 8 --popsize 4 --regimes merge --threads 1
     python benchmarks/search.py --size 100m --trials 32 --popsize 8 --device cuda
 """
@@ -127,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heavy-tokens", type=int, default=8192, help="perplexity max_tokens, fitness regime")
     parser.add_argument("--context", type=int, default=512, help="perplexity window (≤ the model's 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="perplexity windows per forward pass")
+    parser.add_argument("--same-time", action="store_true",
+                        help="add a row: evomerge's defaults (cmaes + warm start) for as long as the "
+                             "baseline's N trials took (best ppl in the same time)")
     parser.add_argument("--study-dir", type=Path, default=None,
                         help="folder for the evomerge rows' SQLite studies (e.g. /dev/shm, to take the "
                              "disk's commit latency out) [default: the benchmark's temporary folder]")
@@ -288,9 +295,11 @@ def run_baseline(regime: str, space: SearchSpace, fitness: Fitness, args: argpar
 
 
 def run_evomerge(regime: str, sampler: str, experiment: Experiment, fitness: Fitness,
-                 storage: str, device: torch.device) -> Row:
-    """``run_search`` in two timed steps: open the study and load the materializer, then the trials."""
-    row = Row(regime, f"evomerge: {sampler}", load1())
+                 storage: str, device: torch.device, timeout: float | None = None) -> Row:
+    """``run_search`` in two timed steps: open the study and load the materializer, then the trials
+    (the experiment's ``n_trials``, or as many as fit in ``timeout`` seconds)."""
+    label = f"evomerge: {sampler}" + (", baseline's time" if timeout else "")
+    row = Row(regime, label, load1())
     start = time.perf_counter()
     search = open_search(experiment, storage=storage)
     search.fitness = fitness  # the very object the baseline scores with (same definition)
@@ -299,7 +308,7 @@ def run_evomerge(regime: str, sampler: str, experiment: Experiment, fitness: Fit
     sync(device)
     row.setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    runner.run(experiment.budget.n_trials, None)
+    runner.run(None if timeout else experiment.budget.n_trials, timeout)
     sync(device)
     row.loop_s = time.perf_counter() - start
     failed = 0
@@ -400,8 +409,11 @@ def main(argv: list[str] | None = None) -> int:
             regime_dir.mkdir()
             print(f"[{regime}] baseline (load {load1():.2f}) ...", flush=True)
             group = [run_baseline(regime, space, fitness, args, regime_dir, device)]
-            for sampler in args.samplers:
-                label = sampler.replace("+", "-")
+            runs = [(sampler, None) for sampler in args.samplers]
+            if args.same_time:
+                runs.append(("cmaes+warm", group[0].loop_s))
+            for sampler, timeout in runs:
+                label = sampler.replace("+", "-") + ("-same-time" if timeout else "")
                 experiment = Experiment.model_validate({
                     "name": f"bench-{regime}-{label}", "models": {"base": base, "sources": sources},
                     "search_space": space_spec, "fitness": definition,
@@ -410,11 +422,15 @@ def main(argv: list[str] | None = None) -> int:
                                   "warm_start": sampler.endswith("+warm")},
                     "budget": {"n_trials": args.trials, "max_failures_in_a_row": args.trials},
                     "device": args.device, "dtype": args.dtype, "seed": args.seed})
-                print(f"[{regime}] evomerge {sampler} (load {load1():.2f}) ...", flush=True)
+                print(f"[{regime}] evomerge {sampler}{' for the baseline time' if timeout else ''} "
+                      f"(load {load1():.2f}) ...", flush=True)
                 study_dir = Path(tempfile.mkdtemp(dir=args.study_dir)) if args.study_dir else regime_dir
                 try:
-                    group.append(run_evomerge(regime, sampler, experiment, fitness,
-                                              f"sqlite:///{study_dir}/{label}.db", device))
+                    # the same-time row repeats the defaults' first trials: a fitness of its own, so
+                    # that the shared one's score cache (keyed by plan) does not serve them
+                    scorer = load_fitness(definition) if timeout else fitness
+                    group.append(run_evomerge(regime, sampler, experiment, scorer,
+                                              f"sqlite:///{study_dir}/{label}.db", device, timeout))
                 finally:
                     if args.study_dir:
                         shutil.rmtree(study_dir, ignore_errors=True)
@@ -424,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
           f"evomerge caches magnitude orders and tokenizes the corpus there); other = s/trial - merge - "
           f"fitness (sampler, storage, cleanup); ratio = trials/min ÷ the baseline's in the same regime "
           f"(w/o 1st: both without their first trial's merge and fitness, the steady state); "
-          f"best ppl = lowest search-split perplexity after N; load1 = 1-minute load average at the row's "
+          f"best ppl = lowest search-split perplexity after N (after the row's trials for the "
+          f"baseline's time); load1 = 1-minute load average at the row's "
           f"start (at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     print(format_table(groups))
     return 0
