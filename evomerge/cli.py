@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (config, model files, options), 1 unexpected 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 
         transformers.utils.logging.disable_progress_bar()
         logging.getLogger("optuna").setLevel(logging.WARNING)
+        # datasets' "Generating ... split" bars (a first run caching lm-eval's local task data):
+        # datasets reads the variable when imported, so it is set before, and a user's value kept
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 @main.command()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +267,16 @@ def test_evaluate_command_bad_input_exits_2(llama, tmp_path, case):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert ("metrics.x.type: unknown metric type 'nope'" if case == "bad fitness"
             else "not a model folder") in result.stderr
+
+
+def test_quiet_evaluate_shows_no_dataset_progress_bars(llama, tmp_path):
+    """-q: warnings only, also on a first run, when `datasets` builds its cache of the local
+    task data (its "Generating ... split" bars)."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
+    env.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    args = [sys.executable, "-m", "evomerge.cli", "evaluate", str(llama[0]), "--fitness",
+            str(DATA / "fitness.yaml"), "--limit", "2", "-q"]
+    process = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert (tmp_path / "hf-datasets").is_dir()  # the cache was built in this run
+    assert "Generating" not in process.stderr and "examples/s" not in process.stderr, process.stderr
