@@ -1,6 +1,6 @@
 """Benchmark the fitness functions against calling the model directly, in the same run.
 
-What it measures, on a synthetic Llama (``evomerge.synthetic``, float32, ``--device``):
+What it measures, on a synthetic Llama (``evomerge.zoo.synthetic``, float32, ``--device``):
 
 * **perplexity throughput**: scored tokens per second of ``Fitness.evaluate`` on a
   perplexity metric (strided windows, ``--context``/``--stride``, ``--batch-size``) against
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import yaml
 
 from evomerge.fitness import load_fitness
-from evomerge.synthetic import SIZES, build_family
+from evomerge.zoo.synthetic import SIZES, build_family
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the quick brown fox jumps over lazy dog merging models task arithmetic ties dare slerp "

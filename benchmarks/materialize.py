@@ -29,7 +29,7 @@ A search evaluates many candidates over the same models. What one candidate cost
   transient of building one). CPU peaks include what the C allocator keeps of freed
   temporaries.
 
-Synthetic Llama family (``evomerge.synthetic.build_family``, base + ft1..ft3) built once
+Synthetic Llama family (``evomerge.zoo.synthetic.build_family``, base + ft1..ft3) built once
 under ``.cache/bench``. The load average (1 min) is printed with every row: on a shared
 machine, timings move with it, and with other busy processes two torch threads stall at
 every parallel op (several times slower, for both tools); ``--threads 1`` is steadier.
@@ -58,11 +58,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from merge_to_disk import ensure_family, warm_page_cache
 
 from evomerge import parse_config
-from evomerge.materialize import Materializer
-from evomerge.synthetic import SIZES
-from merge_to_disk import ensure_family, warm_page_cache
+from evomerge.live.materializer import Materializer
+from evomerge.zoo.synthetic import SIZES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "passthrough")

@@ -13,7 +13,7 @@ What it measures, for each merge method (ties, task_arithmetic, slerp by default
   and the largest absolute element-wise difference is reported as ``max |Δ|``.
 
 Both tools get the same YAML config (absolute model paths, ``dtype`` equal to the
-models' dtype) and the same synthetic Llama family (``evomerge.synthetic.build_family``:
+models' dtype) and the same synthetic Llama family (``evomerge.zoo.synthetic.build_family``:
 a random base and three fine-tune-like variants), built once into a cache folder. The
 two tools run interleaved, alternating which goes first on each repeat (A B, B A, ...),
 so that drift (thermal, page cache, background load) hits both equally. All inputs are
@@ -47,7 +47,7 @@ import torch
 import yaml
 
 from evomerge.io import ModelFolder
-from evomerge.synthetic import SIZES, build_family
+from evomerge.zoo.synthetic import SIZES, build_family
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("ties", "task_arithmetic", "slerp")
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs per method and tool (median time, max peak RSS)")
     parser.add_argument("--size", choices=sorted(SIZES), default="100m",
-                        help="synthetic model size (see evomerge.synthetic.SIZES)")
+                        help="synthetic model size (see evomerge.zoo.synthetic.SIZES)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the model family is built and reused "
                              "[default: <repo>/.cache/bench/llama-<size>-<dtype>]")

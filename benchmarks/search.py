@@ -44,7 +44,7 @@ workers leave the driver's RNG alone.
 
 Regimes (rows grouped, ``--regimes``): ``merge`` (merge-bound: cheap perplexity, ``--cheap-
 tokens`` tokens) and ``fitness`` (fitness-bound: ``--heavy-tokens`` tokens, where scoring
-dominates and the ratio falls towards 1). The family is ``evomerge.synthetic.build_family``
+dominates and the ratio falls towards 1). The family is ``evomerge.zoo.synthetic.build_family``
 (Llama, base + 3 fine-tunes, built once under ``.cache/bench``), the space a TIES space with
 ``layer_granularity`` and weight/density bounds; the corpus is random words written into a
 temporary folder. The loops run one after the other (not interleaved); the 1-minute load
@@ -92,9 +92,9 @@ from evomerge.fitness import Fitness, load_fitness
 from evomerge.io import ModelFolder
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import Experiment
-from evomerge.search.loader import load_search_space
-from evomerge.search.space import SearchSpace
-from evomerge.synthetic import SIZES, build_family
+from evomerge.search.spaces.loader import load_search_space
+from evomerge.search.spaces.space import SearchSpace
+from evomerge.zoo.synthetic import SIZES, build_family
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -41,8 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from evomerge.search.distributed.workers import WorkerOptions, run_workers  # noqa: E402
 from evomerge.search.experiment import parse_experiment  # noqa: E402
-from evomerge.search.workers import WorkerOptions, run_workers  # noqa: E402
 from evomerge.zoo.build import build_zoo  # noqa: E402
 from evomerge.zoo.recipe import Recipe  # noqa: E402
 

@@ -5,7 +5,7 @@ prediction entropy on the fitness's ``search``-split prompts (unlabeled: answers
 every coefficient at ``--init`` or from a study's best trial (``--study``/``--storage``), then
 scores the start and the learned merge with the fitness on the held-out ``test`` split (skill
 exact match, general perplexity) and prints the table, with the entropy on the training
-prompts and on the ``test``-split prompts. See :mod:`evomerge.adamerge`::
+prompts and on the ``test``-split prompts. See :mod:`evomerge.recipes.adamerge`::
 
     python benchmarks/zoo_adamerge.py runs/zoo
     python benchmarks/zoo_adamerge.py runs/zoo --granularity task --steps 200
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from evomerge.adamerge import AdaMerger, AdaMergeSettings, coefficient_table
-from evomerge.adamerge_run import fitness_prompts, trial_start
 from evomerge.io.writer import write_text_atomic
-from evomerge.subtract import format_table, score_configs, zoo_table_inputs, zoo_table_parser
+from evomerge.recipes.adamerge import AdaMerger, AdaMergeSettings, coefficient_table
+from evomerge.recipes.adamerge_inputs import fitness_prompts, trial_start
+from evomerge.recipes.subtract import format_table, score_configs, zoo_table_inputs, zoo_table_parser
 
 
 def parse_args(argv: list[str] | None = None):

@@ -32,10 +32,10 @@ from pathlib import Path
 import optuna
 import torch
 
-from evomerge.config import MergeConfig, parse_config
+from evomerge.analysis.heldout import as_text, reference_candidates
+from evomerge.engine.config import MergeConfig, parse_config
 from evomerge.fitness import load_fitness
-from evomerge.materialize import Materializer
-from evomerge.search.heldout import as_text, reference_candidates
+from evomerge.live.materializer import Materializer
 from evomerge.zoo.corpus import SKILLS
 
 REPO = Path(__file__).resolve().parent.parent

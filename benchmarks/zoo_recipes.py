@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from evomerge.cli.zoo import _overrides
 from evomerge.errors import ConfigError
 from evomerge.zoo.build import deterministic, read_manifest
-from evomerge.zoo.cli import _overrides
 from evomerge.zoo.evaluate import exact_match
 from evomerge.zoo.heldout import skill_items
 from evomerge.zoo.recipe import Recipe

@@ -2,7 +2,7 @@
 
 Rows: the base, each specialist, the task-arithmetic merge of all of them, the merge without
 the removed skill's specialist (the control), and the merge of the kept specialists minus
-λ times the removed skill's task vector (see :mod:`evomerge.subtract`). Scores are on the
+λ times the removed skill's task vector (see :mod:`evomerge.recipes.subtract`). Scores are on the
 fitness's held-out ``test`` split by default. Works on any zoo folder with ``base/`` and one
 folder per skill (``evomerge zoo``'s layout)::
 
@@ -16,8 +16,14 @@ import sys
 import time
 
 from evomerge.io.writer import write_text_atomic
-from evomerge.subtract import (format_table, score_configs, subtraction_configs, verdict, zoo_table_inputs,
-                               zoo_table_parser)
+from evomerge.recipes.subtract import (
+    format_table,
+    score_configs,
+    subtraction_configs,
+    verdict,
+    zoo_table_inputs,
+    zoo_table_parser,
+)
 
 
 def parse_args(argv: list[str] | None = None):

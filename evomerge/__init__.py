@@ -1,8 +1,8 @@
 """evomerge: search for the best way to merge fine-tuned LLMs that share a base model."""
 
-from evomerge.config import MergeConfig, load_config, parse_config
+from evomerge.engine.config import MergeConfig, load_config, parse_config
+from evomerge.engine.merge import merge, merge_state_dict
 from evomerge.errors import ConfigError, EvomergeError, ModelError
-from evomerge.merger import merge, merge_state_dict
 
 __all__ = ["ConfigError", "EvomergeError", "MergeConfig", "ModelError", "load_config", "merge",
            "merge_state_dict", "parse_config"]

@@ -1,4 +1,9 @@
-"""Errors that reach the user as one clear line (the CLI exits with code 2)."""
+"""Every exception evomerge raises on purpose, in one hierarchy.
+
+:class:`EvomergeError` and its subclasses reach the user as one clear line (the CLI exits with
+code 2). :class:`TaskError` is internal to the fitness layer, which turns it into a
+:class:`ConfigError` located in the fitness or task file.
+"""
 
 
 class EvomergeError(Exception):
@@ -25,6 +30,23 @@ class ConfigError(EvomergeError):
 
 class ModelError(EvomergeError):
     """A model folder that cannot be read, or models that cannot be merged together."""
+
+
+class FitnessError(EvomergeError):
+    """A metric failed while scoring a candidate (the search fails that trial)."""
+
+
+class StorageError(EvomergeError):
+    """The study's storage became unreachable during a search."""
+
+
+class TaskError(ValueError):
+    """An lm-eval task that cannot be used. ``file`` and ``field`` locate the cause: a field of
+    that task YAML, or (no ``file``) a field of the metric's entry in the fitness file."""
+
+    def __init__(self, message: str, file: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.file, self.field = file, field
 
 
 def _one_line(name: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from evomerge.synthetic import build_family
+from evomerge.zoo.synthetic import build_family
 
 
 @pytest.fixture(scope="session")

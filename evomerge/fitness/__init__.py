@@ -51,7 +51,8 @@ How each metric type scores, splits and caches: :mod:`evomerge.fitness.lmeval`,
 the cache: :mod:`evomerge.fitness.fitness`.
 """
 
-from evomerge.fitness.base import SPLITS, FitnessError, Metric
+from evomerge.errors import FitnessError
+from evomerge.fitness.base import SPLITS, Metric
 from evomerge.fitness.definition import load_fitness
 from evomerge.fitness.fitness import Fitness
 

@@ -18,21 +18,16 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from evomerge.errors import EvomergeError
 
 SPLITS = ("search", "test")
 Direction = Literal["maximize", "minimize"]
-
-
-class FitnessError(EvomergeError):
-    """A metric failed while scoring a candidate (the search fails that trial)."""
 
 
 class Metric(ABC):
     """One reported score: ``name``, optimization ``direction`` and objective ``weight``.
 
     ``item_mean``: the score is the mean of the per-item values (numbers), so two models'
-    values on the same items can be compared item by item (:mod:`evomerge.search.paired`).
+    values on the same items can be compared item by item (:mod:`evomerge.analysis.paired`).
     """
 
     item_mean = False

@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from evomerge.fitness.base import Direction, FitnessError, Metric
+from evomerge.errors import FitnessError
+from evomerge.fitness.base import Direction, Metric
 
 
 def resolve_function(reference: str, base_dir: Path) -> tuple[Callable, Path | None]:

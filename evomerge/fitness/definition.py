@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
-from evomerge.config import field_path, yaml_line
+from evomerge.engine.config import field_path, yaml_line
 from evomerge.errors import ConfigError
 from evomerge.fitness.base import SPLITS, Metric
 from evomerge.fitness.fitness import Fitness
@@ -169,8 +169,8 @@ class _Builder:
         return getattr(self, f"_{kind}")(name, spec, at)
 
     def _lm_eval(self, name: str, spec: LmEvalSpec, at: tuple) -> Metric:
-        from evomerge.fitness.lmeval import (LmEvalMetric, TaskError, build_task, load_task_config,
-                                             resolve_data_files)
+        from evomerge.errors import TaskError
+        from evomerge.fitness.lmeval import LmEvalMetric, build_task, load_task_config, resolve_data_files
 
         try:
             path = self._tasks().find(spec.task)

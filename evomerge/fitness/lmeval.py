@@ -43,6 +43,7 @@ from typing import Any
 
 from torch import nn
 
+from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ log = logging.getLogger(__name__)
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
 _HFLM_NOTICES = ("`pretrained` model kwarg is not of type `str`",
                  "Passed an already-initialized model through `pretrained`")
-
-
-class TaskError(ValueError):
-    """A task that cannot be used. ``file`` and ``field`` locate the cause: a field of that
-    task YAML, or (no ``file``) a field of the metric's entry in the fitness file."""
-
-    def __init__(self, message: str, file: str | None = None, field: str | None = None):
-        super().__init__(message)
-        self.file, self.field = file, field
 
 
 class TaskCatalog:

@@ -15,7 +15,7 @@ space.mergekit_compatible      # False only for data-flow spaces with input scal
 (``parameter``/``slerp``), layer-stacking (``stacking``) or data-flow (``dfs``) search.
 """
 
-from evomerge.search.loader import available_spaces, load_search_space
-from evomerge.search.space import SearchSpace
+from evomerge.search.spaces.loader import available_spaces, load_search_space
+from evomerge.search.spaces.space import SearchSpace
 
 __all__ = ["SearchSpace", "available_spaces", "load_search_space"]

@@ -32,18 +32,18 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge import __version__
-from evomerge.config import MergeConfig, torch_dtype
+from evomerge.engine.config import MergeConfig, torch_dtype
+from evomerge.engine.plan import check_compatible
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
 from evomerge.io.reader import ModelFolder
-from evomerge.materialize import Materializer
-from evomerge.plan import check_compatible
-from evomerge.search.coordination import claim, finished, worker_id
+from evomerge.live.materializer import Materializer
+from evomerge.search.distributed.coordination import claim, finished, worker_id
+from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, heartbeat_thread, lost, open_storage
 from evomerge.search.experiment import Experiment
-from evomerge.search.loader import load_search_space
 from evomerge.search.samplers import CmaPackageProposer, make_sampler
-from evomerge.search.space import SearchSpace
-from evomerge.search.storage import GRACE, STORAGE_ERRORS, heartbeat_thread, lost, open_storage
+from evomerge.search.spaces.loader import load_search_space
+from evomerge.search.spaces.space import SearchSpace
 from evomerge.search.writes import DeferredWrites, deferring
 
 log = logging.getLogger(__name__)

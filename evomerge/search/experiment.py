@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from evomerge.config import DTYPES, field_path, read_file, read_mapping, validation_failure, yaml_line
+from evomerge.engine.config import DTYPES, field_path, read_file, read_mapping, validation_failure, yaml_line
 from evomerge.errors import ConfigError
 
 Sampler = Literal["cmaes", "cma", "tpe", "nsga2", "random"]

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.search.experiment import Optimizer
-from evomerge.search.space import SearchSpace
+from evomerge.search.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,16 @@ from evomerge.zoo.corpus import SKILLS, general_text
 from evomerge.zoo.heldout import heldout_prompts
 from evomerge.zoo.recipe import Recipe, Specialist
 from evomerge.zoo.tokenizer import train_tokenizer
-from evomerge.zoo.train import (Batch, HiddenAnchor, llama_config, packed_examples, restrict_to_slot,
-                                select_trainable, text_windows, train)
+from evomerge.zoo.train import (
+    Batch,
+    HiddenAnchor,
+    llama_config,
+    packed_examples,
+    restrict_to_slot,
+    select_trainable,
+    text_windows,
+    train,
+)
 
 TOKENIZER_EXAMPLES = 2000
 

@@ -1,0 +1,87 @@
+"""Reading a finished (or running) study: status summary, trial choice, YAML export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import ConfigError
+from evomerge.search.distributed.storage import open_storage
+from evomerge.search.experiment import Experiment, load_experiment
+
+
+def locate_study(experiment: str | Path | None, study: str | None, storage: str | None) -> tuple[str, str]:
+    """(study name, storage URL) from options, falling back to the experiment file's."""
+    loaded: Experiment | None = load_experiment(experiment) if experiment else None
+    name = study or (loaded.name if loaded else None)
+    url = storage or (loaded.storage or loaded.default_storage if loaded else None)
+    if not name or not url:
+        raise ConfigError("give an EXPERIMENT file, or --study and --storage", field="study")
+    return name, url
+
+
+def open_study(name: str, url: str) -> optuna.Study:
+    """Load an existing study (ConfigError naming the study and storage when missing)."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no study database at {url}", field="storage")
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage)) or "none"
+        raise ConfigError(f"no study named {name!r} in {url} (studies: {names})", field="study") from None
+
+
+def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
+    """Trial ``number``, else the best completed one (single objective only)."""
+    if number is not None:
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not trials or trials[0].state != TrialState.COMPLETE:
+            raise ConfigError(f"trial {number} is not a completed trial of {study.study_name}", field="trial")
+        return trials[0]
+    if len(study.directions) > 1:
+        front = ", ".join(str(t.number) for t in study.best_trials)
+        raise ConfigError(f"a multi-objective study has no single best trial; pick one of the Pareto "
+                          f"front with --trial ({front})", field="trial")
+    try:
+        return study.best_trial
+    except ValueError:
+        raise ConfigError(f"study {study.study_name} has no completed trial yet", field="study") from None
+
+
+def export_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
+    """The trial's merge config as YAML, with a header saying how to reproduce it."""
+    seed = trial.user_attrs.get("seed", 0)
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in (trial.user_attrs.get("metrics") or {}).items())
+    compatible = study.user_attrs.get("mergekit_compatible", True) and "input_scale" not in trial.user_attrs["plan"]
+    lines = [f"# evomerge study {study.study_name}, trial {trial.number}: {metrics}",
+             f"# reproduce: evomerge merge THIS.yaml OUT_DIR --seed {seed}"]
+    if not compatible:
+        lines.append("# evomerge-only (data-flow input_scale): mergekit-yaml cannot read this config")
+    return "\n".join(lines) + "\n" + trial.user_attrs["plan"]
+
+
+def summarize(study: optuna.Study) -> str:
+    """A few lines: trials by state, best value(s), time spent."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    lines = [f"study {study.study_name}: {len(trials)} trials ("
+             + ", ".join(f"{n} {name}" for name, n in counts.items() if n) + ")"]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete and len(study.directions) == 1:
+        best = study.best_trial
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (best.user_attrs.get("metrics") or {}).items())
+        lines.append(f"best: trial {best.number}, value {best.value:.4g} ({metrics})")
+    elif complete:
+        lines.append("pareto front: " + ", ".join(f"trial {t.number} {[round(v, 4) for v in t.values]}"
+                                                  for t in study.best_trials))
+    spent = [t.user_attrs.get(k, 0) for t in complete for k in ("time_materialize_s", "time_fitness_s")]
+    if complete:
+        materialize = sum(t.user_attrs.get("time_materialize_s", 0) for t in complete)
+        lines.append(f"time: {sum(spent):.1f} s in trials ({materialize:.1f} s materializing)")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        lines.append(f"last failure: trial {failed[-1].number}: {failed[-1].user_attrs.get('failure', '?')}")
+    return "\n".join(lines)
