@@ -103,7 +103,7 @@ class MergeConfig(_Strict):
 
     def to_yaml(self) -> str:
         """Dump as YAML that both ``evomerge merge`` and ``mergekit-yaml`` read (the same text
-        as ``yaml.safe_dump``: a search hashes it; libyaml's emitter writes it ~5× faster)."""
+        as ``yaml.safe_dump``, written with libyaml's emitter when it is installed; a search hashes it)."""
         return yaml.dump(self.model_dump(mode="json", exclude_none=True), Dumper=SAFE_DUMPER, sort_keys=False)
 
 
