@@ -49,9 +49,8 @@ from evomerge.engine.inspect import check_sources
 from evomerge.engine.plan import MergePlan, TensorOp, build_plan, check_compatible, output_config
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
-from evomerge.live import memory
 from evomerge.live.caches import CacheStore
-from evomerge.live.memory import gb
+from evomerge.live.memory import available_bytes, gb, memory_bound
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,8 @@ class Materializer:
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(t.dtype for t in map(base_folder.tensor, base_folder.names())
                                    if t.is_floating_point())
-        self.bound = memory.memory_bound(base_folder, self.folders.values(), self.dtype, caches=cache_positions)
-        available = max_memory if max_memory is not None else memory.available_bytes(self.device)
+        self.bound = memory_bound(base_folder, self.folders.values(), self.dtype, caches=cache_positions)
+        available = max_memory if max_memory is not None else available_bytes(self.device)
         self.streaming = self.bound.total - self.bound.caches > available
         if self.streaming and max_memory is None:
             raise EvomergeError(

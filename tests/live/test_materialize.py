@@ -246,7 +246,7 @@ def test_streaming_mode_equals_resident(family):
 
 def test_memory_bound_is_checked_before_loading(family, monkeypatch):
     base, *ft = family
-    monkeypatch.setattr("evomerge.live.memory.available_bytes", lambda device: 1000)
+    monkeypatch.setattr("evomerge.live.materializer.available_bytes", lambda device: 1000)
     with pytest.raises(EvomergeError, match="the materializer needs .* GB .*pass max_memory"):
         Materializer(base, ft)
     with pytest.raises(EvomergeError, match="max_memory .* is below the streaming bound"):
