@@ -62,11 +62,11 @@ from merge_to_disk import ensure_family, warm_page_cache
 
 from evomerge import parse_config
 from evomerge.live.materializer import Materializer
+from evomerge.methods import get_method
 from evomerge.zoo.synthetic import SIZES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "passthrough")
-CACHES = {"ties": ("positions",), "dare_ties": ("words",)}  # cache kinds a method builds
 MODELS_READ = {"task_arithmetic": 4, "ties": 4, "dare_ties": 4, "slerp": 2, "model_stock": 4,
                "passthrough": 1}  # models a candidate's merge reads (below): its floor's bytes
 WEIGHTS = (0.5, 0.3, 0.2)  # on ft1, ft2, ft3
@@ -220,9 +220,10 @@ def bench_evomerge(materializer: Materializer, methods: list[str], models: list[
                    for config in configs]
         row.first, row.applies = seconds[0], seconds[1:]
         row.peak = memory.peak()
-        built.update(CACHES.get(method, ()))
+        sparsify = get_method(method).sparsify
+        built.update(sparsify.caches if sparsify else ())
         row.bound = (bound.resident + bound.live + bound.scratch
-                     + sum(getattr(bound, kind) for kind in built) + (bound.building if built else 0))
+                     + bound.per_cache * len(built) + (bound.building if built else 0))
         row.loads.append(load())
         print(f"  evomerge {method:<16} first {row.first:7.2f} s, then "
               f"{' '.join(f'{s:.3f}' for s in row.applies)} s  (load {row.loads[-1]:.1f})", flush=True)

@@ -17,7 +17,7 @@ from evomerge.engine.plan import MergePlan, TensorOp
 from evomerge.errors import EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
 from evomerge.methods.registry import MergeInputs
-from evomerge.methods.workspace import Workspace
+from evomerge.methods.sparsify import Caches
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,17 +44,15 @@ def work_dtype(tensors: list[torch.Tensor], config_dtype: torch.dtype | None) ->
 
 
 def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
-               positions: list[torch.Tensor | None] | None = None,
-               ranks: list[torch.Tensor | None] | None = None,
-               words: list[torch.Tensor | None] | None = None,
-               workspace: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+               caches: Caches | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Compute one output tensor from its input tensors (already on the compute device).
 
-    ``positions``/``ranks``/``words``: optional precomputed magnitude positions / DELLA
-    ranks of each input's task vector and words of its random stream (the materializer's
-    caches); ``workspace``: reusable scratch buffers; ``out``: a tensor of the output's
-    shape and working dtype that the kernel may write the result into (the result is
-    returned either way). None of them changes the result.
+    ``caches``: what the kernel may reuse, per input its trim caches (e.g. the
+    materializer's magnitude positions, DELLA ranks and random words) and a workspace of
+    scratch buffers (default: none cached, fresh allocations); ``out``: a tensor of the
+    output's shape and working dtype that the kernel may write the result into (the result
+    is returned either way). Neither changes the result. Raises :class:`ModelError` for a
+    non-floating buffer that differs between inputs.
     """
     if op.crop_rows is not None:
         tensors = [t[:op.crop_rows] for t in tensors]
@@ -65,7 +63,7 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
     dtype = work_dtype(tensors, torch_dtype(plan.config.dtype))
     tensors = [t.to(dtype) for t in tensors]
     return plan.method.run(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys,
-                                          positions, ranks, words, workspace, out))
+                                       Caches() if caches is None else caches, out))
 
 
 def iter_merged(plan: MergePlan, models: dict[str, ModelFolder], device: torch.device,

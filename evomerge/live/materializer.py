@@ -8,36 +8,15 @@ weights are bit-identical to ``evomerge merge``) and writes each merged tensor i
 live model's parameters in place (the kernels write into them directly).
 
 What a candidate would otherwise recompute is cached per source tensor, on the first
-candidate of a method that needs it: each task vector's magnitude positions (a
-TIES/breadcrumbs trim at any density is one comparison pass, no sort), DELLA ranks, and
-the words of each input's random stream (a DARE/DELLA mask at any density is one
-threshold comparison, no hashing; the words depend on the seed, so a search keeps its
-seed fixed). Kernel temporaries come from one reusable :class:`Workspace`, so after the
-first candidate a candidate allocates nothing of the model's size.
+candidate of a method that needs it (:mod:`evomerge.live.caches`: magnitude positions,
+DELLA ranks, random words). Kernel temporaries come from one reusable workspace, so after
+the first candidate a candidate allocates nothing of the model's size. The memory this
+takes is bounded by :mod:`evomerge.live.memory`'s formula, checked before loading.
 
 Layer stacking (passthrough slices, repeated layers, data-flow plans) does not copy:
 each output position is a layer module whose parameters *are* the resident tensors of
 the source layer, and ``input_scale`` becomes a forward pre-hook. Depth may change from
 one candidate to the next.
-
-Memory (bytes, ``dtype`` size ``s``, ``N`` parameters per model, ``K`` sources, ``T`` the
-largest tensor's element count, ``D`` the deepest plan's extra layers)::
-
-    resident  = (K + 1) · N · s              base and sources
-    live      = N · s  (+ D layers)          the live model's own parameters
-    positions = K · N · 4                    int32 magnitude positions (TIES, breadcrumbs)
-    ranks     = K · N · 4                    float32 DELLA ranks
-    words     = K · N · 4                    int32 random words (DARE, DELLA)
-    building  = 36 · T                       while a cache is built: sorting one tensor
-    scratch   = (2K + 1) · T · max(s, 4)     the workspace (kernel temporaries)
-
-A cache exists once a method that uses it has run; it is built on that method's first
-candidate, one tensor at a time (a stable sort of the largest tensor peaks at ~36 bytes
-per element with torch's argsort on CUDA, ~24 on CPU by count: task vector, keys, index,
-packed int64 order, positions; hashing random words at ~7). DELLA also allocates its float32 keep
-probabilities per tensor. On CPU the process's resident set can exceed the bound by
-what the C allocator keeps of freed temporaries (glibc: ~0.4 GB after building the
-positions of a 125M-parameter float32 family).
 
 Resident means resident: the tensors are copied out of the memory-mapped files (on CPU
 in the same dtype, ``.to()`` would return the mapped file pages themselves, which the
@@ -49,7 +28,7 @@ The sources are kept as they are, not as task vectors: the engine subtracts in t
 working dtype and non-task-arithmetic methods (slerp, linear, model stock) need the
 sources themselves, so this keeps every method exact for the same memory.
 With ``max_memory`` smaller than the resident bound, nothing is kept resident: each
-candidate streams its inputs from the memory-mapped files (slower, ``live + scratch``).
+candidate streams its inputs from the memory-mapped files (``live + scratch`` memory).
 """
 
 from __future__ import annotations
@@ -57,10 +36,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -72,48 +49,11 @@ from evomerge.engine.inspect import check_sources
 from evomerge.engine.plan import MergePlan, TensorOp, build_plan, check_compatible, output_config
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.reader import ModelFolder
-from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale
-from evomerge.methods.random import stream_words
-from evomerge.methods.registry import trimmed_inputs
-from evomerge.methods.sparsify import Sparsify, della_rank, magnitude_position
-from evomerge.methods.workspace import Workspace
+from evomerge.live.caches import CacheStore
+from evomerge.live.memory import available_bytes, gb, memory_bound
+from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MemoryBound:
-    """Bytes the materializer needs on its device (see the module docstring)."""
-
-    resident: int
-    live: int
-    positions: int
-    ranks: int
-    words: int
-    building: int
-    scratch: int
-
-    @property
-    def caches(self) -> int:
-        return self.positions + self.ranks + self.words + self.building
-
-    @property
-    def total(self) -> int:
-        return self.resident + self.live + self.caches + self.scratch
-
-    @property
-    def streaming(self) -> int:
-        return self.live + self.scratch
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
 
 
 class Materializer:
@@ -139,46 +79,29 @@ class Materializer:
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(t.dtype for t in map(base_folder.tensor, base_folder.names())
                                    if t.is_floating_point())
-        self.bound = self._memory_bound(cache_positions)
-        available = max_memory if max_memory is not None else _available_bytes(self.device)
+        self.bound = memory_bound(base_folder, self.folders.values(), self.dtype, caches=cache_positions)
+        available = max_memory if max_memory is not None else available_bytes(self.device)
         self.streaming = self.bound.total - self.bound.caches > available
         if self.streaming and max_memory is None:
             raise EvomergeError(
-                f"the materializer needs {_gb(self.bound.total - self.bound.caches)} on "
-                f"{self.device} (resident {_gb(self.bound.resident)} + live {_gb(self.bound.live)}"
-                f" + scratch {_gb(self.bound.scratch)}) but {_gb(available)} is available; pass "
+                f"the materializer needs {gb(self.bound.total - self.bound.caches)} on "
+                f"{self.device} (resident {gb(self.bound.resident)} + live {gb(self.bound.live)}"
+                f" + scratch {gb(self.bound.scratch)}) but {gb(available)} is available; pass "
                 f"max_memory to stream inputs from disk")
         if self.streaming and self.bound.streaming > available:
-            raise EvomergeError(f"max_memory {_gb(available)} is below the streaming bound "
-                                f"{_gb(self.bound.streaming)} (live model + scratch)")
+            raise EvomergeError(f"max_memory {gb(available)} is below the streaming bound "
+                                f"{gb(self.bound.streaming)} (live model + scratch)")
         self.cache_positions = cache_positions and not self.streaming and self.bound.total <= available
         if cache_positions and not self.cache_positions:
             log.info("not caching positions, ranks and random words (%s over the memory budget)",
-                     _gb(self.bound.total - available))
+                     gb(self.bound.total - available))
         self.progress = progress
         self._resident = {} if self.streaming else self._load_resident(progress)
-        self._positions: dict[tuple, torch.Tensor] = {}
-        self._ranks: dict[tuple, torch.Tensor] = {}
-        self._words: dict[tuple[Path, str], tuple[int, torch.Tensor]] = {}
-        self._workspace = Workspace()
+        self.caches = CacheStore(self.device, self.cache_positions)
         self.model, self.tokenizer = self._live_model()
         self._prepare_layers()
 
     # -- loading ---------------------------------------------------------------------------
-
-    def _memory_bound(self, cache_positions: bool) -> MemoryBound:
-        base = self.folders[self.base_path]
-        shapes = [base.shape(n) for n in base.names()]
-        numel = [int(torch.Size(s).numel()) for s in shapes]
-        model_bytes = sum(numel) * self.dtype.itemsize
-        sources = len(self.folders) - 1
-        cache = sources * sum(numel) * 4 if cache_positions else 0
-        return MemoryBound(
-            resident=sum(sum(int(torch.Size(f.shape(n)).numel()) for n in f.names())
-                         for f in self.folders.values()) * self.dtype.itemsize,
-            live=model_bytes, positions=cache, ranks=cache, words=cache,
-            building=36 * max(numel) if cache_positions else 0,
-            scratch=(2 * sources + 1) * max(numel) * max(self.dtype.itemsize, 4))
 
     def _to_device(self, tensor: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
         """``tensor`` on the device in the working dtype; ``copy``: in memory of its own (on
@@ -252,7 +175,7 @@ class Materializer:
         plan = config if isinstance(config, MergePlan) else self.plan(config, seed)
         paths = {name: Path(name).resolve() for name in plan.config.referenced_models()}
         layers = self._layer_modules(plan)
-        building = self._caches_to_build(plan)
+        building = self.caches.to_build(plan)
         if building:
             log.info("first %s candidate: caching the task vectors' %s (once; later candidates reuse them)",
                      plan.method.name, building)
@@ -264,23 +187,6 @@ class Materializer:
             set_input_scale(layer, scale)
         self._set_layers(layers, plan)
         return self.model
-
-    def _caches_to_build(self, plan: MergePlan) -> str | None:
-        """What this candidate's method caches that no candidate has cached yet (None: nothing,
-        also when it trims no task vector)."""
-        sparsify = plan.method.sparsify
-        if not self.cache_positions or sparsify is None:
-            return None
-        if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
-            building = None if self._positions else "magnitude positions"
-        elif sparsify is Sparsify.della and not self._ranks:
-            building = "DELLA ranks and random words"
-        else:
-            building = None if self._words else "random words"
-        if building and any(any(trimmed_inputs(op.per_input, op.base_index))
-                            for op in plan.ops if op.base_index is not None):
-            return building
-        return None
 
     def _layer_modules(self, plan: MergePlan) -> list[nn.Module]:
         """One module per output position, shaped like the base layer it is taken from."""
@@ -301,18 +207,18 @@ class Materializer:
             layer = self._base_layers[index]
             saved = dict(layer.named_parameters())
             for name in saved:
-                _set_parameter(layer, name, None)
+                set_parameter(layer, name, None)
             try:
                 self._skeletons[index] = copy.deepcopy(layer)
             finally:
                 for name, parameter in saved.items():
-                    _set_parameter(layer, name, parameter)
+                    set_parameter(layer, name, parameter)
         shell = copy.deepcopy(self._skeletons[index])
         for module in shell.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position
         for name, parameter in self._owned_slots(position, index).items():
-            _set_parameter(shell, name, parameter)
+            set_parameter(shell, name, parameter)
         return shell
 
     def _owned_slots(self, position: int, like: int) -> dict[str, nn.Parameter]:
@@ -332,7 +238,7 @@ class Materializer:
         if reference is None:
             reference = self._owned_slots(op.layer, layer_index(op.inputs[0][1], plan.family))[local]
             self._compute_into(op, plan, paths, reference)
-        _set_parameter(layers[op.layer], local, reference)
+        set_parameter(layers[op.layer], local, reference)
 
     def _reference(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]):
         """The resident tensor itself when the op is an unscaled pass-through of one input."""
@@ -356,49 +262,9 @@ class Materializer:
             raise ModelError(f"{op.name}: merged shape {list(shape)} != live model's "
                              f"{list(target.shape)} (the materializer needs equal vocabularies)")
         out = target if target.dtype == self.dtype else None
-        merged = execute_op(op, plan, tensors, **self._caches(op, plan, paths, tensors),
-                            workspace=self._workspace, out=out)
+        merged = execute_op(op, plan, tensors, caches=self.caches.for_op(op, plan, paths, tensors), out=out)
         if merged is not target:
             target.copy_(merged)
-
-    def _caches(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
-                tensors: list[torch.Tensor]) -> dict[str, list[torch.Tensor | None]]:
-        """The cached per-input data that ``op``'s sparsification uses (execute_op keywords)."""
-        sparsify = plan.method.sparsify
-        if (not self.cache_positions or sparsify is None or op.crop_rows is not None
-                or op.base_index is None):
-            return {}
-        if sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers):
-            return {"positions": self._per_input(op, paths, tensors, self._positions,
-                                                 magnitude_position)}
-        caches = {"words": self._stream_words(op, paths, tensors)}
-        if sparsify is Sparsify.della:
-            caches["ranks"] = self._per_input(op, paths, tensors, self._ranks, della_rank)
-        return caches
-
-    def _per_input(self, op: TensorOp, paths: dict[str, Path], tensors: list[torch.Tensor],
-                   cache: dict[tuple, torch.Tensor], derive) -> list[torch.Tensor | None]:
-        """Cached ``derive(source - base)`` for each sparsified input of ``op``."""
-        base_model, base_name = op.inputs[op.base_index]
-        result: list[torch.Tensor | None] = []
-        for (model, name), tensor, trimmed in zip(op.inputs, tensors, trimmed_inputs(op.per_input, op.base_index)):
-            key = (paths[model], name, paths[base_model], base_name)
-            if trimmed and key not in cache:
-                cache[key] = derive(tensor - tensors[op.base_index])
-            result.append(cache[key] if trimmed else None)
-        return result
-
-    def _stream_words(self, op: TensorOp, paths: dict[str, Path],
-                      tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Each sparsified input's random stream (cached per resident tensor, for one key)."""
-        result: list[torch.Tensor | None] = []
-        flags = trimmed_inputs(op.per_input, op.base_index)
-        for (model, name), tensor, key, trimmed in zip(op.inputs, tensors, op.keys, flags):
-            slot = (paths[model], name)
-            if trimmed and self._words.get(slot, (None,))[0] != key:
-                self._words[slot] = (key, stream_words(key, tensor.numel(), self.device))
-            result.append(self._words[slot][1] if trimmed else None)
-        return result
 
     def _set_layers(self, layers: list[nn.Module], plan: MergePlan) -> None:
         parent_path, _, attribute = self._layer_path.rpartition(".")
@@ -416,8 +282,3 @@ class Materializer:
 
         return revert_weight_conversion(self.model, self.model.state_dict())
 
-
-def _set_parameter(module: nn.Module, dotted: str, parameter: nn.Parameter | None) -> None:
-    owner_path, _, leaf = dotted.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    owner._parameters[leaf] = parameter

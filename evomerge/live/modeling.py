@@ -1,4 +1,5 @@
-"""Live ``transformers`` models: their decoder layer list, per-layer input scales, loading.
+"""Live ``transformers`` models: their decoder layer list, checkpoint names, parameter
+replacement, per-layer input scales, loading.
 
 Data-flow merges (Akiba et al., 2024) scale the hidden state that enters a layer. Standard
 checkpoints cannot express that, so evomerge stores the scales in ``config.json``
@@ -43,6 +44,14 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
     names = {name: by_id[id(tensor)]
              for name, tensor in revert_weight_conversion(model, dict(live)).items() if id(tensor) in by_id}
     return {**{name: name for name in live}, **names}
+
+
+def set_parameter(module: nn.Module, dotted: str, parameter: nn.Parameter | None) -> None:
+    """Make ``parameter`` (None: no parameter) ``module``'s parameter at dotted path ``dotted``,
+    replacing the one there. Raises ``KeyError`` when the name is taken by a non-parameter."""
+    owner_path, _, leaf = dotted.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    owner.register_parameter(leaf, parameter)
 
 
 def _scale_hidden(module: nn.Module, args: tuple, kwargs: dict):

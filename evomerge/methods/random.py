@@ -95,7 +95,7 @@ def stream_words(key: int, numel: int, device: torch.device | str) -> torch.Tens
 def keep_flags(probability: torch.Tensor | float, words: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`bernoulli_mask` from precomputed :func:`stream_words` (shaped like ``words``: bool,
-    or 1/0 in ``out``'s dtype; comparing straight into a float mask is the fastest way to one).
+    or 1/0 in ``out``'s dtype).
 
     For a scalar probability, ``w < p·2**32`` ⇔ ``w < ceil(p·2**32)`` for an integer word
     ``w``: one int32 comparison. A tensor probability is compared exactly in float64.

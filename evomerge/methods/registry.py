@@ -10,13 +10,12 @@ from typing import Any, Literal
 
 import torch
 
-from evomerge.methods.blocks import run_in_blocks
+from evomerge.methods._cpu import run_in_blocks
 from evomerge.methods.linear import linear_merge
 from evomerge.methods.model_stock import model_stock_merge
 from evomerge.methods.slerp import slerp_merge
-from evomerge.methods.sparsify import Sparsify, rescale_factor
+from evomerge.methods.sparsify import Caches, Sparsify, Trim, rescale_factor
 from evomerge.methods.task_arithmetic import task_arithmetic_merge, task_vectors
-from evomerge.methods.workspace import Workspace
 
 REQUIRED = object()
 Scope = Literal["shared", "input", "non_base"]
@@ -37,24 +36,17 @@ class Param:
 
 @dataclass(frozen=True)
 class MergeInputs:
-    """What a kernel sees for one output tensor; per-input lists are in input order."""
+    """What a kernel sees for one output tensor; per-input lists are in input order.
+    ``caches``: what it may reuse (trim caches, workspace); ``out``: where it may write its
+    result (a tensor of the output's shape and dtype)."""
 
     tensors: Sequence[torch.Tensor]
     base_index: int | None
     shared: Mapping[str, Any]
     per_input: Sequence[Mapping[str, Any]]
     keys: Sequence[int]  # random-stream keys, one per input
-    # optional, per input: precomputed magnitude positions / DELLA ranks of its task vector,
-    # and its random stream's words (``stream_words``)
-    positions: Sequence[torch.Tensor | None] | None = None
-    ranks: Sequence[torch.Tensor | None] | None = None
-    words: Sequence[torch.Tensor | None] | None = None
-    workspace: Workspace | None = None  # scratch buffers (None: fresh allocations)
-    out: torch.Tensor | None = None  # where the kernel may write its result
-    # when the tensors are one block of larger ones: their element count, and per input its
-    # task vector's L1 rescale factor (computed on the whole tensor by the method's ``prepare``)
-    numel: int | None = None
-    scales: Sequence[torch.Tensor | None] | None = None
+    caches: Caches = dataclasses.field(default_factory=Caches)
+    out: torch.Tensor | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -75,7 +67,7 @@ class MergeMethod:
     reference: str = ""
     sparsify: Sparsify | None = None  # task-arithmetic family: how task vectors are trimmed
     # whether the kernel computes each output element from the same element of its inputs
-    # (and caches) alone, so that it may run block by block (see ``blocks.py``)
+    # (and caches) alone, so that it may run block by block (see ``_cpu.run_in_blocks``)
     elementwise: Callable[[MergeInputs], bool] | None = None
     # what a blocked run needs computed on the whole tensors first (e.g. L1 rescale factors)
     prepare: Callable[[MergeInputs], MergeInputs] | None = None
@@ -85,8 +77,7 @@ class MergeMethod:
 
     def run(self, inputs: MergeInputs) -> torch.Tensor:
         """The kernel on ``inputs``; on CPU block by block when it is elementwise on them."""
-        if (self.elementwise is None or inputs.tensors[0].device.type != "cpu"
-                or not self.elementwise(inputs)):
+        if self.elementwise is None or not self.elementwise(inputs):
             return self.kernel(inputs)
         return run_in_blocks(self.kernel, inputs, prepare=self.prepare)
 
@@ -101,94 +92,73 @@ class TaskArithmeticVariant:
     rescale: bool
 
 
-def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], torch.Tensor]:
-    def kernel(inputs: MergeInputs) -> torch.Tensor:
-        base = inputs.base
-        others = inputs.non_base()
-        per = [inputs.per_input[i] for i in others]
-
-        def non_base(values: Sequence | None) -> list | None:
-            return [values[i] for i in others] if values else None
-
-        deltas = task_vectors(base, non_base(inputs.tensors), inputs.workspace)
-        return task_arithmetic_merge(
-            base, deltas, [p["weight"] for p in per],
-            densities=[p["density"] for p in per], sparsify_method=variant.sparsify,
-            consensus=variant.consensus, normalize=inputs.shared["normalize"],
-            rescale=inputs.shared["rescale"], lam=inputs.shared["lambda"],
-            gammas=[p.get("gamma", 0.0) for p in per], epsilons=[p.get("epsilon", 0.0) for p in per],
-            keys=non_base(inputs.keys), positions=non_base(inputs.positions),
-            ranks=non_base(inputs.ranks), words=non_base(inputs.words),
-            workspace=inputs.workspace, out=inputs.out, numel=inputs.numel,
-            scales=non_base(inputs.scales))
-    return kernel
-
-
-# the per-input caches without which a trim needs the whole task vector
-_TRIM_CACHES = {Sparsify.magnitude: ("positions",), Sparsify.magnitude_outliers: ("positions",),
-                Sparsify.random: ("words",), Sparsify.della: ("words", "ranks")}
-
-
 def trimmed_inputs(per_input: Sequence[Mapping[str, Any]], base_index: int | None) -> list[bool]:
     """Per input of a sparsifying method: whether its task vector is trimmed (non-base, density < 1)."""
     return [i != base_index and p.get("density", 1.0) < 1 for i, p in enumerate(per_input)]
 
 
-def _trimmed(variant: TaskArithmeticVariant, inputs: MergeInputs) -> list[int]:
-    """The inputs whose task vectors ``variant`` sparsifies."""
+def _trims(variant: TaskArithmeticVariant, inputs: MergeInputs) -> list[Trim | None]:
+    """Per input: how ``variant`` sparsifies its task vector (None: not at all)."""
     if variant.sparsify is None:
-        return []
-    return [i for i, trim in enumerate(trimmed_inputs(inputs.per_input, inputs.base_index)) if trim]
+        return [None] * len(inputs.tensors)
+    return [Trim(variant.sparsify, p["density"], inputs.shared["rescale"], p.get("gamma", 0.0),
+                 p.get("epsilon", 0.0), key) if trimmed else None
+            for p, key, trimmed in zip(inputs.per_input, inputs.keys,
+                                       trimmed_inputs(inputs.per_input, inputs.base_index))]
+
+
+def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], torch.Tensor]:
+    def kernel(inputs: MergeInputs) -> torch.Tensor:
+        others = inputs.non_base()
+        trims = _trims(variant, inputs)
+        caches = inputs.caches.select(others)
+        deltas = task_vectors(inputs.base, [inputs.tensors[i] for i in others], caches.workspace)
+        return task_arithmetic_merge(
+            inputs.base, deltas, [inputs.per_input[i]["weight"] for i in others],
+            trims=[trims[i] for i in others], consensus=variant.consensus,
+            normalize=inputs.shared["normalize"], lam=inputs.shared["lambda"], caches=caches,
+            out=inputs.out)
+    return kernel
 
 
 def _task_arithmetic_elementwise(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], bool]:
     """Elementwise unless a task vector is trimmed without its caches."""
     def elementwise(inputs: MergeInputs) -> bool:
-        caches = [getattr(inputs, name) for name in _TRIM_CACHES.get(variant.sparsify, ())]
-        return all(cache is not None and cache[i] is not None
-                   for cache in caches for i in _trimmed(variant, inputs))
+        return all(trim is None or inputs.caches.trim(i).holds(trim.method)
+                   for i, trim in enumerate(_trims(variant, inputs)))
     return elementwise
-
-
-def _flat(cache: Sequence[torch.Tensor | None] | None, index: int) -> torch.Tensor | None:
-    return None if cache is None or cache[index] is None else cache[index].reshape(-1)
 
 
 def _task_arithmetic_prepare(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], MergeInputs]:
     """With ``rescale``: each trimmed task vector's L1 rescale factor, a sum over the whole tensor."""
     def prepare(inputs: MergeInputs) -> MergeInputs:
-        trimmed = _trimmed(variant, inputs)
-        if not inputs.shared["rescale"] or not trimmed:
+        trims, caches = _trims(variant, inputs), inputs.caches
+        if not any(trim is not None and trim.rescale for trim in trims):
             return inputs
-        workspace = Workspace() if inputs.workspace is None else inputs.workspace
-        scales: list[torch.Tensor | None] = [None] * len(inputs.tensors)
-        base = inputs.base.reshape(-1)
-        for i in trimmed:
-            per = inputs.per_input[i]
-            scales[i] = rescale_factor(
-                inputs.tensors[i].reshape(-1), base, variant.sparsify, per["density"],
-                gamma=per.get("gamma", 0.0), epsilon=per.get("epsilon", 0.0), key=inputs.keys[i],
-                position=_flat(inputs.positions, i), rank=_flat(inputs.ranks, i),
-                words=_flat(inputs.words, i), workspace=workspace)
-        return dataclasses.replace(inputs, scales=scales, workspace=workspace)
+        base, scaled = inputs.base.reshape(-1), [caches.trim(i) for i in range(len(trims))]
+        for i, trim in enumerate(trims):
+            if trim is not None:
+                scale = rescale_factor(inputs.tensors[i].reshape(-1), base, trim, scaled[i], caches.workspace)
+                scaled[i] = dataclasses.replace(scaled[i], scale=scale)
+        return dataclasses.replace(inputs, caches=dataclasses.replace(caches, trims=scaled))
     return prepare
 
 
 def _linear_kernel(inputs: MergeInputs) -> torch.Tensor:
     return linear_merge(inputs.tensors, [p["weight"] for p in inputs.per_input],
-                        normalize=inputs.shared["normalize"], workspace=inputs.workspace,
+                        normalize=inputs.shared["normalize"], workspace=inputs.caches.workspace,
                         out=inputs.out)
 
 
 def _slerp_kernel(inputs: MergeInputs) -> torch.Tensor:
     other = inputs.tensors[1 - inputs.base_index]
-    return slerp_merge(inputs.shared["t"], inputs.base, other, workspace=inputs.workspace,
+    return slerp_merge(inputs.shared["t"], inputs.base, other, workspace=inputs.caches.workspace,
                        out=inputs.out)
 
 
 def _model_stock_kernel(inputs: MergeInputs) -> torch.Tensor:
     return model_stock_merge(inputs.base, [inputs.tensors[i] for i in inputs.non_base()],
-                             filter_wise=inputs.shared["filter_wise"], workspace=inputs.workspace,
+                             filter_wise=inputs.shared["filter_wise"], workspace=inputs.caches.workspace,
                              out=inputs.out)
 
 

@@ -37,8 +37,8 @@ def slerp_merge(t: float, v0: torch.Tensor, v1: torch.Tensor, *, eps: float = 1e
         return chunk if op is None else op(chunk, scalar, out=buffer)
 
     # Reduce in 1M-element chunks (as mergekit does): one float32 reduction over tens of
-    # millions of elements loses ~1e-3 relative precision, enough to push the cosine of
-    # an embedding matrix past the linear-fallback threshold.
+    # millions of elements loses enough precision to push the cosine of an embedding
+    # matrix past the linear-fallback threshold.
     norm_a = torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(compute(None, x, None, "stacked")) for x in chunks_a]))
     norm_b = torch.linalg.vector_norm(torch.stack(

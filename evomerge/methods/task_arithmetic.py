@@ -13,15 +13,15 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.methods.sparsify import Sparsify, sparsify_
+from evomerge.methods.sparsify import Caches, Trim, sparsify_
 from evomerge.methods.workspace import Workspace
 
 
 def sum_rows(stacked: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The sum over dim 0. In float32/float64: ``((0 + row 0) + row 1) + …`` in row order,
-    one add per row (ATen's dim-0 reduction is about twice slower on CPU; it gives the same
-    bits for up to three rows, mergekit's case with three sources, and starts from +0 like
-    it). Half-precision rows are summed by ``torch.sum``, which accumulates in float32."""
+    one add per row (faster on CPU than ATen's dim-0 reduction, which gives the same bits
+    for up to three rows, mergekit's case with three sources, and starts from +0 like it).
+    Half-precision rows are summed by ``torch.sum``, which accumulates in float32."""
     if stacked.dtype not in (torch.float32, torch.float64):
         return torch.sum(stacked, dim=0, out=out)
     out = torch.zeros_like(stacked[0]) if out is None else out.zero_()
@@ -50,55 +50,35 @@ def task_vectors(base: torch.Tensor, sources: Sequence[torch.Tensor],
     return stacked
 
 
-def task_arithmetic_merge(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor] | torch.Tensor,
-    weights: Sequence[float],
-    *,
-    densities: Sequence[float] | None = None,
-    sparsify_method: Sparsify | None = None,
-    consensus: bool = False,
-    normalize: bool = False,
-    rescale: bool = False,
-    lam: float = 1.0,
-    gammas: Sequence[float] | None = None,
-    epsilons: Sequence[float] | None = None,
-    keys: Sequence[int] | None = None,
-    positions: Sequence[torch.Tensor | None] | None = None,
-    ranks: Sequence[torch.Tensor | None] | None = None,
-    words: Sequence[torch.Tensor | None] | None = None,
-    workspace: Workspace | None = None,
-    out: torch.Tensor | None = None,
-    numel: int | None = None,
-    scales: Sequence[torch.Tensor | None] | None = None,
-) -> torch.Tensor:
-    """Merge task vectors ``deltas`` (each ``source - base``) into ``base``.
+def task_arithmetic_merge(base: torch.Tensor, deltas: Sequence[torch.Tensor] | torch.Tensor,
+                          weights: Sequence[float], *, trims: Sequence[Trim | None] | None = None,
+                          consensus: bool = False, normalize: bool = False, lam: float = 1.0,
+                          caches: Caches | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge task vectors ``deltas`` (each ``source - base``) into ``base``:
+    ``base + lam · Σ weight · trimmed delta`` (TIES ``consensus``: only the deltas that agree
+    with the sign of the weighted sum; ``normalize``: divided by the summed weights).
 
     ``deltas`` is a sequence of tensors or one stacked ``(K, *base.shape)`` tensor (e.g.
-    from :func:`task_vectors`), which is overwritten. ``weights``/``densities``/``gammas``/
-    ``epsilons``/``keys`` are per task vector; ``positions``/``ranks``/``words`` are
-    optional precomputed magnitude positions / DELLA ranks / random stream words.
-    Temporaries come from ``workspace``; the result (in ``base.dtype``) is written to
-    ``out`` when given, else to a new tensor. ``numel`` and ``scales`` (per task vector):
-    the whole tensor's element count and L1 rescale factors when ``base`` and ``deltas``
-    are one block of it (see :func:`sparsify_`).
+    from :func:`task_vectors`), which is overwritten. ``weights``, ``trims`` (how each task
+    vector is sparsified; None: not at all) and ``caches.trims`` are per task vector;
+    temporaries come from ``caches.workspace``. The result (in ``base.dtype``) is written
+    to ``out`` when given, else to a new tensor. When ``base`` and ``deltas`` are one block
+    of larger tensors, the trim caches say so (see :class:`~evomerge.methods.sparsify.TrimCache`).
     """
-    workspace = Workspace() if workspace is None else workspace
+    caches = Caches() if caches is None else caches
+    workspace = caches.workspace
     count = len(deltas)
     if count == 0:
         return base.clone() if out is None else out.copy_(base)
+    trims = trims or [None] * count
     shape, dtype, device = (count, *base.shape), base.dtype, base.device
     stacked = deltas if isinstance(deltas, torch.Tensor) else torch.stack(
         list(deltas), out=workspace.take("stacked", shape, dtype, device))
     mixed = workspace.take("mixed", base.shape, dtype, device)
-    masks = workspace.take("masks", shape, dtype, device) if sparsify_method or consensus else None
-    if sparsify_method is not None:
-        for i, row in enumerate(stacked):
-            sparsify_(row, sparsify_method, densities[i] if densities else 1.0, rescale=rescale,
-                      gamma=gammas[i] if gammas else 0.0, epsilon=epsilons[i] if epsilons else 0.0,
-                      key=keys[i] if keys else 0, position=positions[i] if positions else None,
-                      rank=ranks[i] if ranks else None, words=words[i] if words else None,
-                      mask=masks[i], scratch=mixed, numel=numel, scale=scales[i] if scales else None)
+    masks = workspace.take("masks", shape, dtype, device) if consensus or any(trims) else None
+    for i, (row, trim) in enumerate(zip(stacked, trims)):
+        if trim is not None:
+            sparsify_(row, trim, caches.trim(i), mask=masks[i], scratch=mixed)
     weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape((count,) + (1,) * base.dim())
     stacked.mul_(weight)
     if consensus:

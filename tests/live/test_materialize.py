@@ -18,7 +18,7 @@ import yaml
 from evomerge import ConfigError, EvomergeError, merge, merge_state_dict, parse_config
 from evomerge.live.materializer import Materializer
 from evomerge.live.modeling import load_model
-from evomerge.methods import blocks, registry
+from evomerge.methods import _cpu, registry
 from evomerge.methods.registry import METHODS
 from tests.method_configs import method_configs
 
@@ -150,15 +150,15 @@ def test_blocked_kernels_equal_the_merge_engine(family, monkeypatch):
     tensor) get their factors from a blockwise pass first; the non-elementwise methods
     run whole."""
     base, *ft = family
-    monkeypatch.setattr(blocks, "BLOCK", 1000)  # also the chunks of the engine's L1 sums
+    monkeypatch.setattr(_cpu, "BLOCK", 1000)  # also the chunks of the engine's L1 sums
     configs = {name: as_config(c) for name, c in method_configs(base, ft).items()}
     references = {name: merge_state_dict(config, seed=2) for name, config in configs.items()}
     materializer = Materializer(base, ft)
     blocked = []
 
     def counting(kernel, inputs, block=None, prepare=None):
-        blocked.append(inputs.tensors[0].numel() > blocks.BLOCK)
-        return blocks.run_in_blocks(kernel, inputs, block, prepare)
+        blocked.append(inputs.tensors[0].numel() > _cpu.BLOCK)
+        return _cpu.run_in_blocks(kernel, inputs, block, prepare)
 
     monkeypatch.setattr(registry, "run_in_blocks", counting)
     whole = {"slerp", "model_stock", "model_stock_filter_wise", "passthrough"}
@@ -191,7 +191,7 @@ def test_magnitude_position_cache_changes_nothing(family):
     for name in ["ties", "breadcrumbs", "breadcrumbs_ties", "della", "ties_unnormalized"]:
         config = as_config(configs[name])
         assert_same_weights(applied(cached, config), applied(uncached, config), name)
-    assert cached._positions and cached._ranks and not uncached._positions
+    assert cached.caches.built["position"] and cached.caches.built["rank"] and not uncached.caches.built["position"]
 
 
 def test_candidates_allocate_nothing_beyond_the_bounded_workspace(family):
@@ -202,12 +202,12 @@ def test_candidates_allocate_nothing_beyond_the_bounded_workspace(family):
     configs = [as_config(c) for c in all_configs(base, ft).values()]
     for config in configs:
         materializer.apply(config, seed=4)
-    slots = dict(materializer._workspace._slots)
-    assert 0 < materializer._workspace.nbytes <= materializer.bound.scratch
+    slots = dict(materializer.caches.workspace._slots)
+    assert 0 < materializer.caches.workspace.nbytes <= materializer.bound.scratch
     for config in reversed(configs):
         materializer.apply(config, seed=4)
-    assert materializer._workspace._slots.keys() == slots.keys()
-    assert all(materializer._workspace._slots[name] is slot for name, slot in slots.items())
+    assert materializer.caches.workspace._slots.keys() == slots.keys()
+    assert all(materializer.caches.workspace._slots[name] is slot for name, slot in slots.items())
 
 
 def test_random_words_are_cached_per_seed(materializer, family):
@@ -216,15 +216,15 @@ def test_random_words_are_cached_per_seed(materializer, family):
     base, *ft = family
     dare = method_configs(base, ft)["dare_ties"]
     materializer.apply(as_config(dare), seed=11)
-    cached = {slot: words for slot, (_, words) in materializer._words.items()}
+    cached = {slot: words for slot, (_, words) in materializer.caches.built["words"].items()}
     assert cached and all(words.dtype == torch.int32 for words in cached.values())
     denser = as_config(dict(dare, models=[{"model": m["model"], "parameters": {"weight": 0.5, "density": 0.9}}
                                           for m in dare["models"]]))
     assert_same_weights(applied(materializer, denser, seed=11), merge_state_dict(denser, seed=11), "same seed")
-    assert all(materializer._words[slot][1] is words for slot, words in cached.items())
+    assert all(materializer.caches.built["words"][slot][1] is words for slot, words in cached.items())
     assert_same_weights(applied(materializer, denser, seed=12), merge_state_dict(denser, seed=12), "new seed")
-    assert materializer._words.keys() == cached.keys()
-    assert all(materializer._words[slot][1] is not words for slot, words in cached.items())
+    assert materializer.caches.built["words"].keys() == cached.keys()
+    assert all(materializer.caches.built["words"][slot][1] is not words for slot, words in cached.items())
 
 
 def test_resident_tensors_are_copies_not_file_maps(materializer):
@@ -246,7 +246,7 @@ def test_streaming_mode_equals_resident(family):
 
 def test_memory_bound_is_checked_before_loading(family, monkeypatch):
     base, *ft = family
-    monkeypatch.setattr("evomerge.live.materializer._available_bytes", lambda device: 1000)
+    monkeypatch.setattr("evomerge.live.materializer.available_bytes", lambda device: 1000)
     with pytest.raises(EvomergeError, match="the materializer needs .* GB .*pass max_memory"):
         Materializer(base, ft)
     with pytest.raises(EvomergeError, match="max_memory .* is below the streaming bound"):
@@ -258,7 +258,7 @@ def test_memory_bound_formula(family):
     materializer = Materializer(base, ft)
     n = sum(p.numel() for p in materializer.model.parameters())  # untied tiny llama: all stored
     bound = materializer.bound
-    assert bound.resident == 4 * n * 4 and bound.live == n * 4 and bound.positions == 3 * n * 4
+    assert bound.resident == 4 * n * 4 and bound.live == n * 4 and bound.per_cache == 3 * n * 4
     largest = max(p.numel() for p in materializer.model.parameters())
     assert bound.scratch == 7 * largest * 4
 

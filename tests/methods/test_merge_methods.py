@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,8 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.methods import (
+    Caches,
     Sparsify,
-    blocks,
+    Trim,
+    TrimCache,
+    _cpu,
     della_rank,
     linear_merge,
     magnitude_position,
@@ -66,8 +70,8 @@ def test_linear_normalized_is_weighted_mean(weights, seed):
 def test_ties_dense_same_sign_is_weighted_mean_of_deltas():
     base = torch.zeros(4, dtype=torch.float64)
     deltas = [torch.tensor([1.0, 2, 3, 4], dtype=torch.float64), torch.tensor([3.0, 2, 1, 2], dtype=torch.float64)]
-    merged = task_arithmetic_merge(base, deltas, [1.0, 3.0], sparsify_method=Sparsify.magnitude,
-                                   densities=[1.0, 1.0], consensus=True, normalize=True)
+    merged = task_arithmetic_merge(base, deltas, [1.0, 3.0], trims=[Trim(Sparsify.magnitude, 1.0)] * 2,
+                                   consensus=True, normalize=True)
     torch.testing.assert_close(merged, (1 * deltas[0] + 3 * deltas[1]) / 4)
 
 
@@ -76,29 +80,28 @@ def test_ties_sign_election_drops_the_minority():
     # column sums: -2 (negative wins), -1 (negative), 1 (positive)
     assert sign_consensus(weighted).tolist() == [[False, True, True], [True, False, True]]
     merged = task_arithmetic_merge(torch.zeros(3), list(weighted), [1.0, 1.0],
-                                   sparsify_method=Sparsify.magnitude, densities=[1.0, 1.0],
-                                   consensus=True, normalize=True)
+                                   trims=[Trim(Sparsify.magnitude, 1.0)] * 2, consensus=True, normalize=True)
     assert merged.tolist() == [-3.0, -2.0, 0.5]
 
 
 def test_magnitude_keeps_the_k_largest_and_breaks_ties_by_position():
     delta = torch.tensor([0.1, -5.0, 2.0, 2.0, 2.0, -0.3])
-    kept = sparsify(delta, Sparsify.magnitude, 0.5, rescale=False)
+    kept = sparsify(delta, Trim(Sparsify.magnitude, 0.5))
     assert kept.tolist() == [0.0, -5.0, 2.0, 2.0, 0.0, 0.0]  # k = 3; the first tied 2.0s win
-    assert sparsify(delta, Sparsify.magnitude, 0.01, rescale=False).tolist() == [0, -5.0, 0, 0, 0, 0]
+    assert sparsify(delta, Trim(Sparsify.magnitude, 0.01)).tolist() == [0, -5.0, 0, 0, 0, 0]
 
 
 def test_magnitude_with_precomputed_position_is_identical():
     delta = tensors(shape=(31, 9))[0].float()
     position = magnitude_position(delta)
     for density in (0.05, 0.3, 0.77):
-        assert torch.equal(sparsify(delta, Sparsify.magnitude, density, rescale=False),
-                           sparsify(delta, Sparsify.magnitude, density, rescale=False, position=position))
+        assert torch.equal(sparsify(delta, Trim(Sparsify.magnitude, density)),
+                           sparsify(delta, Trim(Sparsify.magnitude, density), TrimCache(position=position)))
 
 
 def test_breadcrumbs_drops_top_gamma_then_bottom():
     delta = torch.arange(1.0, 101.0)  # magnitudes 1..100
-    kept = sparsify(delta, Sparsify.magnitude_outliers, 0.5, rescale=False, gamma=0.1)
+    kept = sparsify(delta, Trim(Sparsify.magnitude_outliers, 0.5, gamma=0.1))
     assert torch.nonzero(kept).flatten().tolist() == list(range(40, 90))  # values 41..90
 
 
@@ -106,7 +109,7 @@ def test_breadcrumbs_drops_top_gamma_then_bottom():
 def test_breadcrumbs_matches_mergekit(density, gamma):
     sparsify_mk = pytest.importorskip("mergekit.sparsify")
     delta = torch.randperm(1000).float() - 500.5  # distinct magnitudes
-    ours = sparsify(delta, Sparsify.magnitude_outliers, density, rescale=False, gamma=gamma)
+    ours = sparsify(delta, Trim(Sparsify.magnitude_outliers, density, gamma=gamma))
     theirs = sparsify_mk.magnitude_outliers(delta, density=density, gamma=gamma)
     assert torch.equal(ours, theirs)
 
@@ -140,11 +143,11 @@ def test_model_stock_closed_forms():
 def test_dare_keep_rate_and_l1_rescale():
     delta = tensors(shape=(200, 500))[0].float()
     for density in (0.1, 0.5, 0.9):
-        kept = sparsify(delta, Sparsify.random, density, rescale=False, key=random_key(0, "w", 0))
+        kept = sparsify(delta, Trim(Sparsify.random, density, key=random_key(0, "w", 0)))
         n = delta.numel()
         rate = (kept != 0).float().mean().item()
         assert abs(rate - density) < 5 * math.sqrt(density * (1 - density) / n)  # 5 sigma
-        rescaled = sparsify(delta, Sparsify.random, density, rescale=True, key=random_key(0, "w", 0))
+        rescaled = sparsify(delta, Trim(Sparsify.random, density, rescale=True, key=random_key(0, "w", 0)))
         # same mask, scaled so the L1 norm matches the dense task vector (mergekit semantics)
         assert torch.equal(rescaled != 0, kept != 0)
         torch.testing.assert_close(rescaled.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
@@ -198,7 +201,7 @@ def test_random_words_are_uniform():
 
 def test_della_keeps_large_magnitudes_more_often_and_preserves_l1():
     delta = tensors(shape=(400, 400))[0].float()
-    kept = sparsify(delta, Sparsify.della, 0.5, rescale=True, epsilon=0.3, key=random_key(0, "d", 0))
+    kept = sparsify(delta, Trim(Sparsify.della, 0.5, rescale=True, epsilon=0.3, key=random_key(0, "d", 0)))
     rate = (kept != 0).float().mean().item()
     assert abs(rate - 0.5) < 0.01
     rank = della_rank(delta)
@@ -214,8 +217,8 @@ def test_selection_without_sort_equals_stable_order_with_ties(method, gamma):
     delta = torch.randint(-6, 7, (4000,), generator=g).float() / 4  # heavy magnitude ties
     position = magnitude_position(delta)
     for density in (0.1, 0.37, 0.5, 0.93):
-        fast = sparsify(delta, method, density, rescale=False, gamma=gamma)
-        sorted_ = sparsify(delta, method, density, rescale=False, gamma=gamma, position=position)
+        fast = sparsify(delta, Trim(method, density, gamma=gamma))
+        sorted_ = sparsify(delta, Trim(method, density, gamma=gamma), TrimCache(position=position))
         assert torch.equal(fast, sorted_)
 
 
@@ -299,17 +302,16 @@ def test_workspace_out_and_caches_change_no_bit():
         base, *sources = [t.float() for t in tensors(shape, seed=len(shape), n=4)]
         deltas = [s - base for s in sources]
         keys = [random_key(0, str(shape), i) for i in range(3)]
-        caches = {"positions": [magnitude_position(d) for d in deltas],
-                  "ranks": [della_rank(d) for d in deltas],
-                  "words": [stream_words(k, base.numel(), "cpu") for k in keys]}
+        caches = Caches([TrimCache(magnitude_position(d), della_rank(d), stream_words(k, base.numel(), "cpu"))
+                         for d, k in zip(deltas, keys)], workspace)
         for method, consensus, rescale in TASK_ARITHMETIC_VARIANTS:
-            options = dict(densities=[0.3, 0.6, 1.0], sparsify_method=method, consensus=consensus,
-                           normalize=consensus, rescale=rescale, gammas=[0.05] * 3,
-                           epsilons=[0.1] * 3, keys=keys, lam=0.9)
+            trims = None if method is None else [Trim(method, density, rescale, gamma=0.05, epsilon=0.1, key=k)
+                                                 for density, k in zip([0.3, 0.6, 1.0], keys)]
+            options = dict(trims=trims, consensus=consensus, normalize=consensus, lam=0.9)
             expected = task_arithmetic_merge(base, deltas, weights, **options)
             out = torch.empty_like(base)
             merged = task_arithmetic_merge(base, task_vectors(base, sources, workspace), weights,
-                                           **options, **caches, workspace=workspace, out=out)
+                                           **options, caches=caches, out=out)
             assert merged is out and torch.equal(bits(out), bits(expected)), (shape, method)
 
 
@@ -362,16 +364,15 @@ def test_sparsify_by_blocks_equals_the_whole_vector(method, density, gamma, resc
     base, source = torch.randn(2, numel, generator=generator)
     delta = source - base
     key = random_key(seed, "w", 1)
-    caches = dict(position=magnitude_position(delta), rank=della_rank(delta), words=stream_words(key, numel, "cpu"))
-    options = dict(rescale=rescale, gamma=gamma, epsilon=min(density, 1 - density) / 2, key=key)
+    cache = TrimCache(magnitude_position(delta), della_rank(delta), stream_words(key, numel, "cpu"))
+    trim = Trim(method, density, rescale, gamma=gamma, epsilon=min(density, 1 - density) / 2, key=key)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blocks, "BLOCK", block)
-        whole = sparsify_(delta.clone(), method, density, **options, **caches)
-        scale = rescale_factor(source, base, method, density, gamma=options["gamma"],
-                               epsilon=options["epsilon"], key=key, **caches, workspace=Workspace())
+        patch.setattr(_cpu, "BLOCK", block)
+        whole = sparsify_(delta.clone(), trim, cache)
+        scale = rescale_factor(source, base, trim, cache, Workspace())
     blocked = delta.clone()
     for start in range(0, numel, block):
         part = slice(start, start + block)
-        sparsify_(blocked[part], method, density, **options, numel=numel, scale=scale if rescale else None,
-                  **{name: cache[part] for name, cache in caches.items()})
+        sliced = dataclasses.replace(cache.block(part, numel), scale=scale if rescale else None)
+        sparsify_(blocked[part], trim, sliced)
     assert torch.equal(blocked.view(torch.int32), whole.view(torch.int32))

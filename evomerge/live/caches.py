@@ -1,0 +1,81 @@
+"""The materializer's trim caches: what a candidate's trims reuse, built once per source tensor.
+
+For each trimmed input, the cache kinds its method's sparsifier declares
+(:attr:`~evomerge.methods.sparsify.Sparsify.caches`), built on the first candidate that
+needs them and kept for all later ones: the magnitude positions and DELLA ranks of its
+task vector, keyed by (source, tensor, base, base tensor), and the words of its random
+stream, keyed by (source, tensor) and kept for one random key (the words depend on the
+seed, so a search keeps its seed fixed; a new key replaces them). A trim at any density
+is then one comparison pass. Each op's caches reach its kernel, with the one reusable
+workspace, as one :class:`~evomerge.methods.sparsify.Caches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from evomerge.engine.plan import MergePlan, TensorOp
+from evomerge.methods.random import stream_words
+from evomerge.methods.registry import trimmed_inputs
+from evomerge.methods.sparsify import CACHE_KINDS, NO_CACHE, Caches, TrimCache, della_rank, magnitude_position
+from evomerge.methods.workspace import Workspace
+
+_NAMES = {"position": "magnitude positions", "rank": "DELLA ranks", "words": "random words"}
+
+
+class CacheStore:
+    """The trim caches of one materializer (none when not ``enabled``) and its workspace.
+
+    ``built[kind]`` maps a cache slot to ``(random key or None, tensor)``; tensors are on ``device``.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device = device
+        self.enabled = enabled
+        self.built: dict[str, dict[tuple, tuple[int | None, torch.Tensor]]] = {kind: {} for kind in CACHE_KINDS}
+        self.workspace = Workspace()
+
+    def to_build(self, plan: MergePlan) -> str | None:
+        """In words, what ``plan``'s sparsifier caches when no candidate has built all of it yet
+        (None: nothing to build, also when the plan trims no task vector)."""
+        sparsify = plan.method.sparsify
+        if not self.enabled or sparsify is None or all(self.built[kind] for kind in sparsify.caches):
+            return None
+        if not any(any(trimmed_inputs(op.per_input, op.base_index)) for op in plan.ops if op.base_index is not None):
+            return None
+        return " and ".join(_NAMES[kind] for kind in sparsify.caches)
+
+    def for_op(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
+               tensors: Sequence[torch.Tensor]) -> Caches:
+        """What ``op``'s kernel reuses: per trimmed input the caches of ``plan``'s sparsifier
+        (built now if missing; none for a cropped op), and the workspace. ``paths``: the
+        plan's model names resolved; ``tensors``: ``op``'s inputs, resident on the device."""
+        sparsify = plan.method.sparsify
+        if not self.enabled or sparsify is None or op.crop_rows is not None or op.base_index is None:
+            return Caches(workspace=self.workspace)
+        base_model, base_name = op.inputs[op.base_index]
+        base = (paths[base_model], base_name)
+        trims = []
+        for (model, name), tensor, key, trimmed in zip(op.inputs, tensors, op.keys,
+                                                       trimmed_inputs(op.per_input, op.base_index)):
+            source = (paths[model], name)
+            trims.append(TrimCache(**{
+                kind: self._entry(kind, source, base, tensor, tensors[op.base_index], key)
+                for kind in sparsify.caches}) if trimmed else NO_CACHE)
+        return Caches(trims, self.workspace)
+
+    def _entry(self, kind: str, source: tuple[Path, str], base: tuple[Path, str], tensor: torch.Tensor,
+               base_tensor: torch.Tensor, key: int) -> torch.Tensor:
+        """The ``kind`` cache of input ``source`` (its task vector over ``base``), built if missing."""
+        slot, stamp = (source, key) if kind == "words" else ((*source, *base), None)
+        entry = self.built[kind].get(slot)
+        if entry is None or entry[0] != stamp:
+            if kind == "words":
+                built = stream_words(key, tensor.numel(), self.device)
+            else:
+                built = (magnitude_position if kind == "position" else della_rank)(tensor - base_tensor)
+            entry = self.built[kind][slot] = (stamp, built)
+        return entry[1]

@@ -1,0 +1,81 @@
+"""The materializer's memory bound, and the memory available on its device.
+
+Memory (bytes, ``dtype`` size ``s``, ``N`` parameters per model, ``K`` sources, ``T`` the
+largest tensor's element count, ``D`` the deepest plan's extra layers)::
+
+    resident  = (K + 1) · N · s              base and sources
+    live      = N · s  (+ D layers)          the live model's own parameters
+    per cache = K · N · 4                    each cache kind: int32 magnitude positions
+                                             (TIES, breadcrumbs), float32 DELLA ranks,
+                                             int32 random words (DARE, DELLA)
+    building  = 36 · T                       while a cache is built: sorting one tensor
+    scratch   = (2K + 1) · T · max(s, 4)     the workspace (kernel temporaries)
+
+A cache exists once a method that uses it has run; it is built on that method's first
+candidate, one tensor at a time. DELLA also allocates its float32 keep probabilities per
+tensor. On CPU the process's resident set can exceed the bound by what the C allocator
+keeps of freed temporaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from evomerge.io.reader import ModelFolder
+from evomerge.methods.sparsify import CACHE_ITEMSIZE, CACHE_KINDS
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """Bytes the materializer needs on its device (see the module docstring)."""
+
+    resident: int
+    live: int
+    per_cache: int
+    building: int
+    scratch: int
+
+    @property
+    def caches(self) -> int:
+        """All cache kinds, and the transient of building one."""
+        return self.per_cache * len(CACHE_KINDS) + self.building
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.live + self.caches + self.scratch
+
+    @property
+    def streaming(self) -> int:
+        """What streaming the inputs from disk needs: the live model and the workspace."""
+        return self.live + self.scratch
+
+
+def memory_bound(base: ModelFolder, models: Iterable[ModelFolder], dtype: torch.dtype, *,
+                 caches: bool) -> MemoryBound:
+    """The bound for ``base`` and ``models`` (base and sources, all loaded) in ``dtype``;
+    ``caches``: whether the trim caches are on (else they count 0)."""
+    models = list(models)
+    numel = [int(torch.Size(base.shape(n)).numel()) for n in base.names()]
+    sources = len(models) - 1
+    return MemoryBound(
+        resident=sum(sum(int(torch.Size(f.shape(n)).numel()) for n in f.names()) for f in models) * dtype.itemsize,
+        live=sum(numel) * dtype.itemsize,
+        per_cache=sources * sum(numel) * CACHE_ITEMSIZE if caches else 0,
+        building=36 * max(numel) if caches else 0,
+        scratch=(2 * sources + 1) * max(numel) * max(dtype.itemsize, 4))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: available system memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def gb(size: int) -> str:
+    """``size`` bytes as ``'1.23 GB'``."""
+    return f"{size / 1e9:.2f} GB"
