@@ -124,21 +124,21 @@ def fail_dead_trials(study: optuna.Study, heartbeat: int | None) -> list[FrozenT
     """Fail and re-queue once (``RETRY``) the running trials of dead workers, and return the
     study's trials read afterwards. Dead: a process of this host that no longer exists (at
     once); with heartbeats every ``heartbeat`` seconds, a trial older than the grace period
-    that recorded no worker, and one whose heartbeat went stale (Optuna's ``fail_stale_trials``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials(deepcopy=False)
-    dead = [(t, reason) for t in trials if t.state == TrialState.RUNNING
-            for reason in [_dead(t, heartbeat)] if reason]
-    for trial, reason in dead:
+    that recorded no worker, and one whose heartbeat went stale (Optuna's ``fail_stale_trials``,
+    after the others: they record why)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if (reason := _dead(trial, heartbeat)) is None:
+            continue
         try:
             set_user_attr(study, trial, "failure", reason)
             failed = study.tell(trial.number, state=TrialState.FAIL)
         except (UpdateFinishedTrialError, ValueError):  # another worker got there first
             continue
         RETRY(study, failed)
-    return study.get_trials(deepcopy=False) if dead else trials
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return study.get_trials(deepcopy=False)
 
 
 def _dead(trial: FrozenTrial, heartbeat: int | None) -> str | None:
