@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+import sqlalchemy.exc
 import yaml
 from optuna.trial import TrialState
 
@@ -169,6 +170,24 @@ def test_claim_counts_a_retry_enqueued_meanwhile_in_place_of_its_failed_trial(tm
     assert claimed.number == 1  # the retry, counted in place of trial 0
     assert [t.number for t in counted(study.get_trials())] == [1]
     assert budget.open(study.get_trials())
+
+
+def test_a_failed_heartbeat_write_is_logged_and_the_next_one_still_made(tmp_path, monkeypatch, caplog):
+    """Optuna's heartbeat thread ends at the first failed write (the database restarting):
+    open_storage's storage logs it, and the next interval writes again."""
+    writes: list[int] = []
+    record = optuna.storages.RDBStorage.record_heartbeat
+
+    def first_write_fails(self, trial_id: int) -> None:
+        writes.append(trial_id)
+        if len(writes) == 1:
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception("server closed"))
+        record(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", first_write_fails)
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db", heartbeat=1))
+    study.optimize(lambda trial: time.sleep(2.5) or 1.0, n_trials=1)
+    assert len(writes) >= 3 and "not recorded: server closed" in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
