@@ -1,4 +1,4 @@
-"""The search loop: ask → decode → materialize → score → tell, over an Optuna study.
+"""The search loop: Optuna's ``study.optimize`` over an objective that decodes, materializes and scores.
 
 Everything a search knows lives in its Optuna storage (SQLite file by default), so a
 search is resumed by running it again: completed trials are kept, the sampler continues
@@ -6,11 +6,11 @@ from them, and a candidate whose plan was already scored is not evaluated again.
 trial records its decoded plan (YAML), every metric, the seed, the time spent in
 materialize and fitness, the device and the worker, or why it failed. A candidate that
 raises, runs out of memory or scores NaN fails its own trial only; ``max_failures_in_a_row``
-failures stop the search. Ctrl-C stops after the current trial.
+failures stop the search. Ctrl-C stops after the current trial (``study.stop``).
 
 Many workers (processes, hosts) may run the same study at once: they coordinate through
 the storage only (``coordination.py``): the budget is shared, and a dead worker's trial is
-failed and retried by another. ``workers.py`` starts N local workers.
+failed and retried by another (Optuna's heartbeat). ``workers.py`` starts N local workers.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
@@ -38,16 +39,16 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
 from evomerge.io.reader import ModelFolder
 from evomerge.live.materializer import Materializer
-from evomerge.search.distributed.coordination import claim, finished, worker_id
-from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, heartbeat_thread, lost, open_storage
+from evomerge.search.distributed.coordination import Budget, OverBudget, fail_dead_trials, worker_id
+from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, lost, open_storage, storage_error
 from evomerge.search.experiment import Experiment
-from evomerge.search.samplers import CmaPackageProposer, make_sampler
+from evomerge.search.samplers import make_sampler
 from evomerge.search.spaces.loader import load_search_space
 from evomerge.search.spaces.space import SearchSpace
-from evomerge.search.writes import DeferredWrites, deferring
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 30  # seconds between heartbeats of a running trial (default of `evomerge search`)
+POLL = 1.0  # seconds between looks at the study while other workers run the last trials
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Search:
     base: str  # absolute model paths
     sources: list[str]
     storage_url: str
+    heartbeat: int | None = None  # seconds between heartbeats of a running trial; None: no heartbeats
     created: bool = False  # this process created the study
 
     def enqueue_warm_start(self) -> None:
@@ -80,8 +82,9 @@ class Search:
 
 def open_search(experiment: Experiment, *, study_name: str | None = None, storage: str | None = None,
                 device: str | None = None, create: bool = True, heartbeat: int | None = None) -> Search:
-    """Load the fitness and search space and create (or reopen) the experiment's study.
-    Every input is checked before the storage is opened, so bad input writes nothing."""
+    """Load the fitness and search space and create (or reopen) the experiment's study, with
+    heartbeats every ``heartbeat`` seconds on an RDB storage (``storage.py``). Every input is
+    checked before the storage is opened, so bad input writes nothing (ConfigError)."""
     paths = [experiment.models.base, *experiment.models.sources]
     for path in paths:
         if not Path(path).is_dir():
@@ -97,6 +100,7 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if len(fitness.stages) > 1 else None
     url = storage or experiment.storage or experiment.default_storage
     backend = open_storage(url, heartbeat=heartbeat)
+    heartbeat = heartbeat if isinstance(backend, optuna.storages.RDBStorage) else None
     name = study_name or experiment.name
     created = False
     try:
@@ -112,7 +116,8 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
         _check_study(study, experiment, space, fitness)
     except STORAGE_ERRORS as error:
         raise lost(url, error) from None
-    return Search(experiment, study, space, fitness, device or experiment.device, base, sources, url, created)
+    return Search(experiment, study, space, fitness, device or experiment.device, base, sources, url, heartbeat,
+                  created)
 
 
 def _signature(experiment: Experiment, space: SearchSpace, fitness: Fitness) -> dict[str, Any]:
@@ -145,32 +150,12 @@ def plan_hash(config: MergeConfig | str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\n{text}".encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _stop_on_interrupt(flag: dict[str, bool]):
-    """First Ctrl-C: finish the current trial, then stop. Second: abort now."""
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        log.warning("stopping after the current trial (Ctrl-C again to abort it)")
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class _Failed(Exception):
     pass
 
 
 class Runner:
-    """Runs trials of one :class:`Search` with one materializer."""
+    """Runs trials of one :class:`Search` with one materializer, through ``study.optimize``."""
 
     def __init__(self, search: Search, *, progress: bool = True):
         self.search = search
@@ -180,54 +165,95 @@ class Runner:
         self.device_name = str(self.materializer.device)
         if self.materializer.device.type == "cuda":
             self.device_name += f" ({torch.cuda.get_device_name(self.materializer.device)})"
-        self.proposer = (CmaPackageProposer(search.space, experiment.optimizer, search.study)
-                         if experiment.optimizer.sampler == "cma" else None)
         self.progress = progress
-        self.writes = DeferredWrites(search.study._storage)  # the current trial's (set by _ask)
 
     def run(self, n_trials: int | None, timeout: float | None) -> int:
         """Run until ``n_trials`` trials of the study have finished (counting earlier runs and
-        other workers' trials), ``timeout`` seconds pass or Ctrl-C; return the number of
-        trials run by this worker. A lost storage raises :class:`StorageError`."""
+        other workers' trials; :class:`Budget`), ``timeout`` seconds pass, or Ctrl-C (the first
+        stops after the current trial, the second fails it and raises KeyboardInterrupt); return
+        the number of trials run by this worker. Raises EvomergeError when
+        ``max_failures_in_a_row`` trials failed in a row, StorageError when the storage is lost."""
         try:
-            return self._run(n_trials, timeout)
-        except STORAGE_ERRORS as error:
-            raise lost(self.search.storage_url, error) from None
+            return self._run(Budget(n_trials), timeout)
+        except Exception as error:
+            if (lost_error := storage_error(error)) is None:
+                raise
+            raise lost(self.search.storage_url, lost_error) from None
 
-    def _run(self, n_trials: int | None, timeout: float | None) -> int:
-        study, experiment = self.search.study, self.search.experiment
+    def _run(self, budget: Budget, timeout: float | None) -> int:
+        study, heartbeat = self.search.study, self.search.heartbeat
         self.search.enqueue_warm_start()
-        done = finished(study)
-        remaining = None if n_trials is None else max(0, n_trials - done)
-        if remaining == 0:
-            log.info("study %s already has %d finished trials", study.study_name, done)
+        trials = fail_dead_trials(study, heartbeat)
+        if not budget.open(trials) and not budget.running(trials):
+            log.info("study %s already has %d finished trials", study.study_name, budget.finished(trials))
             return 0
-        start, ran, failures, flag = time.monotonic(), 0, 0, {"stop": False}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.ran, self.failures, self.interrupted, self.current = 0, 0, False, None
+        sampler = study.sampler
+        bar = tqdm(total=None if budget.n_trials is None else budget.n_trials - budget.finished(trials),
+                   desc=f"search {study.study_name}", unit="trial", disable=not self.progress)
+        with self._stop_on_interrupt(), bar:
+            study.sampler = budget.gate(sampler)
+            try:
+                while not self.interrupted and (deadline is None or time.monotonic() < deadline):
+                    if budget.open(trials):
+                        self._optimize(budget, bar, None if deadline is None else deadline - time.monotonic())
+                    elif heartbeat and budget.running(trials):  # may come back as a retry
+                        time.sleep(POLL)
+                    else:
+                        break
+                    trials = fail_dead_trials(study, heartbeat)
+            finally:
+                study.sampler = sampler
+        return self.ran
 
-        def stop() -> bool:
-            return flag["stop"] or (timeout is not None and time.monotonic() - start >= timeout)
+    def _optimize(self, budget: Budget, bar, timeout: float | None) -> None:
+        """``study.optimize`` until the budget has no room (or Ctrl-C, or ``timeout``)."""
+        study = self.search.study
 
-        bar = tqdm(total=remaining, desc=f"search {study.study_name}", unit="trial", disable=not self.progress)
-        with _stop_on_interrupt(flag), bar:
-            while not stop():
-                claimed = claim(study, self._ask, n_trials, stop)
-                if claimed is None:
-                    break
-                trial = claimed.trial
-                try:
-                    state, reason = self._one_trial(trial, claimed.trials)
-                except UpdateFinishedTrialError:  # failed as stale while it ran (heartbeats starved)
-                    log.warning("trial %d was failed by another worker (no heartbeat for %d heartbeat "
-                                "intervals); its retry runs instead", trial.number, GRACE)
-                    state, reason = TrialState.FAIL, "missed heartbeats"
-                ran += 1
-                bar.update()
-                failures = failures + 1 if state == TrialState.FAIL else 0
-                if failures >= experiment.budget.max_failures_in_a_row:
-                    raise EvomergeError(f"{failures} candidates failed in a row (last: {reason}); "
-                                        "stopping the search")
-                self._show_best(bar)
-        return ran
+        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            self.ran, self.current = self.ran + 1, None
+            bar.update()
+            self._count_failure(trial.state, trial.user_attrs.get("failure"))
+            self._show_best(bar)
+            if self.interrupted or not budget.open(fail_dead_trials(study, self.search.heartbeat)):
+                study.stop()
+
+        try:
+            study.optimize(self._objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial])
+        except OverBudget as error:  # another worker took the last place first
+            log.debug("%s", error)
+        except ValueError:  # optimize's tell of a trial that another worker failed meanwhile
+            lost_trial, self.current = self.current, None
+            if lost_trial is None or not study.get_trials(deepcopy=False)[lost_trial].state.is_finished():
+                raise
+            log.warning("trial %d was failed by another worker (no heartbeat for %d heartbeat intervals); "
+                        "its retry runs instead", lost_trial, GRACE)
+            self._count_failure(TrialState.FAIL, "missed heartbeats")
+
+    def _count_failure(self, state: TrialState, reason: str | None) -> None:
+        self.failures = self.failures + 1 if state == TrialState.FAIL else 0
+        if self.failures >= self.search.experiment.budget.max_failures_in_a_row:
+            raise EvomergeError(f"{self.failures} candidates failed in a row (last: {reason}); stopping the search")
+
+    @contextmanager
+    def _stop_on_interrupt(self):
+        """First Ctrl-C: stop after the current trial. Second: abort it (KeyboardInterrupt)."""
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            log.warning("stopping after the current trial (Ctrl-C again to abort it)")
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _show_best(self, bar) -> None:
         study = self.search.study
@@ -237,68 +263,40 @@ class Runner:
             except ValueError:
                 pass
 
-    def _ask(self) -> optuna.Trial:
-        study = self.search.study
-        if self.proposer is not None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            study.enqueue_trial(self.proposer.propose())
-        self.writes = DeferredWrites(study._storage)  # the trial's params and records: see writes.py
-        with deferring(study, self.writes):
-            return study.ask(self.search.space.distributions())
-
-    def _one_trial(self, trial: optuna.Trial, trials: list[FrozenTrial]) -> tuple[TrialState, str | None]:
-        """Run ``trial``; ``trials``: the study's, read just before it was asked."""
+    def _objective(self, trial: optuna.Trial) -> list[float]:
+        """One candidate: its worker, parameters, plan and records on ``trial``, then its
+        objective values. A failed candidate raises, after recording why (``failure``)."""
+        self.current = trial.number
+        trial.set_user_attr("worker", worker_id())
         try:
-            with heartbeat_thread(self.search.study._storage, trial._trial_id):
-                trial.set_user_attr("worker", worker_id())  # after the first heartbeat: see coordination.py
-                values = self._evaluate(trial, trials)
-        except (*STORAGE_ERRORS, UpdateFinishedTrialError):
+            return self._evaluate(trial)
+        except (*STORAGE_ERRORS, optuna.TrialPruned, UpdateFinishedTrialError):
             raise
-        except optuna.TrialPruned:
-            self._tell(trial, state=TrialState.PRUNED)
-            return TrialState.PRUNED, None
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted")
-            self._tell(trial, state=TrialState.FAIL)
             raise
-        except _Failed as failure:
-            return self._fail(trial, str(failure))
-        except Exception as error:  # a failed candidate fails its trial, never the study
-            return self._fail(trial, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-        self._tell(trial, values)
-        if self.proposer is not None:
-            self.proposer.tell(trial.params, values[0])
-        return TrialState.COMPLETE, None
+        except Exception as error:
+            reason = str(error) if isinstance(error, _Failed) else \
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if self.materializer.device.type == "cuda":
+                torch.cuda.empty_cache()
+            trial.set_user_attr("failure", reason)
+            raise
 
-    def _tell(self, trial: optuna.Trial, values: list[float] | None = None, *,
-              state: TrialState | None = None) -> None:
-        """Write the trial's queued records, then finish it (Optuna's ``tell``)."""
-        self.writes.flush()
-        self.search.study.tell(trial, values, state=state)
-
-    def _fail(self, trial: optuna.Trial, reason: str) -> tuple[TrialState, str]:
-        log.warning("trial %d failed: %s", trial.number, reason)
-        if self.materializer.device.type == "cuda":
-            torch.cuda.empty_cache()
-        trial.set_user_attr("failure", reason)
-        self._tell(trial, state=TrialState.FAIL)
-        if self.proposer is not None:
-            self.proposer.tell(trial.params, None)
-        return TrialState.FAIL, reason
-
-    def _evaluate(self, trial: optuna.Trial, trials: list[FrozenTrial]) -> list[float]:
+    def _evaluate(self, trial: optuna.Trial) -> list[float]:
         search, experiment = self.search, self.search.experiment
-        config = search.decode(trial.params)
+        config = search.decode({name: _suggest(trial, name, distribution)
+                                for name, distribution in search.space.distributions().items()})
         plan = config.to_yaml()
         key = plan_hash(plan, experiment.seed)
         for name, value in (("plan", plan), ("plan_hash", key), ("seed", experiment.seed),
                             ("device", self.device_name)):
             trial.set_user_attr(name, value)
-        previous = _completed_with(trials, key)
+        previous = _completed_with(search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key)
         if previous is not None:
             trial.set_user_attr("metrics", previous.user_attrs.get("metrics"))
             trial.set_user_attr("same_plan_as", previous.number)
             return list(previous.values)
-        self.writes.flush()  # the plan is visible while it is merged and scored
         started = time.perf_counter()
         model = self.materializer.apply(config, seed=experiment.seed)
         if self.materializer.device.type == "cuda":
@@ -318,6 +316,17 @@ class Runner:
         if not all(math.isfinite(v) for v in values):
             raise _Failed(f"non-finite fitness {scores}")
         return values
+
+
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """``trial``'s value of parameter ``name`` (sampled, or fixed by an enqueued trial)."""
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
+                                   log=distribution.log)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)
+    return trial.suggest_categorical(name, distribution.choices)
 
 
 def _completed_with(trials: list[FrozenTrial], key: str) -> FrozenTrial | None:

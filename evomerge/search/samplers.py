@@ -1,11 +1,11 @@
-"""Samplers: Optuna's CMA-ES / TPE / NSGA-II / random, and the ``cma`` package via ask/tell.
+"""Samplers: Optuna's CMA-ES / TPE / NSGA-II / random, and the ``cma`` package as an Optuna sampler.
 
 ``cmaes`` (the default for a single objective) is Optuna's ``CmaEsSampler``: its state
 lives in the study, so a resumed search continues the same evolution. Optuna normalizes
 every parameter to [0, 1] for CMA-ES, so ``sigma0`` is in units of each parameter's range.
 ``cma`` runs Nikolaus Hansen's ``cma`` package on the space's ``[0, 1]^d`` code
-(``SearchSpace.to_unit``/``from_unit``); on resume its state is rebuilt by replaying the
-study's finished trials, generation by generation.
+(``SearchSpace.to_unit``/``from_unit``) through :class:`CmaPackageSampler`; on resume its
+state is rebuilt from the study's finished trials, generation by generation.
 
 Restarts (``restarts: ipop``, Auger & Hansen 2005) run with ``cma``: when an evolution meets
 one of ``cma``'s stopping criteria (it has converged, or its fitness went flat), a new one
@@ -16,14 +16,15 @@ since Optuna 4.4, so ``cmaes`` refuses the option rather than silently running w
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.search.experiment import Optimizer
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``optimizer`` (``cma`` proposals are enqueued; random fills gaps)."""
+    """The Optuna sampler for ``optimizer`` on ``space``, for a study in ``directions``.
+    Raises ConfigError for a combination the samplers do not run (module docstring)."""
     kind, seed = optimizer.sampler, optimizer.seed
     if len(directions) > 1 and kind in ("cmaes", "cma"):
         raise ConfigError(f"sampler {kind} optimizes one objective; the fitness has {len(directions)} "
@@ -52,43 +54,77 @@ def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=optimizer.popsize or 16, seed=seed)
+    if kind == "cma":
+        return CmaPackageSampler(space, optimizer, directions[0])
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-class CmaPackageProposer:
-    """Parameters proposed by ``cma.CMAEvolutionStrategy`` (restarted as the module docstring
-    says with ``restarts: ipop``); told the (minimized) results."""
+class CmaPackageSampler(optuna.samplers.BaseSampler):
+    """Nikolaus Hansen's ``cma.CMAEvolutionStrategy`` as an Optuna sampler, on ``space``'s
+    ``[0, 1]^d`` code, for a study of one objective in ``direction``.
 
-    def __init__(self, space: SearchSpace, optimizer: Optimizer, study: optuna.Study):
+    Every trial of ``space`` gets its parameters from the current generation (``sample_relative``;
+    parameters outside ``space`` come from a seeded random sampler). The evolution learns from every
+    finished trial of the study that has all of ``space``'s parameters, in the order this sampler
+    sees them: its own as they are told (``after_trial``), the others (earlier runs, other
+    workers) before it next samples, in trial-number order, so a resumed study rebuilds its
+    evolution. A completed trial is scored by its value, a failed one as worse than the worst so
+    far; pruned trials are left out. ``popsize`` results make a generation. With ``restarts: ipop``
+    a stopped evolution restarts as the module docstring says."""
+
+    def __init__(self, space: SearchSpace, optimizer: Optimizer, direction: str):
         self.space, self.optimizer = space, optimizer
-        self.sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        self.sign = -1.0 if direction == "maximize" else 1.0
         self.dimension = len(space.distributions())
-        recipes = space.known_recipes()
         self.restarts = 0
         self._starts = np.random.default_rng(optimizer.seed)  # restart points
+        self._random = optuna.samplers.RandomSampler(seed=optimizer.seed)
+        recipes = space.known_recipes()
         self.es = self._evolution(space.to_unit(recipes[0]) if recipes else [0.5] * self.dimension,
                                   optimizer.popsize)
-        self._pending: list = []
-        self._proposed: dict[str, Any] = {}
+        self._pending: list = []  # the generation's points not handed out yet
         self._asked = False  # cma needs an ask() before each tell()
+        self._proposed: dict[int, Any] = {}  # trial number -> cma's own point (bound repair)
+        self._seen: set[int] = set()  # numbers of the trials learnt from
         self._told: list[tuple[Any, float | None]] = []
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if set(trial.params) == set(space.distributions()):
-                self.tell(trial.params, trial.values[0] if trial.values else None)
 
-    def propose(self) -> dict[str, Any]:
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.space.distributions()
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        self.sync(study)
         if not self._pending:
             self._pending, self._asked = list(self.es.ask()), True
         x = self._pending.pop(0)
-        params = self.space.from_unit(list(x))
-        self._proposed[_key(params)] = x  # cma must be told its own arrays (bound repair)
-        return params
+        self._proposed[trial.number] = x
+        return self.space.from_unit(list(x))
 
-    def tell(self, params: dict[str, Any], value: float | None) -> None:
-        """Record a result (None: failed, scored as the worst so far); a full generation updates CMA."""
-        x = self._proposed.pop(_key(params), None)
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._learn(trial.number, trial.params, state, values)
+
+    def sync(self, study: optuna.Study) -> None:
+        """Learn from the study's finished trials not seen yet, in trial-number order."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            self._learn(trial.number, trial.params, trial.state, trial.values)
+
+    def _learn(self, number: int, params: dict[str, Any], state: TrialState,
+               values: Sequence[float] | None) -> None:
+        """Record a result (a failure scores as the worst so far); a full generation updates CMA."""
+        if number in self._seen or state not in (TrialState.COMPLETE, TrialState.FAIL) \
+                or set(params) != set(self.space.distributions()):
+            return
+        self._seen.add(number)
+        x = self._proposed.pop(number, None)
         x = self.space.to_unit(params) if x is None else x
-        self._told.append((x, None if value is None else self.sign * value))
+        self._told.append((x, self.sign * values[0] if state == TrialState.COMPLETE and values else None))
         if len(self._told) < self.es.popsize:
             return
         known = [v for _, v in self._told if v is not None]
@@ -111,7 +147,3 @@ class CmaPackageProposer:
         if popsize:
             options["popsize"] = popsize
         return cma.CMAEvolutionStrategy(x0, self.optimizer.sigma0 or 0.25, options)
-
-
-def _key(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True)

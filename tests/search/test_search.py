@@ -26,7 +26,7 @@ from evomerge.errors import EvomergeError
 from evomerge.live.materializer import Materializer
 from evomerge.search.driver import Runner, open_search, run_search
 from evomerge.search.experiment import parse_experiment
-from evomerge.search.samplers import CmaPackageProposer
+from evomerge.search.samplers import make_sampler
 from tests.conftest import read_folder
 
 FUNCTIONS = Path(__file__).parents[1] / "data" / "search" / "fitness_fns.py"
@@ -217,8 +217,8 @@ def test_other_samplers(llama, tmp_path, test_log, sampler):
 
 def test_ipop_restarts_a_stopped_cma_with_twice_the_population(llama, tmp_path):
     """A flat fitness meets cma's stopping criterion (tolfun) after every generation: with
-    ``restarts: ipop`` the search goes on with populations 4, 8, 16; replaying the study on
-    resume reaches the same evolution; without restarts one evolution runs."""
+    ``restarts: ipop`` the search goes on with populations 4, 8, 16; a new sampler rebuilt from
+    the study (a resume) reaches the same evolution; without restarts one evolution runs."""
     flat = tmp_path / "flat.py"
     flat.write_text("def score(model, tokenizer, split='search'):\n    return 1.0\n")
     metrics = {"flat": {"type": "callable", "function": f"{flat}:score", "direction": "maximize"}}
@@ -228,13 +228,13 @@ def test_ipop_restarts_a_stopped_cma_with_twice_the_population(llama, tmp_path):
                                name=f"t-{restarts}")
         data["optimizer"].update(restarts=restarts, warm_start=False)
         search = open_search(parse_experiment(yaml.safe_dump(data)))
-        runner = Runner(search, progress=False)
-        assert runner.run(14, None) == 14
+        assert Runner(search, progress=False).run(14, None) == 14
         trials = search.study.get_trials()
         assert all(t.state == TrialState.COMPLETE for t in trials)
         assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 14
-        replayed = CmaPackageProposer(search.space, search.experiment.optimizer, search.study)
-        populations[restarts] = [(p.restarts, p.es.popsize) for p in (runner.proposer, replayed)]
+        replayed = make_sampler(search.experiment.optimizer, search.space, search.fitness.directions)
+        replayed.sync(search.study)
+        populations[restarts] = [(s.restarts, s.es.popsize) for s in (search.study.sampler, replayed)]
     assert populations == {"ipop": [(2, 16), (2, 16)], None: [(0, 4), (0, 4)]}
 
 

@@ -1,6 +1,7 @@
 """Many workers on one study, against a real PostgreSQL server (``postgres_url``, conftest.py):
-a shared budget, dead workers' trials failed and retried (kill -9, heartbeats), kill -9 and
-restart of the only process, and the database server restarting mid-search."""
+a shared budget (and why Optuna's ``MaxTrialsCallback`` does not give one), dead workers' trials
+failed and retried (kill -9, heartbeats), kill -9 and restart of the only process, and the
+database server restarting mid-search."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+import sqlalchemy.exc
 import yaml
 from optuna.trial import TrialState
 
-from evomerge.search.distributed.coordination import claim, counted
+from evomerge.search.distributed.coordination import Budget, OverBudget, fail_dead_trials
 from evomerge.search.distributed.storage import RETRY, open_storage
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import parse_experiment
@@ -84,6 +86,9 @@ def test_workers_opening_a_new_database_at_once_all_get_it(tmp_path, storage, re
     assert sorted(optuna.get_all_study_names(url)) == ["s0", "s1", "s2", "s3"]
 
 
+counted = Budget.counted
+
+
 def _study(tmp_path: Path, waiting: int = 0) -> optuna.Study:
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/claim.db"))
     for i in range(waiting):
@@ -91,15 +96,36 @@ def _study(tmp_path: Path, waiting: int = 0) -> optuna.Study:
     return study
 
 
+def gated(study: optuna.Study, n_trials: int) -> Budget:
+    """A budget of ``n_trials``, its gate installed as the study's sampler (as ``Runner`` does)."""
+    budget = Budget(n_trials)
+    study.sampler = budget.gate(study.sampler)
+    return budget
+
+
+def test_max_trials_callback_lets_workers_overshoot(tmp_path):
+    """Why coordination.Budget exists: with Optuna's callback, each of three workers that asked
+    before any finished runs its trial to the end, so a budget of one trial runs three."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/study.db")
+    all_started = threading.Barrier(3)
+
+    def objective(trial):
+        all_started.wait(timeout=60)
+        return trial.suggest_float("x", 0, 1)
+
+    study.optimize(objective, n_jobs=3, callbacks=[optuna.study.MaxTrialsCallback(1, states=None)])
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+
+
 def test_claim_puts_back_a_trial_another_worker_pushed_over_the_budget(tmp_path):
     study = _study(tmp_path)
     study.tell(study.ask(), 1.0)
-
-    def ask_after_another_worker():  # between this worker's look at the study and its ask
+    budget = gated(study, 2)
+    assert budget.open(study.get_trials())  # this worker looks: room for one more
+    study.ask()  # another worker asks first
+    with pytest.raises(OverBudget):
         study.ask()
-        return study.ask()
-
-    assert claim(study, ask_after_another_worker, 2, lambda: False) is None
+    assert not budget.open(study.get_trials())
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING,
                                                      TrialState.WAITING]
 
@@ -108,42 +134,75 @@ def test_claim_puts_back_a_new_trial_when_another_worker_took_the_last_queued_on
     study = _study(tmp_path, waiting=1)
     study.tell(study.ask(), 1.0)  # trial 0 was the queued one
     study.enqueue_trial({"x": 1})
-
-    def ask_after_another_worker_popped():
-        study.ask()  # pops trial 1
-        return study.ask()  # a new trial, 2: over the budget of 2
-
-    assert claim(study, ask_after_another_worker_popped, 2, lambda: False) is None
+    budget = gated(study, 2)
+    assert budget.open(study.get_trials())  # trial 1 waits within the budget
+    study.ask()  # another worker pops trial 1
+    with pytest.raises(OverBudget):
+        study.ask()  # a new trial, 2: over the budget of 2
+    assert not budget.open(study.get_trials())
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING,
                                                      TrialState.WAITING]
 
 
 def test_claim_runs_a_queued_trial_within_the_budget_and_a_new_one_at_its_edge(tmp_path):
     study = _study(tmp_path, waiting=2)
-    first = claim(study, study.ask, 3, lambda: False).trial
-    fixed = study._storage.get_trial(first._trial_id).system_attrs.get("fixed_params")
+    budget = gated(study, 3)
+    first = study.ask()
+    fixed = study.get_trials()[first.number].system_attrs.get("fixed_params")
     assert first.number == 0 and fixed == {"x": 0}  # popped from the queue
-    for trial in (first, claim(study, study.ask, 3, lambda: False).trial):
+    for trial in (first, study.ask()):
         study.tell(trial, 1.0)
-    third = claim(study, study.ask, 3, lambda: False).trial
-    fixed = study._storage.get_trial(third._trial_id).system_attrs.get("fixed_params")
+    assert budget.open(study.get_trials())
+    third = study.ask()
+    fixed = study.get_trials()[third.number].system_attrs.get("fixed_params")
     assert third.number == 2 and fixed is None  # a new trial: the queue is empty
     study.tell(third, 1.0)
-    assert claim(study, study.ask, 3, lambda: False) is None
+    assert not budget.open(study.get_trials())
 
 
 def test_claim_counts_a_retry_enqueued_meanwhile_in_place_of_its_failed_trial(tmp_path):
     study = _study(tmp_path)
     dead = study.ask()
     study.tell(dead, state=TrialState.FAIL)
-
-    def ask_after_a_retry():  # another worker re-queues the failed trial, then this one asks
-        RETRY(study, study._storage.get_trial(dead._trial_id))
-        return study.ask()
-
-    claimed = claim(study, ask_after_a_retry, 2, lambda: False)
-    assert claimed is not None and claimed.trial.number == 1  # the retry, counted in place of trial 0
+    budget = gated(study, 2)
+    RETRY(study, study.get_trials()[dead.number])  # another worker re-queues the failed trial
+    claimed = study.ask()
+    assert claimed.number == 1  # the retry, counted in place of trial 0
     assert [t.number for t in counted(study.get_trials())] == [1]
+    assert budget.open(study.get_trials())
+
+
+def test_a_failed_heartbeat_write_is_logged_and_the_next_one_still_made(tmp_path, monkeypatch, caplog):
+    """Optuna's heartbeat thread ends at the first failed write (the database restarting):
+    open_storage's storage logs it, and the next interval writes again."""
+    writes: list[int] = []
+    record = optuna.storages.RDBStorage.record_heartbeat
+
+    def first_write_fails(self, trial_id: int) -> None:
+        writes.append(trial_id)
+        if len(writes) == 1:
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception("server closed"))
+        record(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", first_write_fails)
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db", heartbeat=1))
+    study.optimize(lambda trial: time.sleep(2.5) or 1.0, n_trials=1)
+    assert len(writes) >= 3 and "not recorded: server closed" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_trial_without_heartbeat_or_worker_is_failed_after_the_grace_period(tmp_path):
+    """A worker killed between asking a trial and its first heartbeat leaves a running trial
+    that Optuna's heartbeat check never fails (it skips trials without a heartbeat)."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db", heartbeat=1))
+    orphan = study.ask()
+    time.sleep(3.5)  # the grace period: 3 heartbeats
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[orphan.number].state == TrialState.RUNNING
+    trials = fail_dead_trials(study, heartbeat=1)
+    assert trials[orphan.number].user_attrs["failure"] == "its worker died before recording itself"
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["retry_history"] == [orphan.number]
 
 
 @pytest.fixture
@@ -201,11 +260,9 @@ def test_kill_9_one_worker_mid_trial_fails_and_retries_its_trial(experiment_dict
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
-@pytest.mark.parametrize("storage", ["postgres", "journal"])
-def test_a_silent_worker_on_another_host_is_found_by_its_heartbeat(llama, tmp_path, storage, request):
-    url = request.getfixturevalue("postgres_url") if storage == "postgres" else f"journal:{tmp_path}/study.log"
-    search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=3, storage=url))),
-                         heartbeat=1)
+def test_a_silent_worker_on_another_host_is_found_by_its_heartbeat(llama, tmp_path, postgres_url):
+    search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=3,
+                                                                         storage=postgres_url))), heartbeat=1)
     orphan = search.study.ask(search.space.distributions())
     orphan.set_user_attr("worker", "another-host:1")  # no process this worker could look up
     search.study._storage.record_heartbeat(orphan._trial_id)  # ... then silence
@@ -215,6 +272,18 @@ def test_a_silent_worker_on_another_host_is_found_by_its_heartbeat(llama, tmp_pa
     study = search.study.get_trials()
     assert_retried(study, [t for t in study if t.number == orphan.number])
     assert [t.state for t in counted(study)] == [TrialState.COMPLETE] * 3
+
+
+def test_a_journal_study_runs_without_heartbeats(llama, tmp_path):
+    """Optuna's journal storage has no public heartbeat: a silent worker on another host is not
+    found, and the search ends without waiting for it (its trial is left running)."""
+    search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(
+        llama, tmp_path, n_trials=3, storage=f"journal:{tmp_path}/study.log"))), heartbeat=1)
+    assert search.heartbeat is None
+    orphan = search.study.ask(search.space.distributions())
+    orphan.set_user_attr("worker", "another-host:1")
+    assert Runner(search, progress=False).run(3, None) == 2
+    assert [t.state for t in search.study.get_trials()] == [TrialState.RUNNING] + [TrialState.COMPLETE] * 2
 
 
 @pytest.mark.slow

@@ -1,44 +1,38 @@
 """How workers on one study share its budget and recover each other's trials, through the storage only.
 
-**Budget.** Trials are counted in creation order (trial numbers, which the storage hands out
-atomically), leaving out failed trials that were retried (their retry stands in for them).
-A worker runs a trial only if fewer than ``budget`` counted trials come before it. When two
-workers ask at the same moment and the later trial falls outside the budget, its worker puts
-it back as WAITING (it runs first if the study is resumed with a larger budget) instead of
-running it, so N workers stop at exactly ``budget`` trials. Enqueued trials (warm start,
-retries) are counted from their creation, so a warm start larger than the budget leaves
-its last recipes waiting.
+Optuna does most of it: ``study.optimize`` records each running trial's heartbeat, and before
+asking a trial fails the running trials whose heartbeat went stale and re-queues them once
+(``optuna.storages.fail_stale_trials`` with the storage's ``RETRY``, ``storage.py``). Two
+requirements it does not meet are kept here, each with the test that shows it:
 
-**Dead workers.** Before claiming a trial, a worker fails the running trials of dead
-workers and re-queues them once (``storage.RETRY``): trials whose heartbeat went stale
-(any host), trials of processes on its own host that no longer exist (at once, without
-waiting for the grace period), and trials older than the grace period that never recorded
-a worker (a worker records its first heartbeat, then itself, so every started trial has
-one of the two). A worker with nothing left to claim waits while other
-trials are still running, since one of them may come back as a retry.
+* :class:`Budget`: exactly ``n_trials`` trials across all workers. Optuna's ``MaxTrialsCallback``
+  stops a worker after a trial once enough trials have finished, so workers that started
+  trials meanwhile run past the budget (``test_max_trials_callback_lets_workers_overshoot``).
+* :func:`fail_dead_trials`: a trial whose worker process on this host is gone is failed at
+  once, with the reason recorded, where the heartbeat waits for its grace period and records
+  none (``test_resume_after_kill_9_...``, ``test_kill_9_one_worker_...``); and a trial that
+  recorded neither a heartbeat nor a worker (its worker died while asking it) is failed after
+  the grace period, which Optuna's heartbeat check never does
+  (``test_a_trial_without_heartbeat_or_worker_is_failed_after_the_grace_period``).
 """
 
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import socket
-import time
 import warnings
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 import psutil
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.compat.optuna import requeue, set_user_attr
 from evomerge.search.distributed.storage import GRACE, RETRY
-
-log = logging.getLogger(__name__)
-POLL = 1.0  # seconds between looks at the study while other workers run the last trials
 
 
 def worker_id() -> str:
@@ -46,49 +40,116 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that count towards the budget, in creation order."""
-    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
-    return sorted((t for t in trials if t.number not in retried), key=lambda t: t.number)
+class OverBudget(Exception):
+    """The trial just asked falls outside the budget (another worker asked first); it was put back."""
 
 
-def fail_dead_workers(study: optuna.Study, trials: list[FrozenTrial]) -> int:
-    """Fail (and re-queue once) the running trials of dead workers among ``trials`` (the study's,
-    just read); return how many were failed here."""
-    storage, count = study._storage, 0
-    for trial, reason in _dead_trials(study, trials):
+class Budget:
+    """Exactly ``n_trials`` trials of a study across all its workers (None: no limit).
+
+    Trials count in creation order (trial numbers, which the storage hands out atomically),
+    leaving out failed trials that were retried (their retry stands in for them). A trial may
+    run only if fewer than ``n_trials`` counted trials come before it: the sampler of
+    :meth:`gate` checks each trial right after it is asked and puts one outside the budget
+    back as WAITING (it runs first if the study is resumed with a larger budget), so workers
+    that ask at the same moment stop at exactly ``n_trials``. Enqueued trials (warm start,
+    retries) count from their creation, so a warm start larger than the budget leaves its
+    last recipes waiting."""
+
+    def __init__(self, n_trials: int | None):
+        self.n_trials = n_trials
+
+    @staticmethod
+    def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+        """The trials that count towards a budget, in creation order."""
+        retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+        return sorted((t for t in trials if t.number not in retried), key=lambda t: t.number)
+
+    def open(self, trials: Sequence[FrozenTrial]) -> bool:
+        """Whether a worker may ask a trial (``trials``: the study's): the budget has room for
+        a new one, or a trial within it waits in the queue."""
+        if self.n_trials is None:
+            return True
+        counted = self.counted(trials)
+        return len(counted) < self.n_trials or any(t.state == TrialState.WAITING for t in counted[:self.n_trials])
+
+    def running(self, trials: Sequence[FrozenTrial]) -> bool:
+        """Whether a trial within the budget still runs (it may come back as a retry)."""
+        return any(t.state == TrialState.RUNNING for t in self.counted(trials)[:self.n_trials])
+
+    def finished(self, trials: Sequence[FrozenTrial]) -> int:
+        """How many counted trials have finished (complete, pruned or failed without retry)."""
+        return sum(t.state.is_finished() for t in self.counted(trials))
+
+    def gate(self, sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
+        """``sampler``, refusing trials outside the budget: its ``before_trial`` (which
+        ``study.ask`` calls) puts such a trial back as WAITING and raises :class:`OverBudget`."""
+        return _Gate(sampler, self)
+
+
+class _Gate(optuna.samplers.BaseSampler):
+    """A sampler that checks each trial against a :class:`Budget`, then defers to ``sampler``."""
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, budget: Budget):
+        self.sampler, self.budget = sampler, budget
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.budget.n_trials is not None:
+            within = [t.number for t in self.budget.counted(study.get_trials(deepcopy=False))][:self.budget.n_trials]
+            if trial.number not in within:
+                requeue(study, trial)
+                raise OverBudget(f"trial {trial.number} is over the budget of {self.budget.n_trials}: back to waiting")
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
+def fail_dead_trials(study: optuna.Study, heartbeat: int | None) -> list[FrozenTrial]:
+    """Fail and re-queue once (``RETRY``) the running trials of dead workers, and return the
+    study's trials read afterwards. Dead: a process of this host that no longer exists (at
+    once); with heartbeats every ``heartbeat`` seconds, a trial older than the grace period
+    that recorded no worker, and one whose heartbeat went stale (Optuna's ``fail_stale_trials``,
+    after the others: they record why)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if (reason := _dead(trial, heartbeat)) is None:
+            continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, "failure", reason)
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:  # another worker got there first
+            set_user_attr(study, trial, "failure", reason)
+            failed = study.tell(trial.number, state=TrialState.FAIL)
+        except (UpdateFinishedTrialError, ValueError):  # another worker got there first
             continue
-        RETRY(study, storage.get_trial(trial._trial_id))
-        count += 1
-    if is_heartbeat_enabled(storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-    return count
+        RETRY(study, failed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return study.get_trials(deepcopy=False)
 
 
-def _dead_trials(study: optuna.Study, trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, str]]:
-    """Running trials of processes on this host that are gone, and (with heartbeats) trials whose
-    worker died between asking and recording itself (no worker, no heartbeat, older than the grace)."""
-    host, now, dead = socket.gethostname(), datetime.datetime.now(), []
-    storage = study._storage
-    grace = GRACE * storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
-    for trial in (t for t in trials if t.state == TrialState.RUNNING):
-        worker = trial.user_attrs.get("worker")
-        if worker is None:
-            started = trial.datetime_start
-            if grace is not None and started is not None and (now - started).total_seconds() > grace:
-                dead.append((trial, "its worker died before recording itself"))
-            continue
-        worker_host, _, pid = str(worker).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            dead.append((trial, f"worker {pid} died mid-trial"))
-    return dead
+def _dead(trial: FrozenTrial, heartbeat: int | None) -> str | None:
+    """Why the running ``trial``'s worker is known to be dead, or None."""
+    worker = trial.user_attrs.get("worker")
+    if worker is None:
+        age = (datetime.datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0
+        return "its worker died before recording itself" if heartbeat and age > GRACE * heartbeat else None
+    host, _, pid = str(worker).rpartition(":")
+    return f"worker {pid} died mid-trial" if host == socket.gethostname() and pid.isdigit() \
+        and not _alive(int(pid)) else None
 
 
 def _alive(pid: int) -> bool:
@@ -99,64 +160,3 @@ def _alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-class Claim(NamedTuple):
-    trial: optuna.Trial
-    trials: list[FrozenTrial]  # the study's trials, read just before ``trial`` was asked
-
-
-def claim(study: optuna.Study, ask: Callable[[], optuna.Trial], budget: int | None,
-          stop: Callable[[], bool]) -> Claim | None:
-    """The next trial this worker may run within ``budget`` (module docstring), with the study's
-    trials read just before asking it, or None when the budget is spent (or ``stop()``).
-    ``ask`` creates or pops a trial (``study.ask``)."""
-    waits = is_heartbeat_enabled(study._storage)  # else a dead worker's trial is never failed: do not wait
-    while not stop():
-        everything = study.get_trials(deepcopy=False)
-        dead = fail_dead_workers(study, everything)
-        if dead:
-            log.warning("failed and re-queued %d trial(s) of dead workers", dead)
-            everything = study.get_trials(deepcopy=False)
-        if budget is None:
-            return Claim(ask(), everything)
-        trials = counted(everything)
-        if len(trials) < budget or any(t.state == TrialState.WAITING for t in trials[:budget]):
-            trial = ask()
-            if _position(trial.number, everything, trials, study) < budget:
-                return Claim(trial, everything)
-            log.debug("trial %d is over the budget (another worker asked first): back to waiting", trial.number)
-            trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # after its queued writes
-            continue
-        if not waits or not any(t.state == TrialState.RUNNING for t in trials):
-            return None
-        _sleep(POLL, stop)
-    return None
-
-
-def _position(number: int, everything: list[FrozenTrial], trials: list[FrozenTrial],
-              study: optuna.Study) -> int:
-    """Trial ``number``'s index among the counted trials, just after it was asked; ``everything``
-    and ``trials`` (its counted part) were read before asking. A trial popped from the queue was
-    among them, and since then only new trials can have appeared, which come after it or retire
-    a failed trial before it: its index can only have dropped. A new trial numbered right after
-    ``everything`` had no other trial created before it. Otherwise the study is read again."""
-    if number < len(everything):
-        index = next((i for i, t in enumerate(trials) if t.number == number), None)
-        if index is not None:
-            return index
-    elif number == len(everything):
-        return len(trials)
-    return [t.number for t in counted(study.get_trials(deepcopy=False))].index(number)
-
-
-def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while not stop() and time.monotonic() < deadline:
-        time.sleep(min(0.2, seconds))
-
-
-def finished(study: optuna.Study) -> int:
-    """How many counted trials have finished (complete, pruned or failed without retry)."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(t.state in states for t in counted(study.get_trials(deepcopy=False)))

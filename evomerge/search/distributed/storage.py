@@ -1,32 +1,29 @@
 """Optuna storage from a URL: SQLite (default), PostgreSQL or any RDB URL, or a journal file.
 
-Workers share a study through its storage and nothing else. With ``heartbeat`` set, each
-running trial records a heartbeat every ``heartbeat`` seconds (:func:`heartbeat_thread`); a
-running trial whose last heartbeat is older than ``GRACE`` intervals belongs to a dead worker,
-and ``optuna.storages.fail_stale_trials`` fails it and re-queues it once (:class:`RetryDeadTrial`,
-Optuna's ``RetryHeartbeatStaleTrialCallback``). RDB storages keep heartbeats in Optuna's heartbeat
-table (database clock); the journal storage keeps them as a trial system attribute (each
-host's clock: keep them NTP-synchronized). ``pool_pre_ping`` (on by default in Optuna) replaces
-pooled connections that a database restart closed.
+Workers share a study through its storage and nothing else. With ``heartbeat`` set, an RDB
+storage records each running trial's heartbeat every ``heartbeat`` seconds (Optuna's own, in
+``study.optimize``), and a running trial whose last heartbeat is older than ``GRACE`` intervals
+(database clock) belongs to a dead worker: ``optuna.storages.fail_stale_trials`` fails it and
+re-queues it once (:data:`RETRY`). Optuna's journal storage has no public heartbeat, so a
+``journal:`` study runs without one: only a dead worker on the same host is found
+(``coordination.fail_dead_trials``); another host's trial stays running until failed by hand.
+``pool_pre_ping`` (on by default in Optuna) replaces pooled connections that a database
+restart closed.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from evomerge.errors import ConfigError, StorageError
 
@@ -34,20 +31,21 @@ log = logging.getLogger(__name__)
 JOURNAL_PREFIX = "journal:"
 GRACE = 3  # missed heartbeats after which a running trial's worker counts as dead
 MAX_RETRY = 1  # a dead worker's trial runs again once (a candidate that kills its worker fails twice)
-HEARTBEAT_ATTR = "evomerge:heartbeat"
 STORAGE_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)  # the database went away
 CREATE_ATTEMPTS = 5  # openings of a new database that lose the race to create its tables are retried
 
 
 class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry callback, without the dead run's records (worker, plan, timings, heartbeat)."""
+    """Optuna's retry callback (a WAITING copy of the failed ``trial``: same parameters, system
+    attributes and ``retry_history``), without the dead run's records: a retry that carried the
+    dead worker's ``worker`` would look dead itself once popped, before its new worker records
+    itself."""
 
     KEPT = ("warm_start",)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.deepcopy(trial)
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in self.KEPT}
-        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             super().__call__(study, trial)
@@ -58,40 +56,29 @@ with warnings.catch_warnings():
     RETRY = RetryDeadTrial(max_retry=MAX_RETRY)
 
 
-class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage with heartbeats kept as a trial system attribute (wall clock)."""
-
-    def __init__(self, backend, heartbeat: int):
-        super().__init__(backend)
-        self.heartbeat = heartbeat
+class HeartbeatTolerantRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, whose heartbeat write logs a failure instead of raising it: Optuna's
+    heartbeat thread ends at its first exception, so a database restart while a trial runs would
+    leave the trial without heartbeats, and another worker would fail it after the grace period
+    (``test_a_failed_heartbeat_write_is_logged_and_the_next_one_still_made``)."""
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                if now - t.system_attrs.get(HEARTBEAT_ATTR, now) > GRACE * self.heartbeat]
-
-    def get_heartbeat_interval(self) -> int:
-        return self.heartbeat
-
-    def get_heartbeat_stale_trial_callback(self):
-        return RETRY
+        try:
+            super().record_heartbeat(trial_id)
+        except STORAGE_ERRORS as error:  # the next interval retries; the grace period covers a few misses
+            log.warning("heartbeat of trial id %d not recorded: %s", trial_id, _first_line(error))
 
 
 def open_storage(url: str, *, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
     """``sqlite:///path.db`` (its folder is created), ``postgresql://...`` and other
     SQLAlchemy URLs, or ``journal:path.log`` for Optuna's journal file storage. With
-    ``heartbeat`` (seconds), running trials record heartbeats and dead workers' trials are
-    failed and retried (module docstring)."""
+    ``heartbeat`` (seconds), running trials of an RDB storage record heartbeats and dead
+    workers' trials are failed and retried (module docstring; a journal ignores it). Raises
+    ConfigError for a URL that is not a storage or cannot be opened."""
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url.removeprefix(JOURNAL_PREFIX))
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        if heartbeat is None:
-            return optuna.storages.JournalStorage(backend)
-        return HeartbeatJournalStorage(backend, heartbeat)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif "://" not in url:
@@ -106,7 +93,7 @@ def open_storage(url: str, *, heartbeat: int | None = None) -> optuna.storages.B
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)
+                storage = HeartbeatTolerantRDBStorage(url, engine_kwargs=engine, **options)
             break
         except Exception as error:  # SQLAlchemy raises many types for bad URLs / unreachable servers
             if _lost_creation_race(error) and attempt + 1 < CREATE_ATTEMPTS:
@@ -142,43 +129,23 @@ def lost(url: str, error: Exception) -> StorageError:
                         "trial will be failed and retried: run the same command again to resume")
 
 
+def storage_error(error: BaseException) -> BaseException | None:
+    """The error among ``error`` and those it was raised while handling that says the database
+    went away, or None (Optuna may fail again while handling a storage error)."""
+    while error is not None and not isinstance(error, STORAGE_ERRORS):
+        error = error.__context__
+    return error
+
+
 def _first_line(error: Exception) -> str:
     text = str(getattr(error, "orig", None) or error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-@contextmanager
-def heartbeat_thread(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat now, then every interval while the block runs (no-op without
-    heartbeats). Unlike Optuna's own thread, a failed write (the database restarting) is logged
-    and retried at the next interval instead of ending the heartbeats."""
-    if not is_heartbeat_enabled(storage):
-        yield
-        return
-    storage.record_heartbeat(trial_id)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(storage.get_heartbeat_interval()):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as error:  # the next beat retries; the grace period covers a few misses
-                log.warning("heartbeat of trial id %d not recorded: %s", trial_id, _first_line(error))
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
-    """SQLite in WAL mode with ``synchronous=NORMAL``: a trial makes several small commits
-    (about 30 before ``writes.DeferredWrites`` batched its parameters and records), and a full
-    fsync for each one cost more than merging and scoring a small model. Committed trials still
-    survive the process being killed (only an OS crash can lose the last commits)."""
+    """SQLite in WAL mode with ``synchronous=NORMAL``: a trial makes a few dozen small commits,
+    each without a full fsync. Committed trials still survive the process being killed (only an
+    OS crash can lose the last commits)."""
     from sqlalchemy import event
 
     def pragmas(connection, _record):

@@ -21,7 +21,7 @@ import torch
 
 from evomerge.engine.execute import resolve_device
 from evomerge.errors import EvomergeError
-from evomerge.search.distributed.coordination import finished
+from evomerge.search.distributed.coordination import Budget
 from evomerge.search.distributed.storage import STORAGE_ERRORS
 from evomerge.search.driver import HEARTBEAT, Search, open_search, run_search
 from evomerge.search.experiment import Experiment
@@ -93,7 +93,7 @@ def run_workers(experiment: Experiment, devices: list[str], options: WorkerOptio
 
 def _reached(search: Search, budget: int | None) -> bool:
     try:
-        return budget is not None and finished(search.study) >= budget
+        return budget is not None and Budget(budget).finished(search.study.get_trials(deepcopy=False)) >= budget
     except STORAGE_ERRORS:  # the workers' error says it
         return False
 

@@ -1,0 +1,34 @@
+"""Optuna's private names that evomerge needs: checked with ``optuna>=4,<6`` (tested on 5.1.0).
+
+Both functions act on a trial of the study that this process holds no :class:`optuna.Trial`
+for (another worker's, or one that ``study.ask`` just handed to the sampler): Optuna's public
+API writes a trial only through the ``Trial`` that ``ask`` returned, and finishes it only
+through ``Study.tell``. They write through the study's storage (``Study._storage``) by the
+trial's storage id (``FrozenTrial._trial_id``). ``tests/compat/test_optuna.py`` fails when
+either name moves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+
+def set_user_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
+    """Record ``key: value`` on ``trial`` (a running trial of ``study``).
+
+    Used to record why another worker's trial was failed (its worker died): ``Study.tell``
+    can fail a trial by number but records nothing with it. Raises
+    ``optuna.exceptions.UpdateFinishedTrialError`` when the trial has finished meanwhile."""
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Put the running ``trial`` back in ``study``'s queue (WAITING; ``ask`` pops it again later).
+
+    Used for a trial just asked that falls outside a budget shared by several workers:
+    ``Study.tell`` only finishes trials, and a finished one would count. Returns the storage's
+    answer (False when the trial was not running)."""
+    return study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
