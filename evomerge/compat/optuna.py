@@ -1,4 +1,4 @@
-"""Optuna's private names that evomerge needs: checked with ``optuna>=4,<6`` (tested on 5.1.0).
+"""Optuna's private names that evomerge needs: checked with ``optuna>=4.9,<6`` (tested on 5.1.0).
 
 Both functions act on a trial of the study that this process holds no :class:`optuna.Trial`
 for (another worker's, or one that ``study.ask`` just handed to the sampler): Optuna's public

@@ -49,6 +49,28 @@ from evomerge.search.spaces.space import SearchSpace
 log = logging.getLogger(__name__)
 HEARTBEAT = 30  # seconds between heartbeats of a running trial (default of `evomerge search`)
 POLL = 1.0  # seconds between looks at the study while other workers run the last trials
+# Optuna's loggers of each trial's end: "Trial N finished with value ..." (INFO) and "Trial N failed
+# with parameters ... because of ..." (WARNING, with the traceback); the runner reports both itself
+OPTUNA_TRIAL_LOGGERS = ("optuna.study.study", "optuna.study._optimize")
+
+
+def _not_a_trial_record(record: logging.LogRecord) -> bool:
+    """False for Optuna's records of a trial's end, which the progress bar and the runner's
+    one-line failure warning replace (kept when evomerge logs at DEBUG)."""
+    return log.isEnabledFor(logging.DEBUG) or not str(record.msg).startswith("Trial ")
+
+
+@contextmanager
+def _runner_reports_trials():
+    """Within the block, Optuna does not log each trial's end (``_not_a_trial_record``)."""
+    loggers = [logging.getLogger(name) for name in OPTUNA_TRIAL_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_not_a_trial_record)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_a_trial_record)
 
 
 @dataclass
@@ -192,7 +214,7 @@ class Runner:
         sampler = study.sampler
         bar = tqdm(total=None if budget.n_trials is None else budget.n_trials - budget.finished(trials),
                    desc=f"search {study.study_name}", unit="trial", disable=not self.progress)
-        with self._stop_on_interrupt(), bar:
+        with self._stop_on_interrupt(), _runner_reports_trials(), bar:
             study.sampler = budget.gate(sampler)
             try:
                 while not self.interrupted and (deadline is None or time.monotonic() < deadline):
@@ -280,6 +302,7 @@ class Runner:
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if self.materializer.device.type == "cuda":
                 torch.cuda.empty_cache()
+            log.warning("trial %d failed: %s", trial.number, reason)
             trial.set_user_attr("failure", reason)
             raise
 

@@ -3,6 +3,7 @@ records, warm start, failures, resume after kill -9, Ctrl-C, samplers, export â†
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -115,6 +116,23 @@ def test_failing_and_nan_candidates_fail_only_their_trial(llama, tmp_path, test_
     assert states.count(TrialState.FAIL) == 2 and states.count(TrialState.COMPLETE) == 4
     assert "planned failure at call 2" in trials[1].user_attrs["failure"]
     assert "returned NaN" in trials[3].user_attrs["failure"]
+
+
+def test_a_failed_candidate_is_one_warning_line_without_optunas_traceback(llama, tmp_path, test_log,
+                                                                          monkeypatch, caplog):
+    monkeypatch.setenv("EVOMERGE_TEST_FAIL", "2")
+    optuna.logging.enable_propagation()  # Optuna's records reach caplog too
+    try:
+        with caplog.at_level(logging.INFO):
+            run_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=3))),
+                       progress=False)
+    finally:
+        optuna.logging.disable_propagation()
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].getMessage().startswith("trial 1 failed: FitnessError: ")
+    assert failed[0].getMessage().endswith("raised RuntimeError: planned failure at call 2")
+    assert failed[0].name == "evomerge.search.driver" and failed[0].exc_info is None
+    assert not [r for r in caplog.records if r.name.startswith("optuna.study") and r.getMessage().startswith("Trial ")]
 
 
 def test_many_failures_in_a_row_stop_the_search(llama, tmp_path, test_log, monkeypatch):
