@@ -148,7 +148,7 @@ def _kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> t
     return numel - n_bottom - target, numel - n_bottom
 
 
-def _top(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+def top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the first ``count`` positions of the stable decreasing-magnitude order.
 
     Equivalent to ``order[:count]`` without sorting: a k-th value selection, then the
@@ -243,7 +243,7 @@ def _keep(delta: torch.Tensor, trim: Trim, cache: TrimCache, out: torch.Tensor,
         start, stop = _kept_range(method, numel, trim.density, trim.gamma)
         if cache.position is None:
             magnitude = delta.detach().abs().reshape(-1).float()
-            keep = _top(magnitude, stop) & ~_top(magnitude, start)
+            keep = top_mask(magnitude, stop) & ~top_mask(magnitude, start)
             return out.copy_(keep.view(torch.uint8))
         position = cache.position.reshape(-1)
         torch.lt(position, stop, out=out)

@@ -161,7 +161,8 @@ def test_blocked_kernels_equal_the_merge_engine(family, monkeypatch):
         return _cpu.run_in_blocks(kernel, inputs, block, prepare)
 
     monkeypatch.setattr(registry, "run_in_blocks", counting)
-    whole = {"slerp", "model_stock", "model_stock_filter_wise", "passthrough"}
+    whole = {name for name, config in configs.items()
+             if config.method.elementwise is None and config.method.sparsify is None}
     for name, config in configs.items():
         blocked.clear()
         assert_same_weights(applied(materializer, config, seed=2), references[name], name)
@@ -290,6 +291,8 @@ def test_bfloat16_models(family_factory):
     materializer = Materializer(base, ft)
     assert materializer.dtype == torch.bfloat16
     for name, data in all_configs(base, ft).items():
+        if name == "multislerp_base":  # refused in bf16, by mergekit too (test_mergekit_parity.py)
+            continue
         config = as_config(data)
         assert_same_weights(applied(materializer, config), merge_state_dict(config), name)
 

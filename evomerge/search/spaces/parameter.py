@@ -36,6 +36,7 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from evomerge.engine.config import MergeConfig, Scalar, coerce
 from evomerge.methods.registry import METHODS, REQUIRED, Param
+from evomerge.methods.sparsify import Sparsify
 from evomerge.search.spaces.space import Fail, SearchSpace, SpaceContext, SpaceSpec, unique
 from evomerge.engine.config import model_labels
 
@@ -85,7 +86,7 @@ class ParameterSpace(SearchSpace):
             if param.default is REQUIRED and param.name not in self.bounds and param.name not in self.fixed:
                 fail(("search",), f"{self.method.name} needs {param.name!r}: search it "
                      f"(search: {{{param.name}: [low, high]}}) or fix it (fixed: {{{param.name}: value}})")
-        self.della = self.method.param("epsilon") is not None
+        self.della = self.method.sparsify is Sparsify.della
         if self.della and self._low("density") <= 0:
             fail(("search", "density") if "density" in self.bounds else ("fixed", "density"),
                  f"{self.method.name} needs density > 0")
