@@ -212,9 +212,8 @@ def _karcher_kernel(inputs: MergeInputs) -> torch.Tensor:
 
 
 def _sce_kernel(inputs: MergeInputs) -> torch.Tensor:
-    order = inputs.caches.trim(inputs.base_index).position if inputs.caches.trims else None
     return sce_merge(inputs.base, _non_base(inputs), select_topk=inputs.shared["select_topk"],
-                     order=order, workspace=inputs.caches.workspace)
+                     order=inputs.caches.selection, workspace=inputs.caches.workspace)
 
 
 def _nearswap_kernel(inputs: MergeInputs) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.methods.sparsify import top_mask
+from evomerge.methods.sparsify import magnitude_position, top_mask
 from evomerge.methods.task_arithmetic import sign_consensus, task_vectors
 from evomerge.methods.workspace import Workspace
 
@@ -34,6 +34,14 @@ def variance_mask(deltas: torch.Tensor, fraction: float, *, order: torch.Tensor 
     if order is not None:
         return (order.reshape(shape) < count).to(deltas.dtype)
     return top_mask(variance.abs().reshape(-1), count).reshape(shape).to(deltas.dtype)
+
+
+def variance_order(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each element's position in the stable decreasing order of the variance across the task
+    vectors ``sources - base`` (int32, shaped like ``base``): :func:`variance_mask` keeps
+    ``position < count``."""
+    variance = torch.var(task_vectors(base, sources), dim=0, unbiased=False)
+    return magnitude_position(variance)
 
 
 def sce_weights(deltas: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,23 @@ def test_magnitude_position_cache_changes_nothing(family):
     assert cached.caches.built["position"] and cached.caches.built["rank"] and not uncached.caches.built["position"]
 
 
+def test_sce_variance_order_cache_changes_nothing(family, caplog):
+    """SCE's selection at any select_topk reuses one variance order per output tensor."""
+    base, *ft = family
+    cached, uncached = Materializer(base, ft), Materializer(base, ft, cache_positions=False)
+    configs = method_configs(base, ft)
+    with caplog.at_level("INFO", logger="evomerge.live.materializer"):
+        first = applied(cached, as_config(configs["sce"]))
+    assert any("SCE variance orders" in r.getMessage() for r in caplog.records)
+    assert_same_weights(first, applied(uncached, as_config(configs["sce"])), "sce")
+    orders = {name: entry[1] for name, entry in cached.caches.selections.items()}
+    assert orders and not uncached.caches.selections
+    for topk in (0.1, 0.55, 0.95):
+        config = as_config(dict(configs["sce"], parameters={"select_topk": topk}))
+        assert_same_weights(applied(cached, config), applied(uncached, config), f"sce {topk}")
+        assert all(cached.caches.selections[name][1] is order for name, order in orders.items())
+
+
 def test_candidates_allocate_nothing_beyond_the_bounded_workspace(family):
     """Once the workspace has grown (first round), candidates reuse its slots, whatever the
     method; it stays within the documented scratch bound."""
