@@ -102,6 +102,77 @@ def method_configs(base: str, ft: list[str], arch: str = "llama") -> dict[str, d
                                      "parameters": {"scale": [{"filter": "o_proj" if arch != "gpt2" else "c_proj",
                                                                "value": 0.5}, {"value": 1.0}]}}]}],
         },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "models": [{"model": ft[0], "parameters": {"weight": [0.2, 0.9]}},
+                       {"model": ft[1], "parameters": {"weight": [{"filter": attn, "value": 0.3}, {"value": 0.6}]}}],
+        },
+        "nuslerp_base_row_wise": {
+            "merge_method": "nuslerp", "base_model": base,
+            "models": [{"model": ft[0], "parameters": {"weight": 0.7}},
+                       {"model": ft[2], "parameters": {"weight": [0.5, 0.1]}}],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        },
+        "nuslerp_rows": {
+            "merge_method": "nuslerp", "base_model": base,
+            "models": [{"model": ft[1], "parameters": {"weight": 0.4}},
+                       {"model": ft[2], "parameters": {"weight": 0.4}}],
+            "parameters": {"nuslerp_flatten": [{"filter": mlp, "value": False}, {"value": True}]},
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "models": [{"model": ft[0], "parameters": {"weight": [0.5, 1.0]}},
+                       {"model": ft[1], "parameters": {"weight": [{"filter": mlp, "value": 0.2}, {"value": 0.7}]}},
+                       {"model": ft[2], "parameters": {"weight": 0.3}}],
+        },
+        "multislerp_base": {
+            "merge_method": "multislerp", "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(ft, [0.6, 0.3, 0.4])],
+            "parameters": {"normalize_weights": False, "eps": 1e-7},
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "models": [{"model": m} for m in ft],
+            "parameters": {"max_iter": [{"filter": attn, "value": 3}, {"value": 10}], "tol": 1e-6},
+        },
+        "karcher_base": {
+            "merge_method": "karcher", "base_model": base,
+            "models": [{"model": ft[0]}, {"model": ft[1]}],
+        },
+        "sce": {
+            "merge_method": "sce", "base_model": base,
+            "models": [{"model": m} for m in ft],
+            "parameters": {"select_topk": [0.3, 0.9]},
+        },
+        "sce_filtered": {
+            "merge_method": "sce", "base_model": base,
+            "models": [{"model": ft[2]}, {"model": ft[0]}, {"model": ft[1]}],
+            "parameters": {"select_topk": [{"filter": attn, "value": 0.5}, {"value": 1.0}], "int8_mask": True},
+        },
+        "sce_unselected": {
+            "merge_method": "sce", "base_model": base,
+            "models": [{"model": m} for m in ft],
+        },
+        "nearswap": {
+            "merge_method": "nearswap", "base_model": base,
+            "models": [{"model": ft[0]}],
+            "parameters": {"t": [{"filter": mlp, "value": [0.0001, 0.01]}, {"value": 0.001}]},
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion", "base_model": base,
+            "models": [{"model": ft[1]}],
+        },
+        "ram": {
+            "merge_method": "ram", "base_model": base,
+            "models": [{"model": m} for m in ft],
+            "parameters": {"epsilon": [{"filter": attn, "value": 0.005}, {"value": [0.001, 0.01]}]},
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl", "base_model": base,
+            "models": [{"model": m} for m in ft],
+            "parameters": {"r": [0.1, 0.5], "alpha": [{"filter": mlp, "value": 0.4}, {"value": 0.2}],
+                           "epsilon": 0.003},
+        },
         "slices_precedence": {
             "merge_method": "task_arithmetic", "base_model": base,
             "slices": [

@@ -159,6 +159,10 @@ def coerce(value: Any, param: Param) -> Any:
         raise ValueError(f"expected true/false, got {value!r}")
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
+    if param.kind is int:
+        if isinstance(value, (int, float)) and float(value).is_integer():
+            return int(value)
+        raise ValueError(f"expected an integer, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -253,11 +257,10 @@ def _check(config: MergeConfig, fail) -> None:
                     number = coerce(value, param)
                 except ValueError as error:
                     fail(path + (name,), str(error))
-                if isinstance(number, float) and not (
+                if isinstance(number, (int, float)) and not isinstance(number, bool) and not (
                         (param.low is None or number >= param.low)
                         and (param.high is None or number <= param.high)):
-                    fail(path + (name,), f"{number} is out of range; expected a value in "
-                         f"[{param.low}, {param.high}]")
+                    fail(path + (name,), f"{number} is out of range; expected {expected_range(param)}")
     if config.slices:
         for i, output_slice in enumerate(config.slices):
             if not output_slice.sources:
@@ -280,14 +283,24 @@ def _check(config: MergeConfig, fail) -> None:
                       lambda msg: fail(("models",), msg))
 
 
+def expected_range(param: Param) -> str:
+    """``param``'s range in words: ``a value in [low, high]``, ``a value >= low``, ..."""
+    if param.high is None:
+        return f"a value >= {param.low}"
+    if param.low is None:
+        return f"a value <= {param.high}"
+    return f"a value in [{param.low}, {param.high}]"
+
+
 def input_models(method: MergeMethod, models: list[str], base: str | None) -> tuple[list[str], int | None]:
-    """The inputs a method sees (base appended when it needs one and it is not listed)."""
+    """The inputs a method sees (the base appended when the method uses it and it is not
+    listed) and the base's index (None unless the method takes a base and there is one)."""
     models = list(models)
-    if not method.needs_base:
+    if not (method.takes_base or method.base_as_input):
         return models, None
     if base is not None and base not in models:
         models.append(base)
-    return models, (models.index(base) if base is not None else None)
+    return models, (models.index(base) if base is not None and method.takes_base else None)
 
 
 def _check_inputs(method: MergeMethod, models: list[str], base: str | None, fail) -> None:
@@ -301,6 +314,12 @@ def _check_inputs(method: MergeMethod, models: list[str], base: str | None, fail
                     else f"at most {method.max_inputs}" if method.max_inputs
                     else f"at least {method.min_inputs}")
         fail(f"{method.name} takes {expected} models (base included), got {len(inputs)}")
+    others = len(inputs) - (base is not None and method.takes_base)
+    if others < method.min_non_base or (method.max_non_base is not None and others > method.max_non_base):
+        expected = (f"exactly {method.min_non_base}" if method.min_non_base == method.max_non_base
+                    else f"at most {method.max_non_base}" if method.max_non_base is not None
+                    else f"at least {method.min_non_base}")
+        fail(f"{method.name} takes {expected} models besides the base, got {others}")
 
 
 def read_mapping(text: str, source: str) -> tuple[dict, yaml.Node]:

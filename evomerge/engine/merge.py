@@ -31,7 +31,7 @@ def _open_checked(config: MergeConfig) -> dict[str, ModelFolder]:
     """The config's models, with the compatibility check (:mod:`evomerge.engine.inspect`) when the
     method builds on a base: a warning for each source that does not look fine-tuned from it."""
     models = open_models(config)
-    if config.base_model is not None and config.method.needs_base:
+    if config.base_model is not None and config.method.takes_base:
         check_sources(models[config.base_model], [f for n, f in models.items() if n != config.base_model])
     return models
 

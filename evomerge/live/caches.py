@@ -6,8 +6,11 @@ needs them and kept for all later ones: the magnitude positions and DELLA ranks 
 task vector, keyed by (source, tensor, base, base tensor), and the words of its random
 stream, keyed by (source, tensor) and kept for one random key (the words depend on the
 seed, so a search keeps its seed fixed; a new key replaces them). A trim at any density
-is then one comparison pass. Each op's caches reach its kernel, with the one reusable
-workspace, as one :class:`~evomerge.methods.sparsify.Caches`.
+is then one comparison pass. SCE's selection likewise gets the variance order of an op's
+task vectors (:func:`~evomerge.methods.sce.variance_order`), kept for one set of inputs per
+output tensor (a new set replaces it), so at most one int32 per element. Each op's caches
+reach its kernel, with the one reusable workspace, as one
+:class:`~evomerge.methods.sparsify.Caches`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from evomerge.engine.plan import MergePlan, TensorOp
 from evomerge.methods.random import stream_words
 from evomerge.methods.registry import trimmed_inputs
+from evomerge.methods.sce import variance_order
 from evomerge.methods.sparsify import CACHE_KINDS, NO_CACHE, Caches, TrimCache, della_rank, magnitude_position
 from evomerge.methods.workspace import Workspace
 
@@ -37,11 +41,15 @@ class CacheStore:
         self.enabled = enabled
         self.built: dict[str, dict[tuple, tuple[int | None, torch.Tensor]]] = {kind: {} for kind in CACHE_KINDS}
         self.workspace = Workspace()
+        self.selections: dict[str, tuple[tuple, torch.Tensor]] = {}  # output tensor → (inputs, order)
 
     def to_build(self, plan: MergePlan) -> str | None:
         """In words, what ``plan``'s sparsifier caches when no candidate has built all of it yet
         (None: nothing to build, also when the plan trims no task vector)."""
         sparsify = plan.method.sparsify
+        if self.enabled and plan.method.name == "sce" and not self.selections and any(
+                _selects(op) for op in plan.ops):
+            return "SCE variance orders"
         if not self.enabled or sparsify is None or all(self.built[kind] for kind in sparsify.caches):
             return None
         if not any(any(trimmed_inputs(op.per_input, op.base_index)) for op in plan.ops if op.base_index is not None):
@@ -54,6 +62,8 @@ class CacheStore:
         (built now if missing; none for a cropped op), and the workspace. ``paths``: the
         plan's model names resolved; ``tensors``: ``op``'s inputs, resident on the device."""
         sparsify = plan.method.sparsify
+        if self.enabled and plan.method.name == "sce" and op.crop_rows is None and _selects(op):
+            return Caches(workspace=self.workspace, selection=self._selection(op, paths, tensors))
         if not self.enabled or sparsify is None or op.crop_rows is not None or op.base_index is None:
             return Caches(workspace=self.workspace)
         base_model, base_name = op.inputs[op.base_index]
@@ -79,3 +89,17 @@ class CacheStore:
                 built = (magnitude_position if kind == "position" else della_rank)(tensor - base_tensor)
             entry = self.built[kind][slot] = (stamp, built)
         return entry[1]
+
+    def _selection(self, op: TensorOp, paths: dict[str, Path], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The variance order of ``op``'s task vectors, built if missing or for other inputs."""
+        inputs = (tuple((paths[model], name) for model, name in op.inputs), op.base_index)
+        entry = self.selections.get(op.name)
+        if entry is None or entry[0] != inputs:
+            sources = [t for i, t in enumerate(tensors) if i != op.base_index]
+            entry = self.selections[op.name] = (inputs, variance_order(tensors[op.base_index], sources))
+        return entry[1]
+
+
+def _selects(op: TensorOp) -> bool:
+    """Whether SCE's select step trims in ``op`` (select_topk strictly inside (0, 1))."""
+    return 0 < op.shared.get("select_topk", 1.0) < 1 and len(op.inputs) > 1

@@ -11,9 +11,13 @@ from typing import Any, Literal
 import torch
 
 from evomerge.methods._cpu import run_in_blocks
+from evomerge.methods.fusion import arcee_fusion_merge, nearswap_merge
 from evomerge.methods.linear import linear_merge
 from evomerge.methods.model_stock import model_stock_merge
+from evomerge.methods.ram import ram_merge
+from evomerge.methods.sce import sce_merge
 from evomerge.methods.slerp import slerp_merge
+from evomerge.methods.spherical import karcher_merge, multislerp_merge, nuslerp_merge
 from evomerge.methods.sparsify import Caches, Sparsify, Trim, rescale_factor
 from evomerge.methods.task_arithmetic import task_arithmetic_merge, task_vectors
 
@@ -26,7 +30,7 @@ class Param:
     """One method parameter. ``scope``: shared by all inputs, per input, or per non-base input."""
 
     name: str
-    kind: type
+    kind: type  # float, int or bool
     scope: Scope
     default: Any = REQUIRED
     low: float | None = None
@@ -58,12 +62,22 @@ class MergeInputs:
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A merge method. The base model: ``needs_base``: required, it is the base input;
+    ``optional_base``: the base input when the config names one; ``base_as_input``: an
+    ordinary input when the config names one (mergekit's methods that ignore the base);
+    else it is not an input unless listed. ``min_inputs``/``max_inputs`` count the inputs
+    with the base, ``min_non_base``/``max_non_base`` those besides it."""
+
     name: str
     kernel: Callable[[MergeInputs], torch.Tensor]
     params: tuple[Param, ...]
     needs_base: bool
     min_inputs: int = 1
     max_inputs: int | None = None
+    optional_base: bool = False
+    base_as_input: bool = False
+    min_non_base: int = 0
+    max_non_base: int | None = None
     reference: str = ""
     sparsify: Sparsify | None = None  # task-arithmetic family: how task vectors are trimmed
     # whether the kernel computes each output element from the same element of its inputs
@@ -74,6 +88,11 @@ class MergeMethod:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a base model given in the config is the base input (required or optional)."""
+        return self.needs_base or self.optional_base
 
     def run(self, inputs: MergeInputs) -> torch.Tensor:
         """The kernel on ``inputs``; on CPU block by block when it is elementwise on them."""
@@ -168,6 +187,55 @@ def _passthrough_kernel(inputs: MergeInputs) -> torch.Tensor:
     return tensor if scale is None else torch.mul(tensor, scale, out=inputs.out)
 
 
+def _base(inputs: MergeInputs) -> torch.Tensor | None:
+    return None if inputs.base_index is None else inputs.base
+
+
+def _non_base(inputs: MergeInputs) -> list[torch.Tensor]:
+    return [inputs.tensors[i] for i in inputs.non_base()]
+
+
+def _nuslerp_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return nuslerp_merge(_non_base(inputs), [inputs.per_input[i]["weight"] for i in inputs.non_base()],
+                         _base(inputs), row_wise=inputs.shared["nuslerp_row_wise"],
+                         flatten=inputs.shared["nuslerp_flatten"])
+
+
+def _multislerp_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return multislerp_merge(_non_base(inputs), [inputs.per_input[i]["weight"] for i in inputs.non_base()],
+                            _base(inputs), normalize_weights=inputs.shared["normalize_weights"],
+                            eps=inputs.shared["eps"])
+
+
+def _karcher_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return karcher_merge(inputs.tensors, max_iter=int(inputs.shared["max_iter"]), tol=inputs.shared["tol"])
+
+
+def _sce_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return sce_merge(inputs.base, _non_base(inputs), select_topk=inputs.shared["select_topk"],
+                     order=inputs.caches.selection, workspace=inputs.caches.workspace)
+
+
+def _nearswap_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return nearswap_merge(inputs.shared["t"], inputs.base, inputs.tensors[1 - inputs.base_index])
+
+
+def _arcee_fusion_kernel(inputs: MergeInputs) -> torch.Tensor:
+    other = 1 - inputs.base_index
+    return arcee_fusion_merge(inputs.base, inputs.tensors[other], inputs.keys[other])
+
+
+def _ram_kernel(inputs: MergeInputs) -> torch.Tensor:
+    return ram_merge(inputs.base, _non_base(inputs), epsilon=inputs.shared["epsilon"],
+                     workspace=inputs.caches.workspace)
+
+
+def _ramplus_kernel(inputs: MergeInputs) -> torch.Tensor:
+    shared = inputs.shared
+    return ram_merge(inputs.base, _non_base(inputs), epsilon=shared["epsilon"],
+                     plus=(shared["r"], shared["alpha"]), workspace=inputs.caches.workspace)
+
+
 def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference: str) -> MergeMethod:
     params = [
         Param("weight", float, "non_base"),
@@ -217,6 +285,35 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("passthrough", _passthrough_kernel,
                 (Param("scale", float, "input", None, optional=True),),
                 needs_base=False, max_inputs=1),
+    MergeMethod("nuslerp", _nuslerp_kernel,
+                (Param("weight", float, "non_base"), Param("nuslerp_row_wise", bool, "shared", False),
+                 Param("nuslerp_flatten", bool, "shared", True)),
+                needs_base=False, optional_base=True, min_non_base=2, max_non_base=2,
+                reference="https://en.wikipedia.org/wiki/Slerp"),
+    MergeMethod("multislerp", _multislerp_kernel,
+                (Param("weight", float, "non_base"), Param("normalize_weights", bool, "shared", True),
+                 Param("eps", float, "shared", 1e-8, 0.0)),
+                needs_base=False, optional_base=True, min_non_base=1,
+                reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    MergeMethod("karcher", _karcher_kernel,
+                (Param("max_iter", int, "shared", 10, 0), Param("tol", float, "shared", 1e-5, 0.0)),
+                needs_base=False, base_as_input=True, reference="https://arxiv.org/abs/2603.04972"),
+    MergeMethod("sce", _sce_kernel,
+                (Param("select_topk", float, "shared", 1.0, 0.0, 1.0), Param("int8_mask", bool, "shared", False)),
+                needs_base=True, reference="https://arxiv.org/abs/2408.07990"),
+    MergeMethod("nearswap", _nearswap_kernel, (Param("t", float, "shared", low=0.0),),
+                needs_base=True, min_inputs=2, max_inputs=2,
+                reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+                elementwise=lambda inputs: True),
+    MergeMethod("arcee_fusion", _arcee_fusion_kernel, (), needs_base=True, min_inputs=2, max_inputs=2,
+                reference="https://arcee.ai"),
+    MergeMethod("ram", _ram_kernel, (Param("epsilon", float, "shared", 1e-5, 0.0),),
+                needs_base=True, reference="https://arxiv.org/abs/2601.13572",
+                elementwise=lambda inputs: True),
+    MergeMethod("ramplus_tl", _ramplus_kernel,
+                (Param("r", float, "shared", 0.1, 0.0), Param("alpha", float, "shared", 0.2, 0.0),
+                 Param("epsilon", float, "shared", 1e-5, 0.0)),
+                needs_base=True, reference="https://arxiv.org/abs/2601.13572"),
 ]}
 
 

@@ -102,12 +102,15 @@ NO_CACHE = TrimCache()
 @dataclass(frozen=True, eq=False)
 class Caches:
     """What the kernel of one output tensor may reuse: per input the :class:`TrimCache` of its
-    task vector (``trims`` empty: none for any input), and the :class:`Workspace` its
-    temporaries come from (default: a fresh one, i.e. fresh allocations). None of it
-    changes a result."""
+    task vector (``trims`` empty: none for any input), the :class:`Workspace` its
+    temporaries come from (default: a fresh one, i.e. fresh allocations), and for SCE the
+    variance order of all its task vectors (``selection``). None of it changes a result."""
 
     trims: Sequence[TrimCache] = ()
     workspace: Workspace = dataclasses.field(default_factory=Workspace)
+    # SCE's select step: each element's position in the stable decreasing order of the
+    # variance across the op's task vectors (None: derived when needed)
+    selection: torch.Tensor | None = None
 
     def trim(self, index: int) -> TrimCache:
         """Input ``index``'s trim cache."""
@@ -115,7 +118,7 @@ class Caches:
 
     def select(self, indices: Sequence[int]) -> Caches:
         """The caches of inputs ``indices``, in that order, with the same workspace."""
-        return Caches([self.trim(i) for i in indices], self.workspace)
+        return Caches([self.trim(i) for i in indices], self.workspace, self.selection)
 
 
 def magnitude_position(delta: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,7 @@ def _kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> t
     return numel - n_bottom - target, numel - n_bottom
 
 
-def _top(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+def top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the first ``count`` positions of the stable decreasing-magnitude order.
 
     Equivalent to ``order[:count]`` without sorting: a k-th value selection, then the
@@ -243,7 +246,7 @@ def _keep(delta: torch.Tensor, trim: Trim, cache: TrimCache, out: torch.Tensor,
         start, stop = _kept_range(method, numel, trim.density, trim.gamma)
         if cache.position is None:
             magnitude = delta.detach().abs().reshape(-1).float()
-            keep = _top(magnitude, stop) & ~_top(magnitude, start)
+            keep = top_mask(magnitude, stop) & ~top_mask(magnitude, start)
             return out.copy_(keep.view(torch.uint8))
         position = cache.position.reshape(-1)
         torch.lt(position, stop, out=out)

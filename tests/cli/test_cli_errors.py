@@ -206,6 +206,58 @@ def test_slerp_needs_exactly_two_models(family, tmp_path, models, count):
                   f"slerp takes exactly 2 models (base included), got {count}")
 
 
+def merge_text(method: str, base: Path | None, models: list[Path], params: str = "") -> str:
+    text = f"merge_method: {method}\n" + (f"base_model: {base}\n" if base else "") + "models:\n"
+    return text + "".join(f"  - model: {m}\n" for m in models) + params
+
+
+@pytest.mark.parametrize("method, with_base, sources, message", [
+    ("nearswap", True, 2, "nearswap takes exactly 2 models (base included), got 3"),
+    ("arcee_fusion", True, 2, "arcee_fusion takes exactly 2 models (base included), got 3"),
+    ("nuslerp", False, 1, "nuslerp takes exactly 2 models besides the base, got 1"),
+    ("nuslerp", True, 1, "nuslerp takes exactly 2 models besides the base, got 1"),
+    ("multislerp", True, 0, "multislerp takes at least 1 models besides the base, got 0"),
+    ("sce", False, 2, "sce needs a base_model"),
+    ("ram", False, 2, "ram needs a base_model"),
+    ("ramplus_tl", False, 2, "ramplus_tl needs a base_model"),
+])
+def test_new_methods_with_the_wrong_models(family, tmp_path, method, with_base, sources, message):
+    base, *fts = family
+    params = ("parameters:\n  t: 0.001\n" if method == "nearswap"
+              else "parameters:\n  weight: 0.5\n" if "slerp" in method else "")
+    text = merge_text(method, base if with_base else None, fts[:sources] or [base], params)
+    out = tmp_path / "out"
+    assert_failed(run_merge(write(tmp_path, text), out), "merge.yml:", "models:", message)
+
+
+@pytest.mark.parametrize("method, params, value, expected", [
+    ("sce", "select_topk: 1.5", "1.5", "[0.0, 1.0]"),
+    ("sce", "select_topk: [0.5, -0.1]", "-0.1", "[0.0, 1.0]"),
+    ("nearswap", "t: -0.01", "-0.01", ">= 0.0"),
+    ("ram", "epsilon: -1", "-1.0", ">= 0.0"),
+    ("ramplus_tl", "r: [{filter: mlp, value: -0.5}, {value: 0.1}]", "-0.5", ">= 0.0"),
+    ("multislerp", "eps: -1.0e-8", "-1e-08", ">= 0.0"),
+    ("karcher", "max_iter: -3", "-3", ">= 0"),
+])
+def test_new_method_parameter_out_of_range(family, tmp_path, method, params, value, expected):
+    base, ft1, ft2 = family
+    models = [ft1] if method == "nearswap" else [ft1, ft2]
+    extra = "  weight: 0.5\n" if method == "multislerp" else ""
+    text = merge_text(method, base, models, f"parameters:\n  {params}\n{extra}")
+    out = tmp_path / "out"
+    name = params.split(":")[0]
+    assert_failed(run_merge(write(tmp_path, text), out),
+                  f"merge.yml:{line_of(text, params)}: parameters.{name}: {value} is out of range", expected)
+
+
+def test_integer_parameter_of_wrong_type(family, tmp_path):
+    base, ft1, ft2 = family
+    text = merge_text("karcher", None, [ft1, ft2], "parameters:\n  max_iter: 2.5\n")
+    out = tmp_path / "out"
+    assert_failed(run_merge(write(tmp_path, text), out),
+                  f"merge.yml:{line_of(text, '2.5')}: parameters.max_iter:", "expected an integer")
+
+
 def test_model_listed_twice(family, tmp_path):
     out = tmp_path / "out"
     assert_failed(run_merge(write(tmp_path, linear(family[1], family[1])), out),

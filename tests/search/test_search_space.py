@@ -39,6 +39,14 @@ INLINE = {
                                 "control_points": 4, "filters": ["mlp", "o_proj"],
                                 "search": {"weight": [0, 2], "density": [0, 1], "gamma": [0, 1]}},
     "linear_default": {"kind": "parameter", "method": "linear"},
+    "multislerp_groups": {"kind": "parameter", "method": "multislerp", "layer_granularity": 3,
+                          "filters": ["mlp"], "fixed": {"normalize_weights": True}},
+    "nuslerp_points": {"kind": "parameter", "method": "nuslerp", "control_points": 3,
+                       "search": {"weight": [0.05, 1]}, "fixed": {"nuslerp_flatten": False}},
+    "sce_default": {"kind": "parameter", "method": "sce", "control_points": 2},
+    "nearswap_default": {"kind": "parameter", "method": "nearswap", "filters": ["self_attn"]},
+    "ramplus_tl_groups": {"kind": "parameter", "method": "ramplus_tl", "layer_granularity": 2,
+                          "fixed": {"epsilon": 0.001}},
     "slerp_groups": {"kind": "slerp", "layer_granularity": 2, "filters": ["mlp"]},
     "stacking_range": {"kind": "stacking", "num_blocks": 5, "block_length": [1, 3],
                        "max_layers": 6, "include_base": True},
@@ -47,6 +55,7 @@ INLINE = {
     "dfs_scaled_base": {"kind": "dfs", "repeats": 1, "scale": [0, 2], "include_base": True},
 }
 CASES = SHIPPED + list(INLINE)
+SOURCES = {"nuslerp_points": 2, "nearswap_default": 1}  # the methods' model counts (else all three)
 
 
 def make_space(case: str, family):
@@ -54,7 +63,7 @@ def make_space(case: str, family):
     spec = INLINE.get(case, case)
     kind = spec["kind"] if isinstance(spec, dict) else yaml.safe_load(
         (SEARCH_SPACES_DIR / f"{case}.yaml").read_text())["kind"]
-    models = fine_tunes[:1] if kind == "slerp" else fine_tunes
+    models = fine_tunes[:1] if kind == "slerp" else fine_tunes[:SOURCES.get(case, len(fine_tunes))]
     return load_search_space(spec, models=models, base_model=base, num_layers=4)
 
 
@@ -355,6 +364,9 @@ BAD = [
     ("kind: parameter\nmethod: della\nsearch: {weight: [0, 1], density: [0, 1]}\n", 3, "search.density",
      "density > 0"),
     ("kind: slerp\n", 1, None, "slerp takes exactly 2 models"),
+    ("kind: parameter\nmethod: nuslerp\n", 1, None, "nuslerp takes exactly 2 models besides the base, got 3"),
+    ("kind: parameter\nmethod: sce\nsearch:\n  select_topk: [0.5, 1.5]\n", 4, "search.select_topk",
+     "within [0.0, 1.0]"),
     ("kind: stacking\nnum_blocks: 0\n", 2, "num_blocks", "greater than 0"),
     ("kind: stacking\nnum_blocks: 2\nblock_length: [3, 2]\n", 3, "block_length", "min <= max"),
     ("kind: dfs\nscale: [2, 1]\n", 2, "scale", "low < high"),

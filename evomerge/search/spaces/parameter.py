@@ -1,8 +1,11 @@
 """Parameter-space (PS) search: per-model merge weights over depth, and SLERP's ``t``.
 
-One implementation serves every method with per-model ``weight`` (``linear`` and the
+One implementation serves every method with per-model ``weight`` (``linear``, the
 task-arithmetic family: ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``,
-``breadcrumbs(_ties)``, ``della(_linear)``) and ``slerp`` (``kind: slerp``). Each searched
+``breadcrumbs(_ties)``, ``della(_linear)``, and ``nuslerp``, ``multislerp``), ``slerp``
+(``kind: slerp``) and ``nearswap`` (``t``), and the methods with other continuous
+parameters: ``sce`` (``select_topk``), ``ramplus_tl`` (``r``, ``alpha``); without
+``search``, each searches its own (:data:`DEFAULT_SEARCH`). Each searched
 float parameter gets one value per *position* × *filter set* × *owner*:
 
 * positions: ``layer_granularity: k`` cuts the depth into output slices of ``k`` layers
@@ -36,10 +39,17 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from evomerge.engine.config import MergeConfig, Scalar, coerce
 from evomerge.methods.registry import METHODS, REQUIRED, Param
+from evomerge.methods.sparsify import Sparsify
 from evomerge.search.spaces.space import Fail, SearchSpace, SpaceContext, SpaceSpec, unique
 from evomerge.engine.config import model_labels
 
-METHOD_NAMES = [name for name, m in METHODS.items() if m.param("weight") or m.param("t")]
+# what a method's space searches when the spec gives no ``search`` (beyond weight/t/density)
+DEFAULT_SEARCH: dict[str, dict[str, tuple[float, float]]] = {
+    "nearswap": {"t": (0.0, 0.01)},  # an absolute-difference threshold: fine-tunes differ by ~1e-3
+    "sce": {"select_topk": (0.1, 1.0)},
+    "ramplus_tl": {"r": (0.0, 1.0), "alpha": (0.0, 1.0)},
+}
+METHOD_NAMES = [name for name, m in METHODS.items() if m.param("weight") or m.param("t") or name in DEFAULT_SEARCH]
 DELLA_MARGIN = 1e-3
 
 
@@ -70,7 +80,7 @@ class ParameterSpace(SearchSpace):
             expected = "slerp (or omit it)" if spec.kind == "slerp" else ", ".join(METHOD_NAMES)
             fail(("method",), f"got {method_name!r}; expected one of: {expected}")
         self.method = METHODS[method_name]
-        self.base = context.base_model if self.method.needs_base else None
+        self.base = context.base_model if self.method.takes_base else None
         self.sources = [m for m in dict.fromkeys(context.models) if m != self.base]
         if not self.sources:
             fail(("models",), f"{self.method.name} needs at least one model besides the base")
@@ -85,7 +95,7 @@ class ParameterSpace(SearchSpace):
             if param.default is REQUIRED and param.name not in self.bounds and param.name not in self.fixed:
                 fail(("search",), f"{self.method.name} needs {param.name!r}: search it "
                      f"(search: {{{param.name}: [low, high]}}) or fix it (fixed: {{{param.name}: value}})")
-        self.della = self.method.param("epsilon") is not None
+        self.della = self.method.sparsify is Sparsify.della
         if self.della and self._low("density") <= 0:
             fail(("search", "density") if "density" in self.bounds else ("fixed", "density"),
                  f"{self.method.name} needs density > 0")
@@ -114,7 +124,9 @@ class ParameterSpace(SearchSpace):
 
     def _bounds(self, spec: ParameterSpec, fail: Fail) -> dict[str, tuple[float, float]]:
         search = spec.search
-        if search is None:
+        if search is None and self.method.name in DEFAULT_SEARCH:
+            search = dict(DEFAULT_SEARCH[self.method.name])
+        elif search is None:
             search = {"t": (0.0, 1.0)} if self.method.param("t") else {"weight": (0.0, 1.0)}
             if self.method.param("density"):
                 search["density"] = (0.1, 1.0)
