@@ -11,10 +11,11 @@ layers (GPT-2's ``Conv1D``).
 :func:`lora_dense` is the one formula, used by the lazy view :class:`AdapterFolder` (which
 the merge engine reads like any model folder) and by the materializer (which keeps the
 factors resident and forms each tensor in its scratch): in a working dtype ``d`` it is
-``round_d(W + scale · (B @ A))`` with the product and the sum computed in
-``c = promote(d, float32)``, i.e. one rounding. In float32 this is PEFT's
-``merge_and_unload`` bit for bit (``W += (B @ A) * scale``); in bf16/fp16 it is PEFT's
-merge of an adapter loaded with its default ``autocast_adapter_dtype`` (factors in float32).
+``round_d(W_d + scale · (B @ A))``, where ``W_d`` is the base weight in ``d`` and the
+product and the sum are computed in ``c = promote(d, float32)`` (one rounding). This is
+PEFT's ``merge_and_unload`` bit for bit (``W += (B @ A) * scale``, on CPU): in float32, and
+in bf16/fp16 for a base loaded in that dtype (PEFT keeps the factors in float32 by default,
+``autocast_adapter_dtype``).
 
 Refused with a :class:`~evomerge.errors.ModelError` naming the file and field: another
 ``peft_type`` than LORA, LoRA variants (DoRA ``use_dora``, aLoRA, ...), ``lora_bias``,
@@ -236,7 +237,7 @@ class AdapterFolder:
         factors = self.adapter.factors.get(name)
         if factors is None:
             return self.base.tensor(name, dtype)
-        return lora_dense(self.base.tensor(name), factors, dtype)
+        return lora_dense(self.base.tensor(name, dtype), factors, dtype)
 
     def head(self, name: str, rows: int) -> torch.Tensor:
         factors = self.adapter.factors.get(name)

@@ -36,7 +36,7 @@ from evomerge.engine.config import MergeConfig, torch_dtype
 from evomerge.engine.plan import check_compatible
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
-from evomerge.io.reader import ModelFolder
+from evomerge.io.source import open_model, source_key, split_reference
 from evomerge.live.materializer import Materializer
 from evomerge.search.distributed.coordination import claim, finished, worker_id
 from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, heartbeat_thread, lost, open_storage
@@ -83,12 +83,12 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
     """Load the fitness and search space and create (or reopen) the experiment's study.
     Every input is checked before the storage is opened, so bad input writes nothing."""
     paths = [experiment.models.base, *experiment.models.sources]
-    for path in paths:
-        if not Path(path).is_dir():
+    for path in paths:  # a source may be an adapter folder or BASE+ADAPTER (evomerge.io.source)
+        if not all(Path(part).is_dir() for part in split_reference(path) if part):
             raise ConfigError(f"model folder not found: {path}", field="models")
-    check_compatible({path: ModelFolder(path) for path in paths})
-    base = str(Path(experiment.models.base).resolve())
-    sources = [str(Path(s).resolve()) for s in experiment.models.sources]
+    check_compatible({path: open_model(path, experiment.models.base) for path in paths})
+    base = str(source_key(experiment.models.base))
+    sources = [str(source_key(s)) for s in experiment.models.sources]
     spec = experiment.fitness
     fitness = load_fitness(spec if isinstance(spec, dict) else Path(spec))
     space = load_search_space(experiment.search_space, models=sources, base_model=base,
