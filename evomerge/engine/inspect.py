@@ -1,5 +1,8 @@
 """Compatibility check: can these sources be merged on this base, and do they look fine-tuned from it?
 
+A source may be a LoRA adapter folder (over the base) or ``BASE+ADAPTER``
+(:func:`evomerge.io.source.open_model`); it is read as the model it makes of its base.
+
 Structure (errors, :class:`ModelError`): one architecture and width
 (:func:`evomerge.engine.plan.check_compatible`), every base tensor present in every source, equal
 shapes except the vocabulary rows of the embeddings and LM head (merges use the common rows;

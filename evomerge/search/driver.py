@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from evomerge import __version__
 from evomerge.engine.config import MergeConfig, torch_dtype
+from evomerge.engine.architecture import num_layers
 from evomerge.engine.plan import check_compatible
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
@@ -86,12 +87,14 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
     for path in paths:  # a source may be an adapter folder or BASE+ADAPTER (evomerge.io.source)
         if not all(Path(part).is_dir() for part in split_reference(path) if part):
             raise ConfigError(f"model folder not found: {path}", field="models")
-    check_compatible({path: open_model(path, experiment.models.base) for path in paths})
+    folders = {path: open_model(path, experiment.models.base) for path in paths}
+    check_compatible(folders)
     base = str(source_key(experiment.models.base))
     sources = [str(source_key(s)) for s in experiment.models.sources]
     spec = experiment.fitness
     fitness = load_fitness(spec if isinstance(spec, dict) else Path(spec))
     space = load_search_space(experiment.search_space, models=sources, base_model=base,
+                              num_layers=num_layers(folders[experiment.models.base].config),
                               base_dir=Path.cwd(), source="search_space")
     sampler = make_sampler(experiment.optimizer, space, fitness.directions)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if len(fitness.stages) > 1 else None
