@@ -29,8 +29,9 @@ scale per adapted weight are resident (in ``promote(dtype, float32)``), its othe
 are the base's own, and each op forms the adapted weight ``W + scale·B@A`` in a scratch
 buffer of its own (one per adapter input of the op) with the same formula the merge
 engine's adapter view uses (:func:`~evomerge.io.adapter.lora_dense`), so candidates stay
-bit-identical to ``evomerge merge``. K adapters of the base cost K·r·(in+out) per adapted
-weight instead of K full models.
+bit-identical to ``evomerge merge`` on CPU (on CUDA the product B@A runs on the device while
+the engine's adapter view forms it on CPU, so those weights may differ by float32 rounding).
+K adapters of the base cost K·r·(in+out) per adapted weight instead of K full models.
 
 The full sources are kept as they are, not as task vectors: the engine subtracts in the
 working dtype and non-task-arithmetic methods (slerp, linear, model stock) need the
