@@ -11,6 +11,8 @@ from safetensors import safe_open
 
 from evomerge.zoo.synthetic import build_family
 
+pytest_plugins = ["tests.lora_adapters"]  # the lora_family fixture
+
 
 @pytest.fixture(scope="session")
 def family_factory(tmp_path_factory):

@@ -69,9 +69,10 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
 def iter_merged(plan: MergePlan, models: dict[str, ModelFolder], device: torch.device,
                 *, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` for every output tensor, in plan order."""
-    out_dtype = torch_dtype(plan.config.out_dtype)
+    out_dtype, dtype = torch_dtype(plan.config.out_dtype), torch_dtype(plan.config.dtype)
     for op in tqdm(plan.ops, desc=f"{plan.method.name} merge", unit="tensor", disable=not progress):
-        tensors = [models[model].tensor(name).to(device) for model, name in op.inputs]
+        # in the config's dtype already: an adapter source forms W + scale·B@A in it
+        tensors = [models[model].tensor(name, dtype).to(device) for model, name in op.inputs]
         merged = execute_op(op, plan, tensors)
         if out_dtype is not None and merged.is_floating_point():
             merged = merged.to(out_dtype)

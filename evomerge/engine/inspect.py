@@ -1,5 +1,8 @@
 """Compatibility check: can these sources be merged on this base, and do they look fine-tuned from it?
 
+A source may be a LoRA adapter folder (over the base) or ``BASE+ADAPTER``
+(:func:`evomerge.io.source.open_model`); it is read as the model it makes of its base.
+
 Structure (errors, :class:`ModelError`): one architecture and width
 (:func:`evomerge.engine.plan.check_compatible`), every base tensor present in every source, equal
 shapes except the vocabulary rows of the embeddings and LM head (merges use the common rows;
@@ -44,7 +47,9 @@ from tqdm.auto import tqdm
 from evomerge.engine.architecture import family_for, is_vocab_tensor, layer_index, num_layers, tensor_kind
 from evomerge.engine.plan import check_compatible
 from evomerge.errors import ModelError
+from evomerge.io.adapter import AdapterFolder
 from evomerge.io.reader import ModelFolder
+from evomerge.io.source import open_model
 from evomerge.engine.config import model_labels
 
 log = logging.getLogger(__name__)
@@ -131,8 +136,9 @@ class _Sums:
         return [math.sqrt(t / self.base_sq) if self.base_sq else math.inf for t in self.tau_sq]
 
 
-def _folder(model: str | Path | ModelFolder) -> ModelFolder:
-    return model if isinstance(model, ModelFolder) else ModelFolder(model)
+def _folder(model: str | Path | ModelFolder, base: ModelFolder | None = None) -> ModelFolder:
+    """An opened model; a source may be an adapter (over ``base``, see :func:`open_model`)."""
+    return model if isinstance(model, (ModelFolder, AdapterFolder)) else open_model(model, base)
 
 
 def _group(name: str, family) -> str:
@@ -167,7 +173,8 @@ def inspect_models(base: str | Path | ModelFolder, sources: Sequence[str | Path 
     """
     if not sources:
         raise ModelError("the compatibility check needs a base and at least one source")
-    folders = [_folder(m) for m in (base, *sources)]
+    base_folder = _folder(base)
+    folders = [base_folder, *(_folder(m, base_folder) for m in sources)]
     check_compatible({str(f.path): f for f in folders})
     family = family_for(folders[0].config)
     names = folders[0].names()

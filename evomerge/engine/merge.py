@@ -59,7 +59,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     compute_device = resolve_device(device)
     models = _open_checked(config)
     plan = build_plan(config, models, seed)
-    template_dir = models[plan.template].path
+    template_dir = models[plan.template].files_dir
     tokenizer_dir = _tokenizer_dir(config, models, template_dir)  # fail before merging
     writer = ModelWriter(out_dir, shard_size=shard_size, force=force)
     try:

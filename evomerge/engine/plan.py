@@ -26,6 +26,7 @@ from evomerge.engine.architecture import (
 from evomerge.engine.config import MergeConfig, Parameters, input_models, resolve, torch_dtype
 from evomerge.errors import ConfigError, ModelError
 from evomerge.io.reader import ModelFolder
+from evomerge.io.source import open_model
 from evomerge.methods.random import random_key
 from evomerge.methods.registry import MergeMethod
 
@@ -81,8 +82,10 @@ class _Slice:
 
 
 def open_models(config: MergeConfig) -> dict[str, ModelFolder]:
-    """Open every model the config references and check they share one architecture."""
-    models = {name: ModelFolder(name) for name in config.referenced_models()}
+    """Open every model the config references (adapters over ``base_model``, see
+    :func:`evomerge.io.source.open_model`) and check they share one architecture."""
+    opened: dict = {}
+    models = {name: open_model(name, config.base_model, opened=opened) for name in config.referenced_models()}
     check_compatible(models)
     return models
 

@@ -96,15 +96,19 @@ class ModelFolder:
     def __contains__(self, name: str) -> bool:
         return name in self._files
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Load one tensor (CPU, stored dtype)."""
+    @property
+    def files_dir(self) -> Path:
+        """The folder with the model's config, generation config and tokenizer files."""
+        return self.path
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Load one tensor (CPU, stored dtype; a floating one cast to ``dtype`` when given)."""
         try:
             handle = self._open(self._files[name])
         except KeyError:
             raise ModelError(f"{self.path}: no tensor named {name}") from None
-        if isinstance(handle, dict):
-            return handle[name]
-        return handle.get_tensor(name)
+        tensor = handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
     def head(self, name: str, rows: int) -> torch.Tensor:
         """The first ``rows`` rows of a tensor (CPU, stored dtype); for safetensors only those

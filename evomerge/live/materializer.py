@@ -24,7 +24,16 @@ kernel may evict and re-read from disk, and whose first-touch faults would land 
 first candidates). The live model is what ``from_pretrained`` returns; if that maps the
 base's file lazily, the first candidate's in-place writes copy those pages.
 
-The sources are kept as they are, not as task vectors: the engine subtracts in the
+A LoRA adapter source (:mod:`evomerge.io.adapter`) stays low-rank: its factors A, B and
+scale per adapted weight are resident (in ``promote(dtype, float32)``), its other tensors
+are the base's own, and each op forms the adapted weight ``W + scale·B@A`` in a scratch
+buffer of its own (one per adapter input of the op) with the same formula the merge
+engine's adapter view uses (:func:`~evomerge.io.adapter.lora_dense`), so candidates stay
+bit-identical to ``evomerge merge`` on CPU (on CUDA the product B@A runs on the device while
+the engine's adapter view forms it on CPU, so those weights may differ by float32 rounding).
+K adapters of the base cost K·r·(in+out) per adapted weight instead of K full models.
+
+The full sources are kept as they are, not as task vectors: the engine subtracts in the
 working dtype and non-task-arithmetic methods (slerp, linear, model stock) need the
 sources themselves, so this keeps every method exact for the same memory.
 With ``max_memory`` smaller than the resident bound, nothing is kept resident: each
@@ -34,6 +43,7 @@ candidate streams its inputs from the memory-mapped files (``live + scratch`` me
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +58,9 @@ from evomerge.engine.execute import execute_op, resolve_device
 from evomerge.engine.inspect import check_sources
 from evomerge.engine.plan import MergePlan, TensorOp, build_plan, check_compatible, output_config
 from evomerge.errors import ConfigError, EvomergeError, ModelError
+from evomerge.io.adapter import AdapterFolder, LoraFactors, is_adapter, lora_dense
 from evomerge.io.reader import ModelFolder
+from evomerge.io.source import open_model, source_key, split_reference
 from evomerge.live.caches import CacheStore
 from evomerge.live.memory import available_bytes, gb, memory_bound
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
@@ -71,10 +83,16 @@ class Materializer:
                  max_memory: int | None = None, cache_positions: bool = True,
                  progress: bool = False):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        paths = [Path(p) for p in (base, *sources)]
-        self.folders = {p.resolve(): ModelFolder(p) for p in paths}
+        if split_reference(base)[1] is not None or is_adapter(base):
+            raise ModelError(f"{base}: the materializer's base must be a model folder, not an adapter")
+        opened: dict[Path, ModelFolder] = {}
+        self.folders = {source_key(p): open_model(p, base, opened=opened) for p in (base, *sources)}
         check_compatible({str(p): folder for p, folder in self.folders.items()})
-        self.base_path = paths[0].resolve()
+        self.base_path = source_key(base)
+        for folder in self.folders.values():
+            if isinstance(folder, AdapterFolder) and folder.base.path.resolve() != self.base_path:
+                raise ModelError(f"{folder.reference}: an adapter of {folder.base.path}, not of the "
+                                 f"materializer's base {self.base_path}")
         check_sources(self.folders[self.base_path], [f for p, f in self.folders.items() if p != self.base_path])
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(t.dtype for t in map(base_folder.tensor, base_folder.names())
@@ -96,6 +114,9 @@ class Materializer:
             log.info("not caching positions, ranks and random words (%s over the memory budget)",
                      gb(self.bound.total - available))
         self.progress = progress
+        self._lowrank: dict[Path, dict[str, LoraFactors]] = {}  # adapter sources: factors on the device
+        self._adapter_scratch: list[torch.Tensor] = []  # per adapter input of an op: its formed weight
+        self._product = torch.empty(0, device=self.device)  # scale·B@A, in promote(dtype, float32)
         self._resident = {} if self.streaming else self._load_resident(progress)
         self.caches = CacheStore(self.device, self.cache_positions)
         self.model, self.tokenizer = self._live_model()
@@ -111,9 +132,16 @@ class Materializer:
 
     def _load_resident(self, progress: bool) -> dict[Path, dict[str, nn.Parameter]]:
         resident: dict[Path, dict[str, nn.Parameter]] = {}
-        total = sum(len(f.names()) for f in self.folders.values())
+        compute = torch.promote_types(self.dtype, torch.float32)
+        total = sum(len(f.names()) for f in self.folders.values() if not isinstance(f, AdapterFolder))
         with tqdm(total=total, desc="loading models", unit="tensor", disable=not progress) as bar:
             for path, folder in self.folders.items():
+                if isinstance(folder, AdapterFolder):  # after the base: folders start with it
+                    resident[path] = resident[self.base_path]
+                    self._lowrank[path] = {name: dataclasses.replace(
+                        f, a=f.a.to(self.device, compute, copy=True), b=f.b.to(self.device, compute, copy=True))
+                        for name, f in folder.factors.items()}
+                    continue
                 resident[path] = {}
                 for name in folder.names():
                     tensor = self._to_device(folder.tensor(name), copy=True)
@@ -157,7 +185,7 @@ class Materializer:
         config = config if isinstance(config, MergeConfig) else load_config(config)
         models = {}
         for name in config.referenced_models():
-            path = Path(name).resolve()
+            path = source_key(name)
             if path not in self.folders:
                 raise ConfigError(f"model {name} is not loaded in the materializer "
                                   f"(loaded: {', '.join(str(p) for p in self.folders)})",
@@ -173,7 +201,7 @@ class Materializer:
     def apply(self, config: MergeConfig | MergePlan | str | Path, *, seed: int = 0) -> nn.Module:
         """Write the merge of ``config`` (or a prebuilt plan) into the live model; return it."""
         plan = config if isinstance(config, MergePlan) else self.plan(config, seed)
-        paths = {name: Path(name).resolve() for name in plan.config.referenced_models()}
+        paths = {name: source_key(name) for name in plan.config.referenced_models()}
         layers = self._layer_modules(plan)
         building = self.caches.to_build(plan)
         if building:
@@ -246,17 +274,33 @@ class Materializer:
                 or op.per_input[0]["scale"] is not None):
             return None
         model, name = op.inputs[0]
+        if name in self._lowrank.get(paths[model], {}):
+            return None  # formed in scratch, not resident
         return self._resident[paths[model]][name]
 
-    def _input(self, path: Path, name: str) -> torch.Tensor:
+    def _input(self, path: Path, name: str, slot: int) -> torch.Tensor:
+        """Input ``slot`` of an op: a resident tensor, or an adapter's weight formed in scratch."""
         if self.streaming:
-            return self._to_device(self.folders[path].tensor(name))
-        return self._resident[path][name]
+            return self._to_device(self.folders[path].tensor(name, self.dtype))
+        factors = self._lowrank.get(path, {}).get(name)
+        if factors is None:
+            return self._resident[path][name]
+        base = self._resident[self.base_path][name]
+        while len(self._adapter_scratch) <= slot:
+            self._adapter_scratch.append(torch.empty(0, dtype=self.dtype, device=self.device))
+        if self._adapter_scratch[slot].numel() < base.numel():
+            self._adapter_scratch[slot] = torch.empty(base.numel(), dtype=self.dtype, device=self.device)
+        rows, columns = factors.b.shape[0], factors.a.shape[1]
+        if self._product.numel() < rows * columns:
+            self._product = torch.empty(rows * columns, dtype=factors.a.dtype, device=self.device)
+        out = self._adapter_scratch[slot][:base.numel()].view(base.shape)
+        return lora_dense(base, factors, self.dtype, out=out,
+                          product=self._product[:rows * columns].view(rows, columns))
 
     def _compute_into(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
                       target: torch.Tensor) -> None:
         """Merge ``op`` into ``target`` in place (kernels write into it directly when they can)."""
-        tensors = [self._input(paths[model], name) for model, name in op.inputs]
+        tensors = [self._input(paths[model], name, slot) for slot, (model, name) in enumerate(op.inputs)]
         shape = tensors[0].shape if op.crop_rows is None else tensors[0][:op.crop_rows].shape
         if shape != target.shape:
             raise ModelError(f"{op.name}: merged shape {list(shape)} != live model's "
@@ -270,7 +314,7 @@ class Materializer:
         parent_path, _, attribute = self._layer_path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         setattr(parent, attribute, nn.ModuleList(layers))
-        models = {name: self.folders[Path(name).resolve()] for name in plan.config.referenced_models()}
+        models = {name: self.folders[source_key(name)] for name in plan.config.referenced_models()}
         updated = output_config(plan, models, None)
         for key in (self.family.num_layers_key, "num_hidden_layers", "n_layer", "layer_types"):
             if key in updated:

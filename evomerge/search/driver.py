@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 
 from evomerge import __version__
 from evomerge.engine.config import MergeConfig, torch_dtype
+from evomerge.engine.architecture import num_layers
 from evomerge.engine.plan import check_compatible
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
-from evomerge.io.reader import ModelFolder
+from evomerge.io.source import open_model, source_key, split_reference
 from evomerge.live.materializer import Materializer
 from evomerge.search.distributed.coordination import Budget, OverBudget, fail_dead_trials, worker_id
 from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, lost, open_storage, storage_error
@@ -108,15 +109,17 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
     heartbeats every ``heartbeat`` seconds on an RDB storage (``storage.py``). Every input is
     checked before the storage is opened, so bad input writes nothing (ConfigError)."""
     paths = [experiment.models.base, *experiment.models.sources]
-    for path in paths:
-        if not Path(path).is_dir():
+    for path in paths:  # a source may be an adapter folder or BASE+ADAPTER (evomerge.io.source)
+        if not all(Path(part).is_dir() for part in split_reference(path) if part):
             raise ConfigError(f"model folder not found: {path}", field="models")
-    check_compatible({path: ModelFolder(path) for path in paths})
-    base = str(Path(experiment.models.base).resolve())
-    sources = [str(Path(s).resolve()) for s in experiment.models.sources]
+    folders = {path: open_model(path, experiment.models.base) for path in paths}
+    check_compatible(folders)
+    base = str(source_key(experiment.models.base))
+    sources = [str(source_key(s)) for s in experiment.models.sources]
     spec = experiment.fitness
     fitness = load_fitness(spec if isinstance(spec, dict) else Path(spec))
     space = load_search_space(experiment.search_space, models=sources, base_model=base,
+                              num_layers=num_layers(folders[experiment.models.base].config),
                               base_dir=Path.cwd(), source="search_space")
     sampler = make_sampler(experiment.optimizer, space, fitness.directions)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if len(fitness.stages) > 1 else None
