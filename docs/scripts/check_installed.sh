@@ -2,7 +2,7 @@
 # Check that an installed package (`pip install .`, not editable) works on its own: a fresh
 # venv (CPU torch first, so pip does not pull a CUDA build), then this checkout installed
 # non-editable; from an empty folder, `evomerge demo --n-trials 4` must build the zoo and
-# write its study, best.yaml and report there (and nothing beside the package), and the
+# write its study, best.yaml and report under runs/ there (and nothing beside the package), and the
 # shipped experiment, fitness and search space must be found by name.
 #   docs/scripts/check_installed.sh [WORK]    # default WORK: a new temporary folder
 # Takes about 20 minutes on 2 busy CPU cores (most of it the zoo build); see the timings it prints.
@@ -33,17 +33,18 @@ touch "$WORK/.before-demo"
 stamp "evomerge demo --n-trials 4 in $RUN"
 "$VENV/bin/evomerge" demo --n-trials 4 --quiet
 stamp "demo done"
-for path in runs/zoo/zoo.json study.db best.yaml report/index.html; do
+for path in runs/zoo/zoo.json runs/demo/study.db runs/demo/best.yaml runs/demo/report/index.html; do
   [ -e "$path" ] || { echo "FAIL: the demo did not write $RUN/$path" >&2; exit 1; }
 done
-written="$(find "$PACKAGE" "$(dirname "$PACKAGE")" -maxdepth 1 -newer "$WORK/.before-demo" -not -name __pycache__ -not -path "$PACKAGE")"
-written+="$(find "$PACKAGE" -newer "$WORK/.before-demo" -not -path '*__pycache__*' -not -path "$PACKAGE")"
+written="$(find "$(dirname "$PACKAGE")" -mindepth 1 -maxdepth 1 -newer "$WORK/.before-demo" -not -name __pycache__)"
+written+="$(find "$PACKAGE" -mindepth 1 -newer "$WORK/.before-demo" -not -path '*__pycache__*')"
 [ -z "$written" ] || { echo "FAIL: the demo wrote beside the package: $written" >&2; exit 1; }
+[ "$(ls -A)" = runs ] || { echo "FAIL: the demo wrote more than runs/ in $RUN: $(ls -A)" >&2; exit 1; }
 
 stamp "names: the shipped experiment, search space and fitness"
-"$VENV/bin/evomerge" status zoo_ps --storage "sqlite:///$RUN/study.db"
-"$VENV/bin/evomerge" export zoo_ps --storage "sqlite:///$RUN/study.db" -o exported.yaml
-cmp -s <(grep -v '^#' exported.yaml) <(grep -v '^#' best.yaml) || echo "note: exported.yaml differs from best.yaml"
+"$VENV/bin/evomerge" status zoo_ps --storage "sqlite:///$RUN/runs/demo/study.db"
+"$VENV/bin/evomerge" export zoo_ps --storage "sqlite:///$RUN/runs/demo/study.db" -o "$WORK/exported.yaml"
+cmp "$WORK/exported.yaml" runs/demo/best.yaml
 "$VENV/bin/python" - <<'PY'
 from evomerge.fitness import load_fitness
 from evomerge.io import shipped

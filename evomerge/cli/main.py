@@ -65,7 +65,8 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where the zoo (runs/zoo), the study, best.yaml and the report go (default: the current directory).")
+              help="Work folder: the zoo goes to runs/zoo in it, the study, best.yaml and the report to runs/demo "
+                   "(default: the current directory).")
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="Finished trials to reach (default: the experiment's budget).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the experiment's).")
