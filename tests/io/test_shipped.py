@@ -80,3 +80,19 @@ def test_the_wheel_holds_the_shipped_files(tmp_path):
         assert f"evomerge/shipped/{path}" in names
     assert "evomerge/io/shipped.py" in names
     assert not any(name.startswith(("tests/", "benchmarks/", "search_spaces/", "fitness/")) for name in names)
+
+
+def test_the_cli_takes_an_experiment_name(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from evomerge.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    unknown = CliRunner().invoke(main, ["search", "nope"])
+    assert unknown.exit_code == 2 and "unknown experiment 'nope'" in unknown.output and "zoo_ps" in unknown.output
+    import optuna
+
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/study.db")
+    missing = CliRunner().invoke(main, ["status", "zoo_ps", "--storage", f"sqlite:///{tmp_path}/study.db"])
+    assert missing.exit_code == 2 and "'zoo-ps-layers'" in missing.output  # the shipped experiment's study name
+    assert not (tmp_path / "runs").exists()
