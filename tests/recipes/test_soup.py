@@ -112,7 +112,7 @@ def cli_score(model, tokenizer, split):
 
 def test_soup_command(ingredients, tmp_path):
     fitness = tmp_path / "fitness.yaml"
-    fitness.write_text("metrics:\n  s: {type: callable, function: 'tests.test_soup:cli_score', direction: maximize}\n")
+    fitness.write_text("metrics:\n  s: {type: callable, function: 'tests.recipes.test_soup:cli_score', direction: maximize}\n")
     out = tmp_path / "soup.yaml"
     result = CliRunner().invoke(main, ["soup", *ingredients[1:], "--base", ingredients[0], "--fitness",
                                        str(fitness), "-o", str(out), "-q"])
@@ -120,7 +120,7 @@ def test_soup_command(ingredients, tmp_path):
     assert "kept" in result.output and f"config written to {out}" in result.output
     config = yaml.safe_load(out.read_text())
     assert config["merge_method"] == "linear" and config["models"]
-    fitness.write_text(fitness.read_text() + "  t: {type: callable, function: 'tests.test_soup:cli_score', "
+    fitness.write_text(fitness.read_text() + "  t: {type: callable, function: 'tests.recipes.test_soup:cli_score', "
                        "direction: minimize}\nobjective: separate\n")
     bad = CliRunner().invoke(main, ["soup", *ingredients[1:], "--fitness", str(fitness), "-o", str(out), "-q"])
     assert bad.exit_code == 2 and "a soup needs one objective" in bad.stderr and bad.stderr.count("\n") == 1
