@@ -112,7 +112,8 @@ def cli_score(model, tokenizer, split):
 
 def test_soup_command(ingredients, tmp_path):
     fitness = tmp_path / "fitness.yaml"
-    fitness.write_text("metrics:\n  s: {type: callable, function: 'tests.recipes.test_soup:cli_score', direction: maximize}\n")
+    fitness.write_text("metrics:\n  s: {type: callable, function: 'tests.recipes.test_soup:cli_score', "
+                       "direction: maximize}\n")
     out = tmp_path / "soup.yaml"
     result = CliRunner().invoke(main, ["soup", *ingredients[1:], "--base", ingredients[0], "--fitness",
                                        str(fitness), "-o", str(out), "-q"])
