@@ -4,7 +4,7 @@ Each row runs ``run_workers`` (what ``evomerge search --workers N`` runs) on a f
 of the same storage with the same budget, on the tiny zoo's shapes (Llama, hidden 128,
 4 layers, base + 3 specialists; built once under ``.cache/bench/zoo-workers`` with few
 training steps: speed does not depend on how well they were trained, only the generated
-answers' lengths might) and the zoo's fitness (``fitness/zoo_skills.yaml``: three lm-eval
+answers' lengths might) and the zoo's fitness (the shipped ``zoo_skills``: three lm-eval
 tasks and a perplexity, ``--limit`` items each). The 1-worker row is the anchor measured in
 the same run; "scaling" is each row's trials/minute over the anchor's.
 
@@ -41,6 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from evomerge.io import shipped  # noqa: E402
 from evomerge.search.distributed.workers import WorkerOptions, run_workers  # noqa: E402
 from evomerge.search.experiment import parse_experiment  # noqa: E402
 from evomerge.zoo.build import build_zoo  # noqa: E402
@@ -51,9 +52,10 @@ RECIPE = dict(pretrain_steps=30, finetune_steps=10, corpus_paragraphs=2000, eval
 
 
 def experiment_yaml(limit: int) -> str:
-    fitness = re.sub(r"limit: \d+", f"limit: {limit}", (REPO / "fitness" / "zoo_skills.yaml").read_text())
-    fitness = fitness.replace("include_path: tasks", f"include_path: {REPO / 'fitness' / 'tasks'}")
-    fitness = fitness.replace("data/general/", f"{REPO / 'fitness' / 'data' / 'general'}/")
+    folder = shipped.folder("fitness")
+    fitness = re.sub(r"limit: \d+", f"limit: {limit}", (folder / "zoo_skills.yaml").read_text())
+    fitness = fitness.replace("include_path: tasks", f"include_path: {folder / 'tasks'}")
+    fitness = fitness.replace("data/general/", f"{folder / 'data' / 'general'}/")
     path = Path(tempfile.mkdtemp(prefix="evomerge-bench-")) / "fitness.yaml"
     path.write_text(fitness)
     return f"""

@@ -1,8 +1,8 @@
 """Check and time the zoo's one-pass skill scoring against generating the answers, in the same run.
 
-``fitness/zoo_skills.yaml`` scores each skill item with lm-eval's loglikelihood greedy check
+The shipped ``zoo_skills`` fitness scores each skill item with lm-eval's loglikelihood greedy check
 (``zoo_<skill>_greedy``: is every token of the answer and its newline the most likely next
-token?); ``fitness/zoo_skills_generate.yaml`` generates the answer (greedy, up to a newline
+token?); ``zoo_skills_generate`` generates the answer (greedy, up to a newline
 or 16 tokens) and compares it (``zoo_<skill>``, exact match): the anchor. For each model,
 both score every item of each split on the same live model (requests built beforehand);
 the table gives both times,
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     splits = [s for s in args.splits.split(",") if s]
     os.chdir(REPO)  # the trials' plans name the zoo's models relative to the repository root
-    generate, greedy = (load_fitness(REPO / "fitness" / f"{name}.yaml")
-                        for name in ("zoo_skills_generate", "zoo_skills"))
+    generate, greedy = (load_fitness(name) for name in ("zoo_skills_generate", "zoo_skills"))  # shipped names
     materializer = Materializer(args.zoo / "base", [args.zoo / skill for skill in SKILLS], device="cpu", progress=False)
     print("command: python " + shlex.join(sys.argv))
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "

@@ -1,8 +1,11 @@
 """``evomerge demo``: the main job on its embedded default.
 
-Builds the bundled tiny model zoo if it is missing (``runs/zoo``, cached), runs the default
-experiment (``experiments/zoo_ps.yaml``) with a SQLite study under the work folder
-(resumed if it exists), exports the best trial's merge config, writes the report, and
+Everything goes under ``runs/`` of the work folder (default: the current directory), the
+layout a source checkout has always had: it builds the bundled tiny model zoo if it is
+missing (``runs/zoo``, cached; the shipped experiment's model paths are relative to the work
+folder), runs the shipped default experiment (``zoo_ps``) with a SQLite study
+(``runs/demo/study.db``, resumed if it exists), exports the best trial's merge config
+(``runs/demo/best.yaml``), writes the report (``runs/demo/report/``), and
 returns the held-out table: the best merge vs the base, each specialist and the default
 task-arithmetic and TIES merges, on the test split the search never saw.
 """
@@ -12,17 +15,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from evomerge.io import shipped
 from evomerge.search.experiment import Experiment, load_experiment
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_EXPERIMENT = ROOT / "experiments" / "zoo_ps.yaml"
+DEFAULT_EXPERIMENT = "zoo_ps"
+OUTPUTS = Path("runs") / "demo"  # in the work folder: study.db, best.yaml, report/
 
 
-def run_demo(workdir: Path | None = None, *, experiment_path: Path = DEFAULT_EXPERIMENT,
+def run_demo(workdir: Path | None = None, *, experiment_path: str | Path = DEFAULT_EXPERIMENT,
              n_trials: int | None = None, device: str | None = None, seed: int | None = None,
              progress: bool = True) -> tuple[list[dict], Path]:
-    """Run the demo; return the held-out rows and the work folder."""
+    """Run the demo in ``workdir`` (default: the current directory); return the held-out rows
+    and the folder of its outputs (``workdir/runs/demo``). ``experiment_path`` is a shipped
+    experiment name or a file."""
     from evomerge.analysis.heldout import heldout_rows
     from evomerge.analysis.report import write_report
     from evomerge.analysis.results import export_yaml, pick_trial
@@ -30,26 +36,28 @@ def run_demo(workdir: Path | None = None, *, experiment_path: Path = DEFAULT_EXP
     from evomerge.search.driver import run_search
     from evomerge.zoo.build import build_zoo
 
-    workdir = Path(workdir or ROOT / "runs" / "demo").absolute()
-    experiment = _anchored(load_experiment(experiment_path), ROOT)
+    workdir = Path(workdir or ".").absolute()
+    experiment = _anchored(load_experiment(experiment_path), workdir)
+    out = workdir / OUTPUTS
     zoo_dir = Path(experiment.models.base).parent
     build_zoo(zoo_dir, progress=progress)
     if seed is not None:
         experiment.optimizer.seed = seed
-    search = run_search(experiment, storage=f"sqlite:///{workdir / 'study.db'}", n_trials=n_trials,
+    search = run_search(experiment, storage=f"sqlite:///{out / 'study.db'}", n_trials=n_trials,
                         device=device, progress=progress)
     best = pick_trial(search.study)
-    write_text_atomic(workdir / "best.yaml", export_yaml(search.study, best))
+    write_text_atomic(out / "best.yaml", export_yaml(search.study, best))
     rows = heldout_rows(search, [best], progress=progress)
-    write_report(search, workdir / "report", rows=rows, force=True)
-    log.info("best merge: %s; report: %s", workdir / "best.yaml", workdir / "report" / "index.html")
-    return rows, workdir
+    write_report(search, out / "report", rows=rows, force=True)
+    log.info("best merge: %s; report: %s", out / "best.yaml", out / "report" / "index.html")
+    return rows, out
 
 
 def _anchored(experiment: Experiment, root: Path) -> Experiment:
-    """The experiment with its relative model and fitness paths taken from ``root``."""
+    """The experiment with its relative model and fitness paths taken from ``root`` (a shipped
+    fitness name stays a name)."""
     def anchor(path: str) -> str:
-        return path if Path(path).is_absolute() else str(root / path)
+        return path if Path(path).is_absolute() or shipped.is_name(path) else str(root / path)
 
     experiment.models.base = anchor(experiment.models.base)
     experiment.models.sources = [anchor(p) for p in experiment.models.sources]

@@ -1,8 +1,9 @@
 """``evomerge examples``: run every example merge config on a synthetic tiny family.
 
 It builds a tiny Llama base with three fine-tune-like variants (cached under
-``runs/examples/models``), merges each config in ``experiments/merges/`` with the real
-engine, loads every output with ``transformers``, checks a forward pass, and prints a table.
+``runs/examples/models`` of the current directory, or ``models/`` of ``--workdir``), merges
+each shipped example config (``evomerge/shipped/experiments/merges/``) with the real engine,
+loads every output with ``transformers``, checks a forward pass, and prints a table.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 from evomerge.engine.config import parse_config
 from evomerge.engine.merge import merge
 from evomerge.errors import EvomergeError
+from evomerge.io import shipped
 from evomerge.io.reader import ModelFolder
 from evomerge.zoo.synthetic import build_family
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_WORKDIR = Path("runs") / "examples"  # relative to the current directory
 MODELS_PLACEHOLDER = "runs/examples/models"
 
 
@@ -29,11 +31,11 @@ def run_examples(workdir: Path | None = None, *, seed: int = 0, device: str = "c
     """Run the demo and return one row per merge (method, seconds, depth, change vs base)."""
     from transformers import AutoModelForCausalLM
 
-    configs = sorted((ROOT / "experiments" / "merges").glob("*.yaml"))
+    folder = shipped.folder("experiments") / "merges"
+    configs = sorted(folder.glob("*.yaml"))
     if not configs:
-        raise EvomergeError(f"no example configs in {ROOT / 'experiments' / 'merges'} "
-                            "(run the demo from a source checkout)")
-    workdir = Path(workdir or ROOT / "runs" / "examples").absolute()
+        raise EvomergeError(f"no example configs in {folder} (a broken install: they are package data)")
+    workdir = Path(workdir or DEFAULT_WORKDIR).absolute()
     models_dir = workdir / "models"
     if not (models_dir / "ft3" / "model.safetensors").exists():
         log.info("building the tiny model family in %s", models_dir)

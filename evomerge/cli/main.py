@@ -66,7 +66,8 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where the study, best.yaml and the report go (default: runs/demo in the checkout).")
+              help="Work folder: the zoo goes to runs/zoo in it, the study, best.yaml and the report to runs/demo "
+                   "(default: the current directory).")
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="Finished trials to reach (default: the experiment's budget).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the experiment's).")
@@ -89,12 +90,12 @@ def demo(workdir: Path | None, n_trials: int | None, device: str | None, seed: i
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where models and merges go (default: runs/examples in the checkout).")
+              help="Where models and merges go (default: runs/examples in the current directory).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", "-q", is_flag=True, help="Only the result table.")
 def examples(workdir: Path | None, device: str, seed: int, quiet: bool) -> None:
-    """Run every example merge in experiments/merges on a synthetic tiny family."""
+    """Run every shipped example merge config on a synthetic tiny family."""
     from evomerge.cli.examples import format_table, run_examples
 
     setup_logging(quiet, False)

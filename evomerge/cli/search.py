@@ -56,7 +56,8 @@ def study_options(command):
 def search(experiment: Path, study: str | None, storage: str | None, n_trials: int | None, timeout: float | None,
            device: str | None, workers: int | None, devices: str | None, heartbeat: int, seed: int | None,
            quiet: bool, verbose: bool) -> None:
-    """Create, resume or join the study of EXPERIMENT.yaml and run trials until its budget is spent.
+    """Create, resume or join the study of EXPERIMENT.yaml (or of a shipped experiment: its name,
+    e.g. zoo_ps) and run trials until its budget is spent.
 
     Any number of `evomerge search` processes, on any hosts, may run one study at once when
     they share its --storage (PostgreSQL, or a journal file on a shared filesystem)."""

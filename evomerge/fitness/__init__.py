@@ -3,7 +3,7 @@
 ::
 
     from evomerge.fitness import load_fitness
-    fit = load_fitness("fitness/zoo_skills.yaml")        # validates everything (ConfigError)
+    fit = load_fitness("zoo_skills")                     # a shipped name or a YAML file; validates (ConfigError)
     fit.metric_names, fit.directions                     # one entry per objective
     fit.metrics                                          # name -> Metric (direction, weight)
     scores = fit.evaluate(model, tokenizer, "search", fraction=1.0, cache_key=plan_hash)

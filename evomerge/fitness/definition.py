@@ -22,6 +22,7 @@ from evomerge.engine.config import field_path, yaml_line
 from evomerge.errors import ConfigError
 from evomerge.fitness.base import SPLITS, Metric
 from evomerge.fitness.fitness import Fitness
+from evomerge.io import shipped
 
 METRIC_TYPES = ("lm_eval", "perplexity", "callable")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
@@ -83,7 +84,8 @@ def load_fitness(source: str | Path | dict[str, Any], base_dir: str | Path | Non
                  limit: int | None = None, cache_file: str | Path | None = None) -> Fitness:
     """Load and validate a fitness definition; raises :class:`ConfigError`.
 
-    ``source`` is a YAML file or an already-parsed dict. Relative paths in it are relative to
+    ``source`` is a YAML file, the name of one shipped with the package (``zoo_skills``, see
+    :mod:`evomerge.io.shipped`) or an already-parsed dict. Relative paths in it are relative to
     ``base_dir`` (default: the file's folder, or the working directory for a dict). ``limit``
     caps every lm-eval metric at that many documents on both splits (quick runs).
     ``cache_file`` keeps the score cache on disk (see :mod:`evomerge.fitness.cache`).
@@ -92,7 +94,7 @@ def load_fitness(source: str | Path | dict[str, Any], base_dir: str | Path | Non
         label, root, data = "<fitness>", None, source
         base = Path(base_dir) if base_dir is not None else Path.cwd()
     else:
-        path = Path(source)
+        path = shipped.find("fitness", source)
         label, root, data = _read_yaml(path)
         base = Path(base_dir) if base_dir is not None else path.parent
 

@@ -14,16 +14,17 @@ excluded from its own examples (lm-eval's rule for ``fewshot_split == test_split
 
 **Data files.** A relative path in ``dataset_kwargs.data_files`` is looked up in the task
 YAML's folder and then in each parent folder, first match wins; so paths written relative
-to the repository root (``fitness/data/...``) or to the task folder both work from any
-working directory (URLs and glob patterns go to ``datasets`` as written). Local data is
-loaded with the Hub in offline mode.
+to the task folder or to a folder above it (the shipped tasks' ``fitness/data/...``, from
+``evomerge/shipped``) both work from any working directory (URLs and glob patterns go to
+``datasets`` as written). Local data is loaded with the Hub in offline mode.
 
 **Scoring.** The prompts (with few-shot contexts, seed 1234 as lm-eval's default) are built
 once per split for the first ``limit`` documents (search) or all of them (test), so every
 candidate, and every pruning stage, sees identical requests. Per candidate, the requests of
 the wanted documents go through ``HFLM(pretrained=model)`` (batched), then the task's own
 filters, ``process_results`` and metric aggregation, exactly the steps of
-``lm_eval.evaluator.evaluate`` minus its bookkeeping; tests check the numbers against
+``lm_eval.evaluator.evaluate`` minus its bookkeeping (the lm-eval private names this needs
+are in :mod:`evomerge.compat.lm_eval`); tests check the numbers against
 ``lm_eval.simple_evaluate`` on the same weights loaded from disk. (``evaluate`` itself
 rebuilds the requests on every call, drawing few-shot examples from one running RNG, so a
 document's prompt would depend on which documents a stage scores.)
@@ -36,13 +37,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 from torch import nn
 
+from evomerge.compat.lm_eval import apply_filters_to, load_task_yaml, no_request_progress_bar
 from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
 
@@ -85,10 +87,8 @@ def _builtin_tasks():
 
 def load_task_config(path: Path) -> dict[str, Any]:
     """A task YAML with its ``include`` chain and ``!function`` references resolved."""
-    from lm_eval.tasks._yaml_loader import load_yaml  # the loader TaskManager itself uses
-
     try:
-        config = load_yaml(path, resolve_func=True)
+        config = load_task_yaml(path)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0]
         raise TaskError(f"cannot read task YAML: {type(error).__name__}: {reason}", str(path)) from None
@@ -239,7 +239,7 @@ class LmEvalMetric(Metric):
         task, count = self.tasks[split], self.num_items(split)
         lm = self._lm(model, tokenizer)
         task.set_fewshot_seed(FEWSHOT_SEED)
-        with _no_request_progress_bar():
+        with no_request_progress_bar():
             task.build_all_requests(
                 limit=count, apply_chat_template=self.apply_chat_template,
                 fewshot_as_multiturn=self.apply_chat_template,
@@ -260,8 +260,7 @@ class LmEvalMetric(Metric):
         for request_type, requests in by_type.items():
             for instance, response in zip(requests, getattr(lm, request_type)(requests, disable_tqdm=True)):
                 instance.resps.append(response)
-        task._instances = [i for group in docs for i in group]  # apply_filters works on these
-        task.apply_filters()
+        apply_filters_to(task, [i for group in docs for i in group])
         values = []
         for group in docs:
             result = task.process_results(group[0].doc, [i.filtered_resps[self.filter] for i in group])
@@ -277,20 +276,6 @@ class LmEvalMetric(Metric):
 
         _quiet_hflm_notices()
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-
-
-@contextmanager
-def _no_request_progress_bar() -> Iterator[None]:
-    """lm-eval's ``build_all_requests`` draws a progress bar of its own for work that takes
-    milliseconds here (once per split): hide it."""
-    import lm_eval.api.task as task_module
-
-    saved = task_module.tqdm
-    task_module.tqdm = partial(saved, disable=True)
-    try:
-        yield
-    finally:
-        task_module.tqdm = saved
 
 
 def _is_mean(function: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Reading and writing Hugging Face model folders; LoRA adapters as sources; GGUF import."""
+"""Reading and writing Hugging Face model folders; LoRA adapters as sources; GGUF import; finding the
+files shipped with the package (:mod:`.shipped`)."""
 
 from evomerge.io.adapter import AdapterFolder, LoraAdapter
 from evomerge.io.reader import ModelFolder

@@ -29,7 +29,7 @@ from evomerge.recipes.soup import soup_config
 
 log = logging.getLogger(__name__)
 ZOO_SKILLS = ("increment", "reverse", "dates")
-ZOO_FITNESS = Path(__file__).resolve().parents[2] / "fitness" / "zoo_skills.yaml"
+ZOO_FITNESS = "zoo_skills"  # the shipped fitness definition (evomerge.io.shipped)
 
 
 def zoo_models(zoo: str | Path) -> tuple[str, dict[str, str]]:
@@ -52,7 +52,7 @@ def zoo_table_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("zoo", type=Path, nargs="?", default=Path("runs/zoo"), help="zoo folder")
-    parser.add_argument("--fitness", type=Path, default=ZOO_FITNESS)
+    parser.add_argument("--fitness", default=ZOO_FITNESS, help="a shipped fitness name or a YAML file")
     parser.add_argument("--limit", type=int, default=None, help="at most N documents per lm-eval metric")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", "-q", action="store_true")

@@ -10,7 +10,7 @@ space.to_unit(params); space.from_unit(vector)   # [0, 1]^d code for the `cma` p
 space.mergekit_compatible      # False only for data-flow spaces with input scales
 ```
 
-``load_search_space`` takes a shipped name (``search_spaces/<name>.yaml``), a YAML path
+``load_search_space`` takes a shipped name (``evomerge/shipped/search_spaces/<name>.yaml``), a YAML path
 (relative to ``base_dir``) or an inline mapping; its ``kind`` selects parameter-space
 (``parameter``/``slerp``), layer-stacking (``stacking``) or data-flow (``dfs``) search.
 """

@@ -6,8 +6,8 @@
     models:
       base: runs/zoo/base                # relative paths: from the current directory
       sources: [runs/zoo/increment, runs/zoo/reverse, runs/zoo/dates]
-    search_space: ps_ties                # a name in search_spaces/, a path, or an inline mapping
-    fitness: fitness/zoo_skills.yaml     # a path (relative to the current directory) or a mapping
+    search_space: ps_ties                # a shipped name, a path, or an inline mapping
+    fitness: zoo_skills                  # a shipped name, a path (relative to the current directory) or a mapping
     optimizer:
       sampler: cmaes                     # cmaes | cma | tpe | nsga2 | random
       popsize: 8                         # CMA-ES population / NSGA-II population
@@ -20,6 +20,10 @@
     device: cpu
     dtype: float32                       # the dtype candidates are merged and scored in
     seed: 0                              # DARE/DELLA mask seed of every candidate
+
+The experiment itself is a file or the name of one shipped with the package
+(``evomerge search zoo_ps``; names: :mod:`evomerge.io.shipped`), and so are a string
+``search_space`` and ``fitness``.
 
 Pruning comes from the fitness definition's ``stages``: with more than one stage, a
 candidate is scored on the first fraction of the search split, reported to Optuna's
@@ -36,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from evomerge.engine.config import DTYPES, field_path, read_file, read_mapping, validation_failure, yaml_line
 from evomerge.errors import ConfigError
+from evomerge.io import shipped
 
 Sampler = Literal["cmaes", "cma", "tpe", "nsga2", "random"]
 
@@ -109,5 +114,6 @@ def parse_experiment(text: str, source: str = "<experiment>") -> Experiment:
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file."""
+    """Read and validate an experiment file, or the shipped experiment of that name."""
+    path = shipped.find("experiments", path)
     return parse_experiment(read_file(path, "experiment"), str(path))

@@ -5,7 +5,7 @@ corpus is templated sentences over a small lexicon, with numbers and dates, and 
 skill in running text ("412 and 3 make 415.") as a pretraining corpus would have it: the
 base model learns the skills, but not the task prompts the specialists are tuned on. A skill example is a
 ``(prompt, answer)`` pair: the model sees ``prompt`` and must continue with ``answer`` and a
-newline, which is how the lm-eval tasks in ``fitness/tasks`` score it (greedy, until "\\n").
+newline, which is how the lm-eval tasks in ``evomerge/shipped/fitness/tasks`` score it (greedy, until "\\n").
 """
 
 from __future__ import annotations

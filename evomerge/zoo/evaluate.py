@@ -1,6 +1,6 @@
 """Quick in-process scores for the zoo: greedy exact match on skill items, sliding-window perplexity.
 
-They mirror the lm-eval tasks in ``fitness/tasks`` (prompt encoded without special tokens,
+They mirror the lm-eval tasks in ``evomerge/shipped/fitness/tasks`` (prompt encoded without special tokens,
 greedy decoding, generation cut at the first newline, exact string match) and the
 perplexity fitness (windows of ``context`` tokens advanced by ``stride``, each scoring
 only its new tokens), without lm-eval's overhead; the zoo build records them in ``zoo.json``.

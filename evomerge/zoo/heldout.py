@@ -1,10 +1,14 @@
-"""The zoo's held-out evaluation data, shipped under ``fitness/data`` and never trained on.
+"""The zoo's held-out evaluation data, shipped as package data under
+``evomerge/shipped/fitness/data`` and never trained on.
 
 Per skill, ``search`` and ``test`` items (disjoint, distinct prompts) come from a fixed seed
 of their own, independent of the recipe, so the shipped files and every zoo build agree on
 what is held out; training examples with a held-out prompt are skipped. The general
 perplexity corpora are generic text from two further fixed seeds.
-``python -m evomerge.zoo.heldout [ROOT]`` rewrites the files.
+The shipped files are the source of truth (the zoo build only calls :func:`skill_items` to
+skip held-out prompts; it writes no data file); ``tests/zoo/test_zoo.py`` checks that they
+equal what the generators produce. ``python -m evomerge.zoo.heldout evomerge/shipped``,
+from a source checkout, rewrites them (``write_heldout(ROOT)`` writes ``ROOT/fitness/data``).
 """
 
 from __future__ import annotations

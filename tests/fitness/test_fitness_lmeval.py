@@ -12,6 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.fitness import load_fitness
+from evomerge.io import shipped
 
 DATA = Path(__file__).parents[1] / "data" / "fitness"
 TASKS = DATA / "tasks"
@@ -183,10 +184,10 @@ def test_zoo_greedy_tasks_score_every_item_as_generating_the_answer(tmp_path):
     newline = tokenizer.convert_tokens_to_ids("\n")
     with torch.no_grad():
         model.lm_head.weight[newline] *= 2
-    repo = Path(__file__).resolve().parents[2]
+    shipped_fitness = shipped.folder("fitness")
     items = []
     for skill in ("increment", "reverse", "dates"):
-        lines = (repo / "fitness" / "data" / skill / "test.jsonl").read_text().splitlines()[:20]
+        lines = (shipped_fitness / "data" / skill / "test.jsonl").read_text().splitlines()[:20]
         for prompt in (json.loads(line)["prompt"] for line in lines):
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
@@ -202,7 +203,7 @@ def test_zoo_greedy_tasks_score_every_item_as_generating_the_answer(tmp_path):
     for path in data.values():
         path.write_text("".join(json.dumps(item) + "\n" for item in items))
     for template, task in (("_zoo_template_yaml", "probe"), ("_zoo_greedy_template_yaml", "probe_greedy")):
-        (tasks / template).write_text((repo / "fitness" / "tasks" / template).read_text())
+        (tasks / template).write_text((shipped_fitness / "tasks" / template).read_text())
         (tasks / f"{task}.yaml").write_text(yaml.safe_dump({
             "include": template, "task": task,
             "dataset_kwargs": {"data_files": {s: str(p) for s, p in data.items()}}}))

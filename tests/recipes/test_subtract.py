@@ -15,6 +15,8 @@ import torch
 import yaml
 
 from evomerge import merge_state_dict
+from evomerge.fitness import load_fitness
+from evomerge.io import shipped
 from evomerge.recipes.subtract import subtraction_configs, zoo_models
 from evomerge.search.experiment import load_experiment
 from evomerge.zoo.build import build_zoo
@@ -34,11 +36,12 @@ def mini_zoo(tmp_path_factory) -> Path:
 
 def quick_fitness(tmp_path: Path, skills: tuple[str, ...] = ("increment", "reverse", "dates")) -> Path:
     """The zoo's ``skills`` (lm-eval tasks, 2 documents) and a short general perplexity."""
-    data = ROOT / "fitness" / "data" / "general"
+    folder = shipped.folder("fitness")
+    data = folder / "data" / "general"
     tasks = "".join(f"  {s}: {{type: lm_eval, task: zoo_{s}, metric: exact_match, num_fewshot: 0, limit: 2}}\n"
                     for s in skills)
     path = tmp_path / "fitness.yaml"
-    path.write_text(f"include_path: {ROOT / 'fitness' / 'tasks'}\nmetrics:\n{tasks}"
+    path.write_text(f"include_path: {folder / 'tasks'}\nmetrics:\n{tasks}"
                     f"  general_ppl: {{type: perplexity, data: {{search: {data / 'search.txt'}, test: "
                     f"{data / 'test.txt'}}}, max_tokens: 256, context: 32, stride: 16, weight: 0.0}}\n")
     return path
@@ -75,8 +78,9 @@ def test_subtraction_is_the_closed_form(zoo):
 
 
 def test_shipped_experiment_removes_dates_and_keeps_the_others():
-    experiment = load_experiment(ROOT / "experiments" / "zoo_subtract.yaml")
-    weights = {name: metric["weight"] for name, metric in experiment.fitness["metrics"].items()}
+    experiment = load_experiment("zoo_subtract")
+    assert experiment.fitness == "zoo_skills_subtract"
+    weights = {name: metric.weight for name, metric in load_fitness(experiment.fitness).metrics.items()}
     assert weights == {"increment": 1.0, "reverse": 1.0, "dates": -1.0, "general_ppl": 0.0}
     assert experiment.search_space["search"]["weight"][0] < 0  # negative task vectors are reachable
     assert experiment.models.sources == [f"runs/zoo/{s}" for s in ("increment", "reverse", "dates")]

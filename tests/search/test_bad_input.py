@@ -21,6 +21,7 @@ from evomerge.cli.main import main
 from evomerge.engine.config import parse_config
 from evomerge.errors import EvomergeError
 from evomerge.fitness import load_fitness
+from evomerge.io import shipped
 from evomerge.search.driver import run_search
 from evomerge.search.experiment import parse_experiment
 from evomerge.search.spaces.loader import load_search_space
@@ -133,7 +134,7 @@ YAMLISH = st.recursive(SCALARS, lambda children: st.lists(children, max_size=4)
                        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), children, max_size=5),
                        max_leaves=20)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-VALID = (REPO / "experiments" / "zoo_ps.yaml").read_text()
+VALID = (shipped.folder("experiments") / "zoo_ps.yaml").read_text()
 
 
 def one_line_or_object(load, argument):

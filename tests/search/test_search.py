@@ -24,6 +24,7 @@ from evomerge import merge
 from evomerge.analysis.results import export_yaml, pick_trial
 from evomerge.cli.main import main
 from evomerge.errors import EvomergeError
+from evomerge.io import shipped
 from evomerge.live.materializer import Materializer
 from evomerge.search.driver import Runner, open_search, run_search
 from evomerge.search.experiment import parse_experiment
@@ -334,7 +335,7 @@ def test_cli_search_status_export(llama, tmp_path, test_log, monkeypatch):
     assert bad_trial.exit_code == 2 and "trial 99 is not a completed trial" in bad_trial.output
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(shipped.folder("experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiments_are_valid(path):
     from evomerge.search.experiment import load_experiment
 
@@ -371,7 +372,7 @@ def test_bad_storage_url_and_missing_models(llama, tmp_path, test_log):
         open_search(parse_experiment(yaml.safe_dump(data)))
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "fitness").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(shipped.folder("fitness").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_fitness_definitions_load(path):
     from evomerge.fitness import load_fitness
 

@@ -17,8 +17,8 @@ from evomerge.engine.config import parse_config
 from evomerge.engine.merge import merge_state_dict
 from evomerge.engine.plan import build_plan, open_models
 from evomerge.errors import ConfigError
+from evomerge.io import shipped
 from evomerge.search import available_spaces, load_search_space
-from evomerge.search.spaces.loader import SEARCH_SPACES_DIR
 from evomerge.engine.config import model_labels
 from tests.conftest import read_folder
 
@@ -62,7 +62,7 @@ def make_space(case: str, family):
     base, *fine_tunes = (str(p) for p in family)
     spec = INLINE.get(case, case)
     kind = spec["kind"] if isinstance(spec, dict) else yaml.safe_load(
-        (SEARCH_SPACES_DIR / f"{case}.yaml").read_text())["kind"]
+        (shipped.folder("search_spaces") / f"{case}.yaml").read_text())["kind"]
     models = fine_tunes[:1] if kind == "slerp" else fine_tunes[:SOURCES.get(case, len(fine_tunes))]
     return load_search_space(spec, models=models, base_model=base, num_layers=4)
 
@@ -336,7 +336,7 @@ def test_shipped_spaces_are_listed_and_load_by_name_or_path(llama, tmp_path):
     assert available_spaces() == sorted(SHIPPED)
     base, *fts = (str(p) for p in llama)
     by_name = load_search_space("ps_ties", models=fts, base_model=base)  # depth from config.json
-    (tmp_path / "mine.yaml").write_text((SEARCH_SPACES_DIR / "ps_ties.yaml").read_text())
+    (tmp_path / "mine.yaml").write_text((shipped.folder("search_spaces") / "ps_ties.yaml").read_text())
     by_path = load_search_space("mine.yaml", models=fts, base_model=base, base_dir=tmp_path)
     assert by_name.distributions() == by_path.distributions()
     assert (by_name.name, by_path.name) == ("ps_ties", "mine")

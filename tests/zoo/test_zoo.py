@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from evomerge.cli.main import main
 from evomerge.errors import ConfigError
+from evomerge.io import shipped
 from evomerge.zoo.build import MANIFEST, build_zoo
 from evomerge.zoo.corpus import MONTHS, SKILLS, dates, general_text, increment, reverse
 from evomerge.zoo.heldout import SPLITS, general_texts, skill_items, write_heldout
@@ -54,8 +55,8 @@ def test_generators_are_seeded():
 def test_shipped_heldout_files_match_generators_and_are_disjoint(tmp_path):
     write_heldout(tmp_path)
     for path in sorted((tmp_path / "fitness" / "data").rglob("*.*")):
-        shipped = ROOT / path.relative_to(tmp_path)
-        assert shipped.read_text() == path.read_text(), f"{shipped} is stale: rerun evomerge.zoo.heldout"
+        copy = shipped.root() / path.relative_to(tmp_path)  # the shipped copies are the source of truth
+        assert copy.read_text() == path.read_text(), f"{copy} is stale: rerun evomerge.zoo.heldout"
     for skill in SKILLS:
         items = skill_items(skill)
         prompts = [{item["prompt"] for item in items[split]} for split in SPLITS]
@@ -68,9 +69,9 @@ def test_shipped_heldout_files_match_generators_and_are_disjoint(tmp_path):
 def test_task_yamls_load_in_lm_eval(monkeypatch):
     from lm_eval.tasks import TaskManager
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(shipped.root())  # plain lm-eval reads data_files from the working directory
     names = [f"zoo_{skill}" for skill in SKILLS]
-    tasks = TaskManager(include_path=str(ROOT / "fitness" / "tasks")).load(names)["tasks"]
+    tasks = TaskManager(include_path=str(shipped.folder("fitness") / "tasks")).load(names)["tasks"]
     for name in names:
         task = tasks[name]
         skill = name.removeprefix("zoo_")

@@ -1,7 +1,8 @@
 """Load a search space from a name, a YAML file or an inline mapping.
 
-A name (no ``/``, no ``.yaml`` suffix) is ``search_spaces/<name>.yaml`` of this project;
-anything else is a path, relative to ``base_dir`` (e.g. the experiment file's folder).
+A name (no path separator, no suffix) is a search space shipped with the package
+(``evomerge/shipped/search_spaces/<name>.yaml``, see :mod:`evomerge.io.shipped`); anything
+else is a path, relative to ``base_dir`` (e.g. the experiment file's folder).
 The ``kind`` field picks the implementation: ``parameter`` and ``slerp``
 (:mod:`.parameter`), ``stacking`` (:mod:`.stacking`), ``dfs`` (:mod:`.dataflow`). Every
 problem is a :class:`~evomerge.errors.ConfigError` of one line naming the file, the YAML
@@ -22,12 +23,12 @@ from pydantic import ValidationError
 from evomerge.engine.architecture import num_layers as config_depth
 from evomerge.engine.config import field_path, parse_config, read_file, read_mapping, yaml_line
 from evomerge.errors import ConfigError, ModelError
+from evomerge.io import shipped
 from evomerge.search.spaces.dataflow import DataFlowSpace
 from evomerge.search.spaces.parameter import ParameterSpace
 from evomerge.search.spaces.space import SearchSpace, SpaceContext
 from evomerge.search.spaces.stacking import StackingSpace
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parents[3] / "search_spaces"
 KINDS: dict[str, type[SearchSpace]] = {
     "parameter": ParameterSpace, "slerp": ParameterSpace,
     "stacking": StackingSpace, "dfs": DataFlowSpace,
@@ -36,8 +37,8 @@ _TYPE_TAGS = {"bool", "int", "float", "str"}
 
 
 def available_spaces() -> list[str]:
-    """Names of the search spaces shipped in ``search_spaces/``."""
-    return sorted(path.stem for path in SEARCH_SPACES_DIR.glob("*.yaml"))
+    """Names of the search spaces shipped with the package."""
+    return shipped.names("search_spaces")
 
 
 def load_search_space(spec: str | Path | Mapping[str, Any], *, models: Sequence[str | Path],
@@ -81,18 +82,7 @@ def _read(spec: str | Path | Mapping[str, Any], base_dir: str | Path | None,
     """(data, YAML node tree or None, label for errors, space name)."""
     if isinstance(spec, Mapping):
         return dict(spec), None, source or "<search space>", "inline"
-    text = str(spec)
-    if "/" in text or text.endswith((".yaml", ".yml")):
-        path = Path(base_dir or ".") / text
-    else:
-        path = SEARCH_SPACES_DIR / f"{text}.yaml"
-        try:
-            shipped = path.is_file()
-        except (OSError, ValueError):  # not a possible file name (too long, NUL)
-            shipped = False
-        if not shipped:
-            raise ConfigError(f"unknown search space {text!r}; expected a YAML file or one of: "
-                              f"{', '.join(available_spaces())}", file=source, field="search_space")
+    path = shipped.find("search_spaces", str(spec), base_dir, file=source, field="search_space")
     data, root = read_mapping(read_file(path, "search space"), str(path))
     return data, root, str(path), path.stem
 

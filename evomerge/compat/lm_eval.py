@@ -1,0 +1,66 @@
+"""lm-evaluation-harness private names (checked with lm-eval 0.4.13; pyproject: >=0.4.13,<0.5).
+
+evomerge scores tasks on a live model with lm-eval's own steps (``build_all_requests``, the
+task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Three of them have no
+public API in 0.4.x, so they are here, one small function each; ``tests/compat/test_lm_eval.py``
+fails when one moves or stops doing what is relied on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+
+def load_task_yaml(path: str | Path) -> dict[str, Any]:
+    """A task YAML as a dict, with its ``include`` chain merged (local keys win) and its
+    ``!function`` tags resolved to the functions.
+
+    Why private: lm-eval 0.4.13 has no public loader for one task file. ``TaskManager`` uses
+    ``lm_eval.tasks._yaml_loader.load_yaml`` itself (``TaskFactory._load_full_config``), but
+    only to build the task right away, from the file as written; evomerge must change the
+    config first (absolute data files, one split per task object) and build it without the
+    test split's data. ``TaskManager.task_index``'s ``Entry.cfg`` (public) is the same file
+    loaded with ``resolve_func=False``: ``!function`` left unresolved. (The
+    ``lm_eval.utils.load_yaml_config`` of earlier 0.4 releases is not in 0.4.13.)
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=True)
+
+
+def apply_filters_to(task: Any, instances: list[Any]) -> None:
+    """Run ``task``'s filter pipelines (its ``filter_list``, else ``take_first``) on
+    ``instances``: each instance's ``filtered_resps[<filter name>]`` is set from its ``resps``.
+
+    Why private: ``Task.apply_filters()`` (public) filters ``task._instances`` only, the list
+    ``build_all_requests`` stores, and the ``Task.instances`` property has no setter. evomerge
+    scores fresh copies of a slice of those instances per candidate (responses of one model),
+    so it points ``_instances`` at them first. The task's pipelines are ``task._filters``,
+    also private, so rebuilding them from the config is no better.
+    """
+    task._instances = instances
+    task.apply_filters()
+
+
+@contextmanager
+def no_request_progress_bar() -> Iterator[None]:
+    """Hide the progress bar ``Task.build_all_requests`` draws over the documents (milliseconds
+    of work here, once per split).
+
+    Why private: ``build_all_requests`` has no option for it, and it calls the ``tqdm`` name of
+    its module (``lm_eval.api.task.tqdm``, imported ``from tqdm import tqdm``), so the name is
+    swapped for a disabled ``tqdm`` while the context is open. tqdm's ``TQDM_DISABLE``
+    environment variable is read once, when tqdm is imported, so it cannot do this per call.
+    """
+    import lm_eval.api.task as task_module
+
+    saved = task_module.tqdm
+    task_module.tqdm = partial(saved, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = saved

@@ -1,0 +1,70 @@
+"""evomerge.compat.lm_eval: the lm-eval private names evomerge relies on still exist and behave
+as relied upon (fails when lm-eval moves one; see the module for why each is private)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from evomerge.compat import lm_eval as compat
+
+
+@pytest.fixture()
+def task(tmp_path, monkeypatch):
+    """A two-document generate_until task on local data, with a filter pipeline of its own."""
+    import datasets
+    import huggingface_hub.constants as hub
+    from lm_eval.api.task import ConfigurableTask
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}:", "answer": f"a{i}"}) + "\n" for i in range(2)))
+    return ConfigurableTask(config={
+        "task": "compat_probe", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"search": str(data), "test": str(data)}},
+        "validation_split": "search", "test_split": "test", "output_type": "generate_until",
+        "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+        "filter_list": [{"name": "upper", "filter": [
+            {"function": "regex", "regex_pattern": "(a\\d)", "fallback": "none"}, {"function": "take_first"}]}],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]})
+
+
+def test_load_task_yaml_merges_includes_and_resolves_functions(tmp_path):
+    (tmp_path / "helpers.py").write_text("def twice(doc):\n    return doc['x'] * 2\n")
+    (tmp_path / "_base_yaml").write_text("output_type: generate_until\ndoc_to_text: !function helpers.twice\n"
+                                         "num_fewshot: 3\n")
+    (tmp_path / "probe.yaml").write_text("include: _base_yaml\ntask: probe\nnum_fewshot: 0\n")
+    config = compat.load_task_yaml(tmp_path / "probe.yaml")
+    assert config["task"] == "probe" and config["output_type"] == "generate_until"
+    assert config["num_fewshot"] == 0  # the including file's keys win
+    assert "include" not in config
+    assert callable(config["doc_to_text"]) and config["doc_to_text"]({"x": "ab"}) == "abab"
+
+
+def test_apply_filters_to_filters_the_given_instances(task):
+    task.build_all_requests(limit=2)
+    built = task.instances
+    assert len(built) == 2 and task._instances is built  # the property is the private list
+    fresh = [dataclasses.replace(i, resps=[f"  {i.doc['answer']} tail"], filtered_resps={}) for i in built]
+    compat.apply_filters_to(task, fresh)
+    assert [i.filtered_resps["upper"] for i in fresh] == ["a0", "a1"]
+    assert all(not i.filtered_resps for i in built)  # the built requests are left alone
+    assert task.instances is fresh
+
+
+def test_no_request_progress_bar_hides_build_all_requests_bar(task, capsys):
+    import lm_eval.api.task as task_module
+    from tqdm import tqdm
+
+    assert task_module.tqdm is tqdm  # the module-level name build_all_requests calls
+    task.build_all_requests(limit=2)
+    assert "2/2" in capsys.readouterr().err  # the bar, drawn without the context
+    with compat.no_request_progress_bar():
+        assert task_module.tqdm is not tqdm
+        task.build_all_requests(limit=2)
+    assert "2/2" not in capsys.readouterr().err
+    assert task_module.tqdm is tqdm  # restored
