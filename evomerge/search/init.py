@@ -121,12 +121,12 @@ def _device(device: str) -> tuple[str, int | None]:
 
 
 def choose_granularity(depth: int, per_layer_genes: int, max_genes: int = MAX_GENES) -> int:
-    """The smallest number of layers per group that keeps ``groups × per_layer_genes`` at most
-    ``max_genes`` (the whole depth, one group, when even that is more)."""
-    for k in range(1, max(depth, 1) + 1):
-        if math.ceil(depth / k) * per_layer_genes <= max_genes:
-            return k
-    return max(depth, 1)
+    """Layers per group: the smallest number that keeps ``groups × per_layer_genes`` at most
+    ``max_genes`` (the whole depth, one group, when even that is more), or a divisor of the depth
+    up to 1.5 times that, so that the groups are equal (32 layers, 6 genes a layer: 8, not 7)."""
+    depth = max(depth, 1)
+    smallest = next((k for k in range(1, depth + 1) if math.ceil(depth / k) * per_layer_genes <= max_genes), depth)
+    return next((k for k in range(smallest, int(1.5 * smallest) + 1) if depth % k == 0), smallest)
 
 
 def popsize_for(genes: int) -> int:
@@ -230,6 +230,7 @@ def plan_experiment(info: ModelInfo, output: Path, name: str | None = None) -> P
         f"# {method}: {why}.",
         f"# {info.depth} layers: layer_granularity {k} gives {groups} group{'s' * (groups != 1)} × {k_sources} "
         f"source{'s' * (k_sources != 1)}"
+        + (f" (the last group has {info.depth - (groups - 1) * k} layers)" if info.depth % k else "")
         + (f" × 2 (weight, density) = {genes} genes" if method == "ties" else f" = {genes} weights")
         + f" (at most {MAX_GENES} where the depth allows: CMA-ES needs more trials for more genes).",
         "# Finer: a smaller layer_granularity; per attention / MLP values: filters: [self_attn, mlp] (×3 genes).",
