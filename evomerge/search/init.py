@@ -277,8 +277,8 @@ def plan_experiment(info: ModelInfo, output: Path, name: str | None = None) -> P
         "    # mmlu: {type: lm_eval, task: mmlu, metric: acc, limit: 200, weight: 1.0}",
         "",
         f"# CMA-ES on {genes} genes: popsize 4 + ⌊3 ln {genes}⌋ = {popsize} (its default population);",
-        f"# sigma0 {SIGMA0} of each range: the first generations spread about ±{SIGMA0} around the known recipes",
-        "# (warm_start); lower it (0.05-0.1) to stay near them.",
+        f"# sigma0 {SIGMA0} of each range: the first generations spread about ±{SIGMA0} of every range around",
+        "# its middle (smaller: a local search); warm_start: the space's known recipes are the first trials.",
         f"optimizer: {{sampler: cmaes, popsize: {popsize}, sigma0: {SIGMA0}, seed: 0, warm_start: true}}",
         f"# {popsize} × {generations} generations = {n_trials} trials (a generation per gene, 10 to 40);"
         " each trial merges",
