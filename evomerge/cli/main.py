@@ -14,6 +14,7 @@ import click
 from evomerge.cli.commands import adamerge, inspect, soup
 from evomerge.cli.evaluate import evaluate
 from evomerge.cli.gguf import import_gguf
+from evomerge.cli.init import init
 from evomerge.cli.logs import setup_logging
 from evomerge.cli.search import export, report, search, status
 from evomerge.cli.zoo import zoo
@@ -123,7 +124,7 @@ def synth(out_dir: Path, arch: str, size: str, sources: int, dtype: str, seed: i
     click.echo("\n".join(str(p) for p in paths))
 
 
-for _command in (evaluate, search, status, export, report, inspect, soup, adamerge, import_gguf):
+for _command in (evaluate, search, status, export, report, inspect, soup, adamerge, import_gguf, init):
     main.add_command(_command)
 
 main.add_command(zoo)
