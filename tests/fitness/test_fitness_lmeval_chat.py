@@ -144,6 +144,7 @@ def test_template_newline_is_not_scored(chat_tokenizer, tmp_path):
     fitness = load_fitness({"include_path": str(tasks), "metrics": {"greedy": chat_metric("probe_greedy", "acc")}})
     scores, values = fitness.evaluate_items(model, chat_tokenizer, "test")
     assert values["greedy"] == [1.0] * len(items) and scores["greedy"] == 1.0
+    assert fitness.evaluate(model, chat_tokenizer, "search")["greedy"] == 1.0  # both splits
     stock = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=chat_tokenizer, batch_size=8), tasks=["probe_greedy"],
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
