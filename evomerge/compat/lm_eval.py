@@ -1,7 +1,7 @@
 """lm-evaluation-harness private names (checked with lm-eval 0.4.13; pyproject: >=0.4.13,<0.5).
 
 evomerge scores tasks on a live model with lm-eval's own steps (``build_all_requests``, the
-task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Three of them have no
+task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Four of them have no
 public API in 0.4.x, so they are here, one small function each; ``tests/compat/test_lm_eval.py``
 fails when one moves or stops doing what is relied on.
 """
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 
@@ -64,3 +65,33 @@ def no_request_progress_bar() -> Iterator[None]:
         yield
     finally:
         task_module.tqdm = saved
+
+
+def score_continuations_as_given(lm: Any) -> None:
+    """Make ``lm.loglikelihood`` (an lm-eval ``TemplateLM``, e.g. ``HFLM``) score each request's
+    continuation string as given: the context keeps its trailing whitespace. The context is
+    tokenized as the string it is (the tokens a generation from that prompt conditions on); the
+    scored tokens are those of ``context + continuation`` after the context's tokens, or, where
+    the tokenizer merges across that boundary (the context's tokens are no prefix of the
+    whole's), the continuation's own tokens (``add_special_tokens=False``).
+
+    Why: stock ``TemplateLM._encode_pair`` moves the context's trailing whitespace into the
+    continuation (a word-boundary space belongs to the next word). Through a chat template the
+    context ends in the generation prompt (ChatML: ``<|im_start|>assistant\n``), so that newline,
+    a template token, would be scored as part of the answer (issue #19).
+
+    Why private: ``_encode_pair`` is the only place ``TemplateLM.loglikelihood`` splits a pair and
+    it has no option for it; the token-level entry point ``_loglikelihood_tokens`` is private
+    too. So this instance's ``_encode_pair`` is replaced (``HFLM`` does not override it). The
+    empty-context branch of ``loglikelihood`` (no whitespace to move) is left as it is.
+    """
+    lm._encode_pair = MethodType(_encode_pair_as_given, lm)
+
+
+def _encode_pair_as_given(self: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    context_enc = self.tok_encode(context)
+    if self.backend == "causal":
+        whole_enc = self.tok_encode(context + continuation)
+        if whole_enc[:len(context_enc)] == context_enc:
+            return context_enc, whole_enc[len(context_enc):]
+    return context_enc, self.tok_encode(continuation, add_special_tokens=False)

@@ -28,6 +28,20 @@ are in :mod:`evomerge.compat.lm_eval`); tests check the numbers against
 ``lm_eval.simple_evaluate`` on the same weights loaded from disk. (``evaluate`` itself
 rebuilds the requests on every call, drawing few-shot examples from one running RNG, so a
 document's prompt would depend on which documents a stage scores.)
+
+**Chat template** (``apply_chat_template: true``). The prompt is the task's, rendered by the
+model's chat template as lm-eval does (few-shot examples as turns, the generation prompt at
+the end, e.g. ChatML's ``<|im_start|>assistant\n``). Loglikelihood requests
+(``loglikelihood``, ``multiple_choice``) then score exactly the continuation the task gives
+(the answer, ``doc_to_target`` / a choice): the whole rendered prompt, its trailing newline
+included, is the context, tokenized as the string generation would start from. This differs
+from stock lm-eval, whose ``TemplateLM._encode_pair`` moves the context's trailing whitespace
+into the continuation, so that its ``acc`` (is_greedy) also asks whether the model predicts the
+template's own newline: a merge that puts its mass on ``<|im_end|>`` there but answers right
+after it scored 0 on every item (issue #19). Without a chat template nothing changes: requests
+are scored exactly as lm-eval scores them (a trailing space of the prompt still moves into the
+continuation, as word boundaries need). Generation requests are unaffected either way.
+(:func:`evomerge.compat.lm_eval.score_continuations_as_given`.)
 """
 
 from __future__ import annotations
@@ -44,7 +58,12 @@ from typing import Any
 
 from torch import nn
 
-from evomerge.compat.lm_eval import apply_filters_to, load_task_yaml, no_request_progress_bar
+from evomerge.compat.lm_eval import (
+    apply_filters_to,
+    load_task_yaml,
+    no_request_progress_bar,
+    score_continuations_as_given,
+)
 from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
 
@@ -275,7 +294,10 @@ class LmEvalMetric(Metric):
         from lm_eval.models.huggingface import HFLM
 
         _quiet_hflm_notices()
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        if self.apply_chat_template:
+            score_continuations_as_given(lm)  # the generation prompt stays in the context (module doc)
+        return lm
 
 
 def _is_mean(function: Any) -> bool:

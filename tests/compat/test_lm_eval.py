@@ -68,3 +68,54 @@ def test_no_request_progress_bar_hides_build_all_requests_bar(task, capsys):
         task.build_all_requests(limit=2)
     assert "2/2" not in capsys.readouterr().err
     assert task_module.tqdm is tqdm  # restored
+
+
+class _CharLM:
+    """A ``TemplateLM`` whose tokens are characters, recording the pairs it is asked to score."""
+
+    @staticmethod
+    def make():
+        from lm_eval.api.model import TemplateLM
+
+        class CharLM(TemplateLM):
+            backend = "causal"
+            eot_token_id = 0
+
+            def __init__(self):
+                super().__init__()
+                self.scored = []
+
+            def tok_encode(self, string, add_special_tokens=None, **kwargs):
+                return [ord(c) for c in string]
+
+            def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+                self.scored += [(context, continuation) for _, context, continuation in requests]
+                return [(0.0, True)] * len(requests)
+
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+            def generate_until(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+        return CharLM()
+
+
+def test_score_continuations_as_given_keeps_context_whitespace():
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
+
+    assert HFLM._encode_pair is TemplateLM._encode_pair  # HFLM does not override the patched method
+    requests = [SimpleNamespace(args=("<user>q<assistant>\n", "7\n")), SimpleNamespace(args=("q:", " 7"))]
+    enc = [ord(c) for c in "<user>q<assistant>\n"]
+    stock = _CharLM.make()
+    stock.loglikelihood(requests, disable_tqdm=True)
+    assert stock.scored[0] == (enc[:-1], [ord(c) for c in "\n7\n"])  # stock moves the newline: still needed
+    patched = _CharLM.make()
+    compat.score_continuations_as_given(patched)
+    patched.loglikelihood(requests, disable_tqdm=True)  # loglikelihood still splits through _encode_pair
+    assert patched.scored[0] == (enc, [ord(c) for c in "7\n"])
+    assert patched.scored[1] == stock.scored[1] == ([ord(c) for c in "q:"], [ord(c) for c in " 7"])
+    assert _CharLM.make()._encode_pair("a\n", "b") == ([ord("a")], [ord("\n"), ord("b")])  # per instance
