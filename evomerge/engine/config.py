@@ -290,7 +290,7 @@ def _check(config: MergeConfig, fail) -> None:
             fail((key,), f"unknown dtype {getattr(config, key)!r}; expected one of: "
                  "float32, float16, bfloat16, float64")
     if config.tokenizer_source is not None and config.tokenizer is not None:
-        fail(("tokenizer",), "give either tokenizer_source or tokenizer, not both")
+        fail(("tokenizer_source",), "give either tokenizer_source or a tokenizer: block, not both")
     for path, params in _settings_paths(config):
         for name, setting in (params or {}).items():
             param = method.param(name)
