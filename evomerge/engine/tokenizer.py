@@ -58,6 +58,7 @@ class Vocabulary:
     rows: dict[str, torch.Tensor]  # model -> int64 [len(tokens)]: its row of each token, -1: none
     vocabs: dict[str, dict[str, int]]  # model -> its own tokenizer's vocabulary
     base: str
+    _maps: dict = field(default_factory=dict, repr=False)  # row_map's results, reused by later plans
 
     @property
     def length(self) -> int:
@@ -246,7 +247,16 @@ class RowMap:
 def row_map(vocabulary: Vocabulary, inputs: list[str], base: str | None, shapes: list[tuple[int, ...]],
             tensor: str) -> RowMap:
     """The :class:`RowMap` of an embedding/head op named ``tensor`` over ``inputs`` (model names,
-    in op order) with ``base`` (the slice's base model, or None) and the inputs' ``shapes``."""
+    in op order) with ``base`` (the slice's base model, or None) and the inputs' ``shapes``
+    (built once per distinct arguments: a search plans the same ops for every candidate)."""
+    key = (tuple(inputs), base, tuple(shapes), tensor)
+    if key not in vocabulary._maps:
+        vocabulary._maps[key] = _row_map(vocabulary, inputs, base, shapes, tensor)
+    return vocabulary._maps[key]
+
+
+def _row_map(vocabulary: Vocabulary, inputs: list[str], base: str | None, shapes: list[tuple[int, ...]],
+             tensor: str) -> RowMap:
     permutations = [vocabulary.rows[name] for name in inputs]
     for name, permutation, shape in zip(inputs, permutations, shapes):
         if permutation.numel() and int(permutation.max()) >= shape[0]:
