@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from evomerge.zoo.synthetic import build_family
+from evomerge.zoo.synthetic import add_tokens, build_family
 
 pytest_plugins = ["tests.lora_adapters"]  # the lora_family fixture
 
@@ -34,6 +34,21 @@ def family_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama(family_factory):
     return family_factory("llama")
+
+
+CHAT_TOKENS = {"base": [], "ft1": ["<|im_start|>", "<|im_end|>"], "ft2": ["<|im_end|>", "<tool>"]}
+
+
+@pytest.fixture(scope="session")
+def chat_family(tmp_path_factory) -> list[Path]:
+    """[base, ft1, ft2] of a tiny float32 llama whose vocabularies differ as chat fine-tunes'
+    do (:data:`CHAT_TOKENS`): the base's rows are its tokenizer's, ft1 adds ChatML markers,
+    ft2 adds ``<|im_end|>`` (at another id than ft1's) and a tool token. Task vectors have
+    distinct magnitudes (``distinct_deltas``), so trims have no ties."""
+    root = tmp_path_factory.mktemp("chat")
+    raw = build_family(root / "raw", "llama", sources=2, distinct_deltas=True, seed=11)
+    return [add_tokens(folder, root / folder.name, CHAT_TOKENS[folder.name], seed=i)
+            for i, folder in enumerate(raw)]
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:

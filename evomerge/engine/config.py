@@ -2,8 +2,10 @@
 
 Supported: ``merge_method``, ``base_model``, ``models`` or ``slices`` (with ``layer_range``),
 ``parameters`` at the top level, per slice and per model/slice source (scalars, gradient
-lists, ``{filter, value}`` lists), ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``
-or a model path) and ``chat_template``. Parameter resolution follows mergekit: the most
+lists, ``{filter, value}`` lists), ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``,
+``union`` or a model path), the ``tokenizer:`` block (``source``, ``tokens`` with per-token
+``source``/``force``, ``pad_to_multiple_of``; see :mod:`evomerge.engine.tokenizer`) and
+``chat_template``. Parameter resolution follows mergekit: the most
 specific scope that yields a value wins (source → slice → top level), a filter list takes
 its first entry whose ``filter`` is a substring of the tensor name (or ``*``/no filter),
 and a gradient list is interpolated piecewise-linearly over the layers of its slice.
@@ -14,11 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.methods.registry import METHODS, REQUIRED, MergeMethod, Param
@@ -68,6 +70,42 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class ModelTokenSource(_Strict):
+    """A token's row taken from one model's row of another token (by id or by name)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenSettings(_Strict):
+    """``tokenizer.tokens.<token>``: where the token's embedding/head row comes from
+    (``source``: a model path, ``{kind: zero}`` or ``{kind: model_token, ...}``) and whether
+    that source replaces the rows models already have (``force``)."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(_Strict):
+    """mergekit's ``tokenizer:`` block; ``tokenizer_source: X`` is ``tokenizer: {source: X}``."""
+
+    source: str = "union"  # union | base | a model path
+    tokens: dict[str, TokenSettings] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergeConfig(_Strict):
     """A mergekit-compatible merge config (``mergekit-yaml`` reads the same file)."""
 
@@ -79,6 +117,7 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     _source: str = PrivateAttr(default="<config>")
 
@@ -90,6 +129,12 @@ class MergeConfig(_Strict):
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.merge_method]
+
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The output tokenizer's settings (``tokenizer_source`` as a block), None without either."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSettings(source=self.tokenizer_source)
 
     def referenced_models(self) -> list[str]:
         """Every model path the config names, base first, without repeats."""
@@ -244,8 +289,8 @@ def _check(config: MergeConfig, fail) -> None:
         if getattr(config, key) is not None and getattr(config, key) not in DTYPES:
             fail((key,), f"unknown dtype {getattr(config, key)!r}; expected one of: "
                  "float32, float16, bfloat16, float64")
-    if config.tokenizer_source == "union":
-        fail(("tokenizer_source",), "'union' is not supported; use 'base' or a model path")
+    if config.tokenizer_source is not None and config.tokenizer is not None:
+        fail(("tokenizer_source",), "give either tokenizer_source or a tokenizer: block, not both")
     for path, params in _settings_paths(config):
         for name, setting in (params or {}).items():
             param = method.param(name)
@@ -341,7 +386,8 @@ def validation_failure(error: ValidationError) -> tuple[tuple, str]:
     """The YAML path and a one-line message of pydantic's first error."""
     first = error.errors()[0]
     path = tuple(k for k in first["loc"] if not (isinstance(k, str) and (
-        "[" in k or k in ("ConditionalParameter", "bool", "int", "float", "str", "function-after"))))
+        "[" in k or k in ("ConditionalParameter", "ModelTokenSource", "ZeroSource", "bool", "int", "float", "str",
+                                         "function-after"))))
     message = first["msg"].replace("Extra inputs are not permitted", "unknown field")
     return path, message.removeprefix("Value error, ")
 

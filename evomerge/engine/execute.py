@@ -51,7 +51,8 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
     materializer's magnitude positions, DELLA ranks and random words) and a workspace of
     scratch buffers (default: none cached, fresh allocations); ``out``: a tensor of the
     output's shape and working dtype that the kernel may write the result into (the result
-    is returned either way). Neither changes the result. Raises :class:`ModelError` for a
+    is returned either way). Neither changes the result. An op with a
+    :class:`~evomerge.engine.tokenizer.RowMap` re-maps its inputs' rows first. Raises :class:`ModelError` for a
     non-floating buffer that differs between inputs.
     """
     if op.crop_rows is not None:
@@ -62,6 +63,8 @@ def execute_op(op: TensorOp, plan: MergePlan, tensors: list[torch.Tensor], *,
         return tensors[0].clone()
     dtype = work_dtype(tensors, torch_dtype(plan.config.dtype))
     tensors = [t.to(dtype) for t in tensors]
+    if op.vocab is not None:  # rows in the output vocabulary's order (mergekit: after the dtype cast)
+        tensors = op.vocab.apply(tensors)
     return plan.method.run(MergeInputs(tensors, op.base_index, op.shared, op.per_input, op.keys,
                                        Caches() if caches is None else caches, out))
 

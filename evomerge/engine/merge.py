@@ -15,8 +15,7 @@ import torch
 from evomerge.engine.config import MergeConfig, load_config
 from evomerge.engine.execute import iter_merged, resolve_device
 from evomerge.engine.inspect import check_sources
-from evomerge.engine.plan import build_plan, open_models, output_config
-from evomerge.errors import ModelError
+from evomerge.engine.plan import MergePlan, build_plan, open_models, output_config
 from evomerge.io.reader import ModelFolder
 from evomerge.io.writer import DEFAULT_SHARD_SIZE, TOKENIZER_FILES, ModelWriter, check_output_dir
 
@@ -51,8 +50,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     """Merge and write a Hugging Face model folder to ``out_dir`` (atomically); return its path.
 
     The folder holds sharded safetensors (+ index), ``config.json`` with the output depth
-    and dtype, ``generation_config.json`` and tokenizer files from ``tokenizer_source`` (or
-    the base model), and the merge config as ``evomerge_config.yml``.
+    and dtype, ``generation_config.json``, the tokenizer (the one ``tokenizer_source``/``tokenizer``
+    builds, with ``vocab_size`` set to its padded size; without either, the base model's files),
+    and the merge config as ``evomerge_config.yml``.
     """
     config = _as_config(config)
     check_output_dir(Path(out_dir).absolute(), force)
@@ -60,7 +60,6 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     models = _open_checked(config)
     plan = build_plan(config, models, seed)
     template_dir = models[plan.template].files_dir
-    tokenizer_dir = _tokenizer_dir(config, models, template_dir)  # fail before merging
     writer = ModelWriter(out_dir, shard_size=shard_size, force=force)
     try:
         out_dtype_name = None
@@ -70,9 +69,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
                 out_dtype_name = str(tensor.dtype).removeprefix("torch.")
         writer.write_json("config.json", output_config(plan, models, out_dtype_name))
         writer.copy_files(template_dir, ("generation_config.json",))
-        copied = writer.copy_files(tokenizer_dir, TOKENIZER_FILES)
-        if not copied:
-            log.warning("no tokenizer files found in %s; the output has no tokenizer", tokenizer_dir)
+        _write_tokenizer(writer, plan, template_dir)
         writer.write_text("evomerge_config.yml", config.to_yaml())
         path = writer.commit()
     except BaseException:
@@ -82,11 +79,13 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int = 
     return path
 
 
-def _tokenizer_dir(config: MergeConfig, models: dict[str, ModelFolder], template_dir: Path) -> Path:
-    source = config.tokenizer_source
-    if source in (None, "base"):
-        return template_dir
-    path = Path(source)
-    if not path.is_dir():
-        raise ModelError(f"tokenizer_source: folder not found: {source}")
-    return path
+def _write_tokenizer(writer: ModelWriter, plan: MergePlan, template_dir: Path) -> None:
+    """The output tokenizer: the plan's vocabulary (its source folder's files byte for byte when
+    it is that folder's tokenizer unchanged, else saved by ``transformers``), or the template's files."""
+    vocabulary = plan.vocabulary
+    if vocabulary is not None and vocabulary.copy_from is None:
+        vocabulary.tokenizer.save_pretrained(writer.tmp_dir)
+        return
+    folder = template_dir if vocabulary is None else vocabulary.copy_from
+    if not writer.copy_files(folder, TOKENIZER_FILES):
+        log.warning("no tokenizer files found in %s; the output has no tokenizer", folder)

@@ -7,6 +7,10 @@ at its layer's depth, filters matched against its name). The merge engine execut
 ops against files; the in-memory materializer executes the same ops against resident
 tensors. All checks that can fail (shapes, architectures, parameter ranges) happen here,
 before anything is computed or written.
+
+With a ``tokenizer_source``/``tokenizer`` setting the plan also carries the output
+:class:`~evomerge.engine.tokenizer.Vocabulary`, and each embedding/head op a
+:class:`~evomerge.engine.tokenizer.RowMap` that re-maps its inputs' rows to it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from evomerge.engine.architecture import (
     with_layer,
 )
 from evomerge.engine.config import MergeConfig, Parameters, input_models, resolve, torch_dtype
+from evomerge.engine.tokenizer import RowMap, Vocabulary, build_vocabulary, row_map
 from evomerge.errors import ConfigError, ModelError
 from evomerge.io.reader import ModelFolder
 from evomerge.io.source import open_model
@@ -45,6 +50,7 @@ class TensorOp:
     keys: tuple[int, ...]
     layer: int | None = None  # output layer index, None outside the decoder stack
     crop_rows: int | None = None  # keep this many vocabulary rows (sources differ in size)
+    vocab: RowMap | None = field(default=None, compare=False)  # re-map rows to the output vocabulary
 
 
 @dataclass
@@ -57,6 +63,7 @@ class MergePlan:
     layer_sources: list[tuple[str, int]] = field(default_factory=list)  # per output layer
     vocab_size: int | None = None
     layer_scales: list[float | None] = field(default_factory=list)  # per output layer (data flow)
+    vocabulary: Vocabulary | None = None  # the output tokenizer (tokenizer_source / tokenizer)
 
     @property
     def input_scales(self) -> list[float] | None:
@@ -79,6 +86,7 @@ class _Slice:
     source_params: list[Parameters | None]
     params: Parameters | None
     input_scale: float | None = None
+    base: str | None = None  # the slice's base_model (or the config's), used or not
 
 
 def open_models(config: MergeConfig) -> dict[str, ModelFolder]:
@@ -108,7 +116,7 @@ def _slices(config: MergeConfig, method: MergeMethod, models: dict[str, ModelFol
             raise ModelError(f"models have different depths {depths}; use slices to merge them")
         params = {m.model: m.parameters for m in config.models}
         return [_Slice(inputs, [0] * len(inputs), next(iter(depths.values())), base_index,
-                       [params.get(name) for name in inputs], None)]
+                       [params.get(name) for name in inputs], None, base=config.base_model)]
     result = []
     for output_slice in config.slices:
         names = [s.model for s in output_slice.sources]
@@ -128,13 +136,14 @@ def _slices(config: MergeConfig, method: MergeMethod, models: dict[str, ModelFol
                                   f"layers of {name}", field="slices")
         result.append(_Slice(inputs, starts, length, base_index,
                              [sources[n].parameters if n in sources else None for n in inputs],
-                             output_slice.parameters, first.input_scale))
+                             output_slice.parameters, first.input_scale,
+                             output_slice.base_model or config.base_model))
     return result
 
 
 def _op(name: str, input_names: list[str], part: _Slice, t: float, layer: int | None,
         config: MergeConfig, method: MergeMethod, models: dict[str, ModelFolder],
-        family: Family, seed: int) -> TensorOp:
+        family: Family, seed: int, vocabulary: Vocabulary | None = None) -> TensorOp:
     for model, tensor in zip(part.models, input_names):
         if tensor not in models[model]:
             raise ModelError(f"{model} has no tensor {tensor}")
@@ -149,6 +158,13 @@ def _op(name: str, input_names: list[str], part: _Slice, t: float, layer: int | 
         _check_resolved(method, per_input[-1], name, model)
     shapes = [models[m].shape(n) for m, n in zip(part.models, input_names)]
     crop = None
+    if vocabulary is not None and is_vocab_tensor(name, family):
+        if len({s[1:] for s in shapes}) > 1:
+            detail = ", ".join(f"{m}: {list(s)}" for m, s in zip(part.models, shapes))
+            raise ModelError(f"tensor {name} has different shapes ({detail})")
+        vocab = row_map(vocabulary, part.models, part.base, shapes, name)
+        return TensorOp(name, tuple(zip(part.models, input_names)), part.base_index, shared, tuple(per_input),
+                        tuple(random_key(seed, name, i) for i in range(len(part.models))), layer, vocab=vocab)
     if len(set(shapes)) > 1:
         same_tail = len({s[1:] for s in shapes}) == 1
         if not (same_tail and is_vocab_tensor(name, family)):
@@ -168,20 +184,34 @@ def _check_resolved(method: MergeMethod, values: dict[str, Any], tensor: str, mo
                           f"{tensor} (density={density}, epsilon={epsilon})", field="parameters")
 
 
-def build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int = 0) -> MergePlan:
+def build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int = 0,
+               vocabulary: Vocabulary | None = None) -> MergePlan:
     """Resolve ``config`` against the opened ``models`` into one op per output tensor.
 
-    Config errors found only now (resolved parameters, layer ranges) name the config's file.
+    ``vocabulary``: the config's output vocabulary when already built (the materializer builds
+    it once); by default it is built here when the config sets a tokenizer. Config errors found
+    only now (resolved parameters, layer ranges, ``tokens`` entries) name the config's file.
     """
     try:
-        return _build_plan(config, models, seed)
+        return _build_plan(config, models, seed, vocabulary)
     except ConfigError as error:
         raise error.in_file(config.source) from None
 
 
-def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int) -> MergePlan:
+def output_vocabulary(config: MergeConfig, models: dict[str, ModelFolder]) -> Vocabulary | None:
+    """The config's output vocabulary (None when it sets no tokenizer)."""
+    settings = config.tokenizer_settings()
+    if settings is None:
+        return None
+    return build_vocabulary(settings, config.base_model, config.referenced_models(), models)
+
+
+def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int,
+                vocabulary: Vocabulary | None) -> MergePlan:
     method = config.method
     parts = _slices(config, method, models)
+    if vocabulary is None:
+        vocabulary = output_vocabulary(config, models)
     template = config.base_model if config.base_model in models else parts[0].models[0]
     family = family_for(models[template].config)
     names = models[template].names()
@@ -192,7 +222,7 @@ def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int) 
     ops: list[TensorOp] = []
     for name in pre:
         ops.append(_op(name, [name] * len(parts[0].models), parts[0], 0.0, None, config, method,
-                       models, family, seed))
+                       models, family, seed, vocabulary))
     layer_sources: list[tuple[str, int]] = []
     layer_scales: list[float | None] = []
     by_layer: dict[str, dict[int, list[str]]] = {}
@@ -213,10 +243,11 @@ def _build_plan(config: MergeConfig, models: dict[str, ModelFolder], seed: int) 
             layer_scales.append(part.input_scale)
     for name in post:
         ops.append(_op(name, [name] * len(parts[-1].models), parts[-1], 0.0, None, config, method,
-                       models, family, seed))
+                       models, family, seed, vocabulary))
     crops = [op.crop_rows for op in ops if op.crop_rows is not None]
-    return MergePlan(config, method, ops, template, family, layer_sources,
-                     vocab_size=min(crops) if crops else None, layer_scales=layer_scales)
+    vocab_size = vocabulary.size if vocabulary is not None else min(crops) if crops else None
+    return MergePlan(config, method, ops, template, family, layer_sources, vocab_size=vocab_size,
+                     layer_scales=layer_scales, vocabulary=vocabulary)
 
 
 def output_config(plan: MergePlan, models: dict[str, ModelFolder], out_dtype_name: str | None) -> dict:

@@ -38,6 +38,15 @@ working dtype and non-task-arithmetic methods (slerp, linear, model stock) need 
 sources themselves, so this keeps every method exact for the same memory.
 With ``max_memory`` smaller than the resident bound, nothing is kept resident: each
 candidate streams its inputs from the memory-mapped files (``live + scratch`` memory).
+
+The live model's vocabulary is fixed once, when the materializer is built: the base's own
+rows and tokenizer, or with ``tokenizer`` (a ``tokenizer_source`` value or a ``tokenizer:``
+block, as in a merge config) the output vocabulary it builds over the base and the sources
+(:mod:`evomerge.engine.tokenizer`); the live model is then resized to its rows once and
+:attr:`Materializer.tokenizer` is that tokenizer. A config whose output vocabulary differs
+(another tokenizer setting, or a union over other models) is refused. Each candidate re-maps
+the embedding/head inputs' rows into scratch (one vocabulary tensor per input) and these ops
+use no trim caches.
 """
 
 from __future__ import annotations
@@ -53,10 +62,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evomerge.engine.architecture import family_for, layer_index, with_layer
-from evomerge.engine.config import MergeConfig, load_config, torch_dtype
+from evomerge.engine.config import MergeConfig, TokenizerSettings, load_config, torch_dtype
 from evomerge.engine.execute import execute_op, resolve_device
 from evomerge.engine.inspect import check_sources
-from evomerge.engine.plan import MergePlan, TensorOp, build_plan, check_compatible, output_config
+from evomerge.engine.plan import (
+    MergePlan,
+    TensorOp,
+    build_plan,
+    check_compatible,
+    output_config,
+    output_vocabulary,
+)
+from evomerge.engine.tokenizer import Vocabulary, build_vocabulary
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.adapter import AdapterFolder, LoraFactors, is_adapter, lora_dense
 from evomerge.io.reader import ModelFolder
@@ -64,6 +81,7 @@ from evomerge.io.source import open_model, source_key, split_reference
 from evomerge.live.caches import CacheStore
 from evomerge.live.memory import available_bytes, gb, memory_bound
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
+from evomerge.methods.sparsify import Caches
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +93,15 @@ class Materializer:
     whose ``dtype``/``out_dtype`` names another one is refused, so every candidate equals
     ``evomerge merge`` of the same config with ``dtype: <this dtype>``. ``cache_positions``
     turns the per-source caches (positions, ranks, random words) on; they are also off
-    when they would not fit in ``max_memory`` (or the device's free memory).
+    when they would not fit in ``max_memory`` (or the device's free memory). ``tokenizer``:
+    the live model's output vocabulary (``"base"``, ``"union"``, a model path or a
+    :class:`~evomerge.engine.config.TokenizerSettings`); default: the base's rows.
     """
 
     def __init__(self, base: str | Path, sources: Sequence[str | Path], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  max_memory: int | None = None, cache_positions: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, tokenizer: str | TokenizerSettings | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if split_reference(base)[1] is not None or is_adapter(base):
             raise ModelError(f"{base}: the materializer's base must be a model folder, not an adapter")
@@ -119,6 +139,8 @@ class Materializer:
         self._product = torch.empty(0, device=self.device)  # scale·B@A, in promote(dtype, float32)
         self._resident = {} if self.streaming else self._load_resident(progress)
         self.caches = CacheStore(self.device, self.cache_positions)
+        self.vocabulary = self._live_vocabulary(tokenizer)
+        self._vocabularies: dict[tuple, Vocabulary | None] = {}
         self.model, self.tokenizer = self._live_model()
         self._prepare_layers()
 
@@ -149,11 +171,22 @@ class Materializer:
                     bar.update()
         return resident
 
+    def _live_vocabulary(self, tokenizer: str | TokenizerSettings | None) -> Vocabulary | None:
+        if tokenizer is None:
+            return None
+        settings = tokenizer if isinstance(tokenizer, TokenizerSettings) else TokenizerSettings(source=tokenizer)
+        names = [str(path) for path in self.folders]
+        return build_vocabulary(settings, str(self.base_path), names,
+                                {str(path): folder for path, folder in self.folders.items()})
+
     def _live_model(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
         model = model.to(self.device).eval().requires_grad_(False)
+        if self.vocabulary is not None:
+            model.resize_token_embeddings(self.vocabulary.size, mean_resizing=False)
+            return model, self.vocabulary.tokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         except (OSError, ValueError):
@@ -196,7 +229,30 @@ class Materializer:
             if wanted is not None and wanted != self.dtype:
                 raise ConfigError(f"the materializer works in {self.dtype}, not {wanted}",
                                   file=config.source, field=field)
-        return build_plan(config, models, seed)
+        return build_plan(config, models, seed, self._config_vocabulary(config, models))
+
+    def _config_vocabulary(self, config: MergeConfig, models: dict[str, ModelFolder]) -> Vocabulary | None:
+        """The config's output vocabulary (built once per tokenizer setting and models), refused
+        unless it is the live model's."""
+        settings = config.tokenizer_settings()
+        key = (settings.model_dump_json() if settings else None, config.base_model, tuple(models))
+        if key not in self._vocabularies:
+            self._vocabularies[key] = None if settings is None else output_vocabulary(config, models)
+        vocabulary = self._vocabularies[key]
+        live = self.model.get_input_embeddings().weight.shape[0]
+        if vocabulary is None and self.vocabulary is None:
+            return None
+        if vocabulary is None:
+            detail = "this config sets no tokenizer"
+        else:
+            tokens = self.vocabulary.tokens if self.vocabulary is not None else (
+                self.tokenizer.get_vocab() if self.tokenizer is not None else None)
+            if vocabulary.size == live and vocabulary.tokens == tokens:
+                return vocabulary
+            detail = f"this config's tokenizer gives {vocabulary.length} tokens in {vocabulary.size} rows"
+        raise ConfigError(f"the live model's vocabulary ({live} rows) is fixed once per materializer and "
+                          f"{detail}; build the Materializer with tokenizer= this config's setting",
+                          file=config.source, field="tokenizer")
 
     def apply(self, config: MergeConfig | MergePlan | str | Path, *, seed: int = 0) -> nn.Module:
         """Write the merge of ``config`` (or a prebuilt plan) into the live model; return it."""
@@ -271,7 +327,7 @@ class Materializer:
     def _reference(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]):
         """The resident tensor itself when the op is an unscaled pass-through of one input."""
         if (self.streaming or plan.method.name != "passthrough" or op.crop_rows is not None
-                or op.per_input[0]["scale"] is not None):
+                or op.vocab is not None or op.per_input[0]["scale"] is not None):
             return None
         model, name = op.inputs[0]
         if name in self._lowrank.get(paths[model], {}):
@@ -301,12 +357,15 @@ class Materializer:
                       target: torch.Tensor) -> None:
         """Merge ``op`` into ``target`` in place (kernels write into it directly when they can)."""
         tensors = [self._input(paths[model], name, slot) for slot, (model, name) in enumerate(op.inputs)]
-        shape = tensors[0].shape if op.crop_rows is None else tensors[0][:op.crop_rows].shape
+        rows = op.vocab.size if op.vocab is not None else op.crop_rows or tensors[0].shape[0]
+        shape = (rows, *tensors[0].shape[1:]) if tensors[0].dim() else tensors[0].shape
         if shape != target.shape:
             raise ModelError(f"{op.name}: merged shape {list(shape)} != live model's "
                              f"{list(target.shape)} (the materializer needs equal vocabularies)")
         out = target if target.dtype == self.dtype else None
-        merged = execute_op(op, plan, tensors, caches=self.caches.for_op(op, plan, paths, tensors), out=out)
+        caches = (Caches(workspace=self.caches.workspace) if op.vocab is not None  # inputs re-mapped per candidate
+                  else self.caches.for_op(op, plan, paths, tensors))
+        merged = execute_op(op, plan, tensors, caches=caches, out=out)
         if merged is not target:
             target.copy_(merged)
 

@@ -186,7 +186,8 @@ class Runner:
         self.search = search
         experiment = search.experiment
         self.materializer = Materializer(search.base, search.sources, device=search.device,
-                                         dtype=torch_dtype(experiment.dtype), progress=progress)
+                                         dtype=torch_dtype(experiment.dtype), progress=progress,
+                                         tokenizer=search.space.spec.tokenizer_source)  # fixed per search
         self.device_name = str(self.materializer.device)
         if self.materializer.device.type == "cuda":
             self.device_name += f" ({torch.cuda.get_device_name(self.materializer.device)})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -140,3 +141,42 @@ def save_tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer.train_from_iterator([_CORPUS], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(folder)
+
+
+def add_tokens(source: str | Path, out_dir: str | Path, tokens: Sequence[str], *, seed: int = 0) -> Path:
+    """A copy of model folder ``source`` at ``out_dir`` as a chat fine-tune would leave it: its
+    embedding (and head) cut to its tokenizer's length, then one new row per added special
+    token in ``tokens`` (random, on the 2**-20 grid of ``distinct_deltas`` families), the
+    tokenizer saved with those tokens and ``vocab_size`` set to the new length. With no
+    ``tokens`` it is the source with its vocabulary rows cut to the tokenizer's."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from evomerge.engine.architecture import family_for, is_vocab_tensor
+
+    source, out_dir = Path(source), Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    length = len(tokenizer)
+    if tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    tokenizer.save_pretrained(out_dir)
+    rows = len(tokenizer)
+    folder = ModelFolder(source)
+    family = family_for(folder.config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in folder.names():
+        tensor = folder.tensor(name)
+        if is_vocab_tensor(name, family):
+            extra = torch.randn((rows - length, *tensor.shape[1:]), generator=generator) * 0.02
+            tensor = torch.cat([tensor[:length], (torch.round(extra / _GRID) * _GRID).to(tensor.dtype)])
+        tensors[name] = tensor.contiguous()
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out_dir / "config.json").read_text())
+    config[family.vocab_size_key] = rows
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir

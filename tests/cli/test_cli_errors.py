@@ -176,6 +176,43 @@ def test_missing_tokenizer_source(family, tmp_path):
     assert_failed(run_merge(write(tmp_path, text), out), "tokenizer_source", str(missing))
 
 
+def chat_merge(base: Path, ft1: Path, tokens: str) -> str:
+    return linear(base, ft1) + "tokenizer:\n  source: union\n  tokens:\n" + tokens
+
+
+def test_token_no_model_has(chat_family, tmp_path):
+    base, ft1, _ = chat_family
+    text = chat_merge(base, ft1, "    <|unknown|>:\n      force: false\n")
+    assert_failed(run_merge(write(tmp_path, text), tmp_path / "out"), "merge.yml", "tokenizer.tokens.<|unknown|>",
+                  "no model has the token '<|unknown|>'")
+
+
+@pytest.mark.parametrize("entry, fragments", [
+    ("    <tool>:\n      source: {ft1}\n", ("tokenizer.tokens.<tool>", "has no token '<tool>'")),
+    ("    <tool>:\n      source: {{kind: model_token, model: {ft1}, token: '<nope>'}}\n",
+     ("tokenizer.tokens.<tool>", "has no token '<nope>'")),
+    ("    <tool>:\n      source: {{kind: model_token, model: {ft1}, token_id: 100000}}\n",
+     ("tokenizer.tokens.<tool>", "out of range")),
+    ("    <|im_start|>:\n      source: {other}\n", ("tokenizer.tokens.<|im_start|>", "is not an input")),
+    ("    <s>:\n      force: true\n", ("tokenizer.tokens.<s>", "force needs a source")),
+])
+def test_token_sources_that_cannot_be_honored(chat_family, tmp_path, entry, fragments):
+    base, ft1, ft2 = chat_family
+    text = chat_merge(base, ft1, entry.format(ft1=ft1, other=ft2))
+    assert_failed(run_merge(write(tmp_path, text), tmp_path / "out"), "merge.yml", *fragments)
+
+
+def test_tokenizer_source_and_block_together(family, tmp_path):
+    text = linear(family[0], family[1]) + "tokenizer_source: union\ntokenizer:\n  source: base\n"
+    assert_failed(run_merge(write(tmp_path, text), tmp_path / "out"),
+                  f"merge.yml:{line_of(text, 'tokenizer_source')}", "not both")
+
+
+def test_bad_pad_to_multiple_of(family, tmp_path):
+    text = linear(family[0], family[1]) + "tokenizer:\n  pad_to_multiple_of: 0\n"
+    assert_failed(run_merge(write(tmp_path, text), tmp_path / "out"), "tokenizer.pad_to_multiple_of")
+
+
 # --------------------------------------------------------------------------- 4. base model
 
 

@@ -324,3 +324,54 @@ def test_cuda_equals_the_engine_on_cuda(family):
         live = {k: v.cpu() for k, v in applied(materializer, config, seed=2).items()}
         assert_same_weights(live, {k: v.cpu() for k, v in merge_state_dict(config, seed=2, device="cuda").items()},
                             name)
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+def chat_config(base, ft1, ft2, **tokenizer) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": str(ft1), "parameters": {"weight": 0.7}},
+                       {"model": str(ft2), "parameters": {"weight": 0.4}}], **tokenizer}
+
+
+@pytest.mark.parametrize("setting, configs", [
+    ("union", [{"tokenizer_source": "union"},
+               # the same vocabulary, other fill rows: a token forced from another token's row
+               {"tokenizer": {"tokens": {"<|im_end|>": {"force": True, "source": {
+                   "kind": "model_token", "model": "FT2", "token": "<tool>"}}}}}]),
+    ({"source": "union", "pad_to_multiple_of": 8, "tokens": {"<new>": {"source": {"kind": "zero"}}}},
+     [{"tokenizer": {"source": "union", "pad_to_multiple_of": 8,
+                     "tokens": {"<new>": {"source": {"kind": "zero"}}}}}]),
+])
+def test_vocabulary_merges_equal_the_merge_engine(chat_family, tmp_path, setting, configs):
+    from transformers import AutoTokenizer
+
+    from evomerge.engine.config import TokenizerSettings
+
+    base, ft1, ft2 = chat_family
+    if isinstance(setting, dict):
+        setting = TokenizerSettings.model_validate(setting)
+    materializer = Materializer(base, [ft1, ft2], tokenizer=setting)
+    for i, extra in enumerate(configs):
+        config = as_config(yaml.safe_load(yaml.safe_dump(chat_config(*chat_family, **extra)).replace("FT2", str(ft2))))
+        assert_same_weights(applied(materializer, config), merge_state_dict(config), f"config {i}")
+        out = merge(config, tmp_path / f"out{i}")
+        assert materializer.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(out).get_vocab()
+        reference = load_model(out)
+        ids = materializer.tokenizer("<|im_start|>user\nThe quick<|im_end|>", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert torch.equal(materializer.model(ids).logits, reference(ids).logits)
+    assert materializer.model.config.vocab_size == materializer.vocabulary.size
+
+
+def test_a_config_with_another_vocabulary_is_refused(chat_family):
+    base, ft1, ft2 = chat_family
+    materializer = Materializer(base, [ft1, ft2], tokenizer="union")
+    for extra, detail in (({"tokenizer_source": "base"}, "gives"), ({}, "sets no tokenizer")):
+        with pytest.raises(ConfigError, match=f"tokenizer: the live model's vocabulary .*{detail}") as error:
+            materializer.apply(as_config(chat_config(*chat_family, **extra)))
+        assert "\n" not in str(error.value)
+    plain = Materializer(base, [ft1, ft2])
+    with pytest.raises(ConfigError, match="fixed once per materializer"):
+        plain.apply(as_config(chat_config(*chat_family, tokenizer_source="union")))
