@@ -242,7 +242,7 @@ class Runner:
             bar.update()
             self._count_failure(trial.state, trial.user_attrs.get("failure"))
             self._show_best(bar)
-            if self.interrupted or not budget.open(fail_dead_trials(study, self.search.heartbeat)):
+            if self.interrupted or not budget.open(fail_dead_trials(study, self.search.heartbeat, stale=False)):
                 study.stop()
 
         try:

@@ -120,13 +120,16 @@ class _Gate(optuna.samplers.BaseSampler):
         self.sampler.reseed_rng()
 
 
-def fail_dead_trials(study: optuna.Study, heartbeat: int | None) -> list[FrozenTrial]:
+def fail_dead_trials(study: optuna.Study, heartbeat: int | None, *, stale: bool = True) -> list[FrozenTrial]:
     """Fail and re-queue once (``RETRY``) the running trials of dead workers, and return the
     study's trials read afterwards. Dead: a process of this host that no longer exists (at
     once); with heartbeats every ``heartbeat`` seconds, a trial older than the grace period
-    that recorded no worker, and one whose heartbeat went stale (Optuna's ``fail_stale_trials``,
-    after the others: they record why)."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    that recorded no worker, and, with ``stale``, one whose heartbeat went stale (Optuna's
+    ``fail_stale_trials``, after the others: they record why; ``study.optimize`` also runs it
+    before each trial it asks, so the check between two of its trials leaves it out)."""
+    trials = study.get_trials(deepcopy=False)
+    failed_any = False
+    for trial in (t for t in trials if t.state == TrialState.RUNNING):
         if (reason := _dead(trial, heartbeat)) is None:
             continue
         try:
@@ -135,10 +138,12 @@ def fail_dead_trials(study: optuna.Study, heartbeat: int | None) -> list[FrozenT
         except (UpdateFinishedTrialError, ValueError):  # another worker got there first
             continue
         RETRY(study, failed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return study.get_trials(deepcopy=False)
+        failed_any = True
+    if stale:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    return study.get_trials(deepcopy=False) if failed_any or stale else trials
 
 
 def _dead(trial: FrozenTrial, heartbeat: int | None) -> str | None:
