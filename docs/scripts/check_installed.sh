@@ -23,7 +23,7 @@ stamp "venv in $VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 stamp "pip install $REPO (not editable)"
 "$VENV/bin/python" -m pip install -q "$REPO"
-PACKAGE="$("$VENV/bin/python" -c 'import evomerge, pathlib; print(pathlib.Path(evomerge.__file__).parent)')"
+PACKAGE="$(cd "$WORK" && "$VENV/bin/python" -c 'import evomerge, pathlib; print(pathlib.Path(evomerge.__file__).parent)')"
 case "$PACKAGE" in "$VENV"/*) ;; *) echo "FAIL: evomerge imports from $PACKAGE, not the venv" >&2; exit 1 ;; esac
 
 mkdir -p "$RUN"
