@@ -8,9 +8,10 @@ arithmetic in int64 (all products stay below 2**63), so CPU and CUDA agree bit f
 The key comes from (seed, output tensor name, input index).
 
 A stream's words do not depend on the keep probability, so a caller that draws masks of
-the same stream at many densities (the in-memory materializer) computes them once with
-:func:`stream_words` and thresholds them with :func:`keep_flags`, which gives exactly
-:func:`bernoulli_mask`'s mask.
+the same stream at many densities (the in-memory materializer) may compute them once with
+:func:`stream_words` and threshold them with :func:`keep_flags`, which gives exactly
+:func:`bernoulli_mask`'s mask. Nothing needs caching for correctness: any range of a stream
+is recomputed from its first index (``stream_words(..., start=)``), e.g. for one block.
 """
 
 from __future__ import annotations
@@ -83,12 +84,13 @@ def bernoulli_mask(probability: torch.Tensor | float, shape: torch.Size, key: in
     return mask.reshape(shape)
 
 
-def stream_words(key: int, numel: int, device: torch.device | str) -> torch.Tensor:
-    """All ``numel`` words of stream ``key`` as int32 ``w - 2**31`` (4 bytes each, cacheable)."""
+def stream_words(key: int, numel: int, device: torch.device | str, *, start: int = 0) -> torch.Tensor:
+    """The ``numel`` words of stream ``key`` from element index ``start`` on, as int32
+    ``w - 2**31`` (4 bytes each, cacheable)."""
     words = torch.empty(numel, dtype=torch.int32, device=device)
-    for start in range(0, numel, _CHUNK):
-        count = min(_CHUNK, numel - start)
-        words[start:start + count] = random_words(key, start, count, device) - 2**31
+    for first in range(0, numel, _CHUNK):
+        count = min(_CHUNK, numel - first)
+        words[first:first + count] = random_words(key, start + first, count, device) - 2**31
     return words
 
 

@@ -18,7 +18,7 @@ from evomerge.methods.ram import ram_merge
 from evomerge.methods.sce import sce_merge
 from evomerge.methods.slerp import slerp_merge
 from evomerge.methods.spherical import karcher_merge, multislerp_merge, nuslerp_merge
-from evomerge.methods.sparsify import Caches, Sparsify, Trim, rescale_factor
+from evomerge.methods.sparsify import Caches, Sparsify, Trim, rescale_factor, task_vector_cuts
 from evomerge.methods.task_arithmetic import task_arithmetic_merge, task_vectors
 
 REQUIRED = object()
@@ -141,25 +141,34 @@ def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeIn
 
 
 def _task_arithmetic_elementwise(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], bool]:
-    """Elementwise unless a task vector is trimmed without its caches."""
+    """Elementwise unless a task vector is trimmed by DELLA without its ranks (a magnitude
+    trim without positions gets its cuts from ``prepare``)."""
     def elementwise(inputs: MergeInputs) -> bool:
-        return all(trim is None or inputs.caches.trim(i).holds(trim.method)
+        return all(trim is None or inputs.caches.trim(i).blockable(trim.method)
                    for i, trim in enumerate(_trims(variant, inputs)))
     return elementwise
 
 
 def _task_arithmetic_prepare(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], MergeInputs]:
-    """With ``rescale``: each trimmed task vector's L1 rescale factor, a sum over the whole tensor."""
+    """What the blocks need from the whole tensors: the cuts of each magnitude trim without
+    cached positions, then with ``rescale`` each trimmed task vector's L1 rescale factor."""
     def prepare(inputs: MergeInputs) -> MergeInputs:
         trims, caches = _trims(variant, inputs), inputs.caches
-        if not any(trim is not None and trim.rescale for trim in trims):
+        magnitude = (Sparsify.magnitude, Sparsify.magnitude_outliers)
+        if not any(trim is not None and (trim.rescale or trim.method in magnitude) for trim in trims):
             return inputs
-        base, scaled = inputs.base.reshape(-1), [caches.trim(i) for i in range(len(trims))]
+        base, prepared = inputs.base.reshape(-1), [caches.trim(i) for i in range(len(trims))]
         for i, trim in enumerate(trims):
-            if trim is not None:
-                scale = rescale_factor(inputs.tensors[i].reshape(-1), base, trim, scaled[i], caches.workspace)
-                scaled[i] = dataclasses.replace(scaled[i], scale=scale)
-        return dataclasses.replace(inputs, caches=dataclasses.replace(caches, trims=scaled))
+            if trim is None:
+                continue
+            source = inputs.tensors[i].reshape(-1)
+            if trim.method in magnitude and prepared[i].position is None:
+                cuts = task_vector_cuts(source, base, trim, caches.workspace)
+                prepared[i] = dataclasses.replace(prepared[i], cuts=cuts)
+            if trim.rescale:
+                scale = rescale_factor(source, base, trim, prepared[i], caches.workspace)
+                prepared[i] = dataclasses.replace(prepared[i], scale=scale)
+        return dataclasses.replace(inputs, caches=dataclasses.replace(caches, trims=prepared))
     return prepare
 
 

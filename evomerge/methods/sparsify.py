@@ -2,10 +2,12 @@
 
 All magnitude-based trims keep a range of one order: ``|delta|`` from largest to smallest,
 stable, so ties break by position. A caller that trims the same task vector at many
-densities (the in-memory materializer) precomputes each element's position in that order
+densities (the in-memory materializer) may precompute each element's position in that order
 once with :func:`magnitude_position`; a trim at any density is then one comparison pass.
-Without it, the same set is found by a k-th value selection (no sort), so both paths
-agree bit for bit. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
+Without it, the same set is found per trim by :mod:`~evomerge.methods.select`'s exact cuts
+(no sort, no per-element cache), so both paths agree bit for bit. The random words of DARE
+and DELLA are a pure function of (key, element index) (:mod:`~evomerge.methods.random`):
+without a cache they are recomputed, for a block of the task vector from its offset. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
 for magnitude, ``gamma`` largest removed first for breadcrumbs, rank-scaled keep
 probabilities per row for DELLA, optional rescale to the original L1 norm).
 
@@ -25,6 +27,7 @@ import torch
 
 from evomerge.methods import _cpu
 from evomerge.methods.random import keep_flags, stream_words
+from evomerge.methods.select import Cut, key_dtype, magnitude_cut, magnitude_keys
 from evomerge.methods.workspace import Workspace
 
 _EPS = 1e-7
@@ -38,8 +41,8 @@ class Sparsify(str, Enum):
 
     @property
     def caches(self) -> tuple[str, ...]:
-        """The :class:`TrimCache` fields this trim uses: without them it derives them from
-        the whole task vector (or its key), so it cannot run on one block of it."""
+        """The per-element :class:`TrimCache` fields this trim may be given; without them it
+        derives what it needs from the task vector (and its key)."""
         return _CACHES[self]
 
 
@@ -69,31 +72,36 @@ class TrimCache:
     """What a trim of one task vector ``delta`` may be given instead of deriving it (each
     None: derived when needed): ``position`` = :func:`magnitude_position` (``delta``),
     ``rank`` = :func:`della_rank` (``delta``), ``words`` = ``stream_words(key, delta.numel())``,
-    each shaped like ``delta`` or flat. When ``delta`` is one block of a larger task vector
-    (the caches sliced alike, :meth:`block`): ``numel`` is that vector's element count, in
-    which magnitude trims count their kept range, and ``scale`` its L1 rescale factor
-    (:func:`rescale_factor`)."""
+    each shaped like ``delta`` or flat; ``cuts`` = :func:`magnitude_cuts` of ``delta``'s keys,
+    what a magnitude trim without ``position`` uses instead. When ``delta`` is one block of a
+    larger task vector (the caches sliced alike, :meth:`block`): ``numel`` is that vector's
+    element count, in which magnitude trims count their kept range, ``offset`` the block's
+    first element in it, and ``scale`` its L1 rescale factor (:func:`rescale_factor`)."""
 
     position: torch.Tensor | None = None
     rank: torch.Tensor | None = None
     words: torch.Tensor | None = None
     numel: int | None = None
     scale: torch.Tensor | None = None
+    cuts: tuple[Cut, Cut] | None = None
+    offset: int = 0
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-element caches present."""
         return [t for t in (self.position, self.rank, self.words) if t is not None]
 
-    def holds(self, method: Sparsify) -> bool:
-        """Whether every cache ``method`` uses is present."""
-        return all(getattr(self, kind) is not None for kind in method.caches)
+    def blockable(self, method: Sparsify) -> bool:
+        """Whether ``method`` can trim one block of the task vector with this cache, once the
+        kernel's ``prepare`` has added the cuts of a magnitude trim without positions: every
+        trim but DELLA without ``rank`` (its ranks are per row of the whole tensor)."""
+        return method is not Sparsify.della or self.rank is not None
 
     def block(self, part: slice, numel: int) -> TrimCache:
         """The cache of elements ``part`` of the flattened task vector of ``numel`` elements."""
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.reshape(-1)[part]
         return dataclasses.replace(self, position=cut(self.position), rank=cut(self.rank),
-                                   words=cut(self.words), numel=numel)
+                                   words=cut(self.words), numel=numel, offset=self.offset + part.start)
 
 
 NO_CACHE = TrimCache()
@@ -151,21 +159,20 @@ def _kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> t
     return numel - n_bottom - target, numel - n_bottom
 
 
-def top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the first ``count`` positions of the stable decreasing-magnitude order.
+def magnitude_cuts(keys: torch.Tensor, trim: Trim, numel: int | None = None) -> tuple[Cut, Cut]:
+    """The cuts at the start and the stop of the range of the magnitude order that ``trim`` (a
+    magnitude or outlier trim) keeps of a task vector with :func:`~evomerge.methods.select.magnitude_keys`
+    ``keys`` (flat; ``numel``: their count, default ``keys.numel()``)."""
+    start, stop = _kept_range(trim.method, keys.numel() if numel is None else numel, trim.density, trim.gamma)
+    return magnitude_cut(keys, start), magnitude_cut(keys, stop)
 
-    Equivalent to ``order[:count]`` without sorting: a k-th value selection, then the
-    elements tied with it are taken by position (what a stable sort does).
-    """
-    if count <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if count >= magnitude.numel():
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold = torch.kthvalue(magnitude, magnitude.numel() - count + 1).values
-    above = magnitude > threshold
-    tied = magnitude == threshold
-    missing = count - int(above.sum())
-    return above | (tied & (torch.cumsum(tied, 0) <= missing))
+
+def top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the first ``count`` positions of the stable decreasing order of flat
+    non-negative ``magnitude`` (what ``order[:count]`` of a stable sort gives), by an exact
+    cut (:func:`~evomerge.methods.select.magnitude_cut`) instead of a sort."""
+    keys = magnitude_keys(magnitude)
+    return magnitude_cut(keys, count).within(keys, 0, torch.empty_like(keys, dtype=torch.bool))
 
 
 def sparsify(delta: torch.Tensor, trim: Trim, cache: TrimCache = NO_CACHE) -> torch.Tensor:
@@ -236,6 +243,20 @@ def rescale_factor(source: torch.Tensor, base: torch.Tensor, trim: Trim, cache: 
     return _l1_ratio(*(sum(sums, torch.zeros((), dtype=source.dtype)) for sums in (before, after)))
 
 
+def task_vector_cuts(source: torch.Tensor, base: torch.Tensor, trim: Trim, workspace: Workspace) -> tuple[Cut, Cut]:
+    """:func:`magnitude_cuts` of ``source - base`` (flat, contiguous CPU tensors) for ``trim``,
+    what a blocked kernel gives each block's cache-free magnitude trim. The task vector is
+    formed block by block; its keys take workspace slot ``keys`` (one element per element,
+    2 or 4 bytes), the blocks slot ``stacked``."""
+    keys = workspace.take("keys", source.shape, key_dtype(source.dtype), source.device)
+    for start in range(0, source.numel(), _cpu.BLOCK):
+        part = slice(start, start + _cpu.BLOCK)
+        delta = torch.sub(source[part], base[part],
+                          out=workspace.take("stacked", source[part].shape, source.dtype, source.device))
+        keys[part] = magnitude_keys(delta, delta)
+    return magnitude_cuts(keys, trim)
+
+
 def _keep(delta: torch.Tensor, trim: Trim, cache: TrimCache, out: torch.Tensor,
           scratch: torch.Tensor | None) -> torch.Tensor:
     """Write the keep-mask of ``trim`` into ``out`` (flat, ``delta``'s dtype: 1 keep, 0 drop)
@@ -243,17 +264,21 @@ def _keep(delta: torch.Tensor, trim: Trim, cache: TrimCache, out: torch.Tensor,
     method = trim.method
     if method in (Sparsify.magnitude, Sparsify.magnitude_outliers):
         numel = delta.numel() if cache.numel is None else cache.numel
+        if cache.position is None:  # cache-free: the cuts (a blocked kernel's prepare found them)
+            keys = magnitude_keys(delta.detach().reshape(-1), scratch)
+            start, stop = magnitude_cuts(keys, trim, numel) if cache.cuts is None else cache.cuts
+            stop.within(keys, cache.offset, out)
+            if method is Sparsify.magnitude_outliers:
+                out.masked_fill_(start.within(keys, cache.offset, torch.empty_like(keys, dtype=torch.bool)), 0)
+            return out
         start, stop = _kept_range(method, numel, trim.density, trim.gamma)
-        if cache.position is None:
-            magnitude = delta.detach().abs().reshape(-1).float()
-            keep = top_mask(magnitude, stop) & ~top_mask(magnitude, start)
-            return out.copy_(keep.view(torch.uint8))
         position = cache.position.reshape(-1)
         torch.lt(position, stop, out=out)
         if start > 0:
             out.mul_(torch.ge(position, start, out=scratch))
         return out
-    words = stream_words(trim.key, delta.numel(), delta.device) if cache.words is None else cache.words
+    words = (stream_words(trim.key, delta.numel(), delta.device, start=cache.offset)
+             if cache.words is None else cache.words)
     if method is Sparsify.random:
         return keep_flags(trim.density, words.reshape(-1), out)
     if method is Sparsify.della:

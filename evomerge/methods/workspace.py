@@ -11,7 +11,8 @@ All kernels draw from the same three slots, named after their use in the task-ar
 core: ``stacked`` and ``masks`` (up to K × T elements each, for K task vectors of T
 elements) and ``mixed`` (T elements). So the workspace stays within (2K + 1)·T elements
 of the working dtype (float32 for the kernels that compute in float32), whatever
-methods a search alternates between.
+methods a search alternates between; a magnitude trim without cached positions adds slot
+``keys`` (T elements of 2 or 4 bytes, :func:`~evomerge.methods.sparsify.task_vector_cuts`).
 """
 
 from __future__ import annotations
