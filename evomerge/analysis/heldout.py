@@ -61,7 +61,8 @@ class Candidate:
 def search_materializer(search: Search, *, progress: bool = False) -> Materializer:
     """A materializer over the search's models, device and dtype."""
     return Materializer(search.base, search.sources, device=search.device,
-                        dtype=torch_dtype(search.experiment.dtype), progress=progress)
+                        dtype=torch_dtype(search.experiment.dtype), progress=progress,
+                        trim_cache=search.experiment.trim_cache)
 
 
 def candidates(search: Search, trials: Sequence[FrozenTrial]) -> list[Candidate]:

@@ -1,7 +1,8 @@
 """The materializer's trim caches: what a candidate's trims reuse, built once per source tensor.
 
 For each trimmed input, the cache kinds its method's sparsifier declares
-(:attr:`~evomerge.methods.sparsify.Sparsify.caches`), built on the first candidate that
+(:attr:`~evomerge.methods.sparsify.Sparsify.caches`) that the materializer keeps (its
+``trim_cache`` setting and memory bound, :func:`~evomerge.live.memory.cached_kinds`), built on the first candidate that
 needs them and kept for all later ones: the magnitude positions and DELLA ranks of its
 task vector, keyed by (source, tensor, base, base tensor), and the words of its random
 stream, keyed by (source, tensor) and kept for one random key (the words depend on the
@@ -27,18 +28,19 @@ from evomerge.methods.sce import variance_order
 from evomerge.methods.sparsify import CACHE_KINDS, NO_CACHE, Caches, TrimCache, della_rank, magnitude_position
 from evomerge.methods.workspace import Workspace
 
-_NAMES = {"position": "magnitude positions", "rank": "DELLA ranks", "words": "random words"}
+CACHE_NAMES = {"position": "magnitude positions", "rank": "DELLA ranks", "words": "random words"}
 
 
 class CacheStore:
-    """The trim caches of one materializer (none when not ``enabled``) and its workspace.
+    """The trim caches of one materializer, of the cache kinds ``kinds`` (the others' trims
+    run cache-free; SCE's variance orders are kept with ``position``), and its workspace.
 
     ``built[kind]`` maps a cache slot to ``(random key or None, tensor)``; tensors are on ``device``.
     """
 
-    def __init__(self, device: torch.device, enabled: bool):
+    def __init__(self, device: torch.device, kinds: Sequence[str]):
         self.device = device
-        self.enabled = enabled
+        self.kinds = tuple(kinds)
         self.built: dict[str, dict[tuple, tuple[int | None, torch.Tensor]]] = {kind: {} for kind in CACHE_KINDS}
         self.workspace = Workspace()
         self.selections: dict[str, tuple[tuple, torch.Tensor]] = {}  # output tensor → (inputs, order)
@@ -46,25 +48,30 @@ class CacheStore:
     def to_build(self, plan: MergePlan) -> str | None:
         """In words, what ``plan``'s sparsifier caches when no candidate has built all of it yet
         (None: nothing to build, also when the plan trims no task vector)."""
-        sparsify = plan.method.sparsify
-        if self.enabled and plan.method.name == "sce" and not self.selections and any(
+        if "position" in self.kinds and plan.method.name == "sce" and not self.selections and any(
                 _selects(op) for op in plan.ops):
             return "SCE variance orders"
-        if not self.enabled or sparsify is None or all(self.built[kind] for kind in sparsify.caches):
+        kinds = self._kinds(plan)
+        if not kinds or all(self.built[kind] for kind in kinds):
             return None
         if not any(any(trimmed_inputs(op.per_input, op.base_index)) for op in plan.ops if op.base_index is not None):
             return None
-        return " and ".join(_NAMES[kind] for kind in sparsify.caches)
+        return " and ".join(CACHE_NAMES[kind] for kind in kinds)
+
+    def _kinds(self, plan: MergePlan) -> list[str]:
+        """The cache kinds ``plan``'s sparsifier uses that this store keeps."""
+        sparsify = plan.method.sparsify
+        return [] if sparsify is None else [kind for kind in sparsify.caches if kind in self.kinds]
 
     def for_op(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
                tensors: Sequence[torch.Tensor]) -> Caches:
         """What ``op``'s kernel reuses: per trimmed input the caches of ``plan``'s sparsifier
-        (built now if missing; none for a cropped op), and the workspace. ``paths``: the
+        that this store keeps (built now if missing; none for a cropped op), and the workspace. ``paths``: the
         plan's model names resolved; ``tensors``: ``op``'s inputs, resident on the device."""
-        sparsify = plan.method.sparsify
-        if self.enabled and plan.method.name == "sce" and op.crop_rows is None and _selects(op):
+        if "position" in self.kinds and plan.method.name == "sce" and op.crop_rows is None and _selects(op):
             return Caches(workspace=self.workspace, selection=self._selection(op, paths, tensors))
-        if not self.enabled or sparsify is None or op.crop_rows is not None or op.base_index is None:
+        kinds = self._kinds(plan)
+        if not kinds or op.crop_rows is not None or op.base_index is None:
             return Caches(workspace=self.workspace)
         base_model, base_name = op.inputs[op.base_index]
         base = (paths[base_model], base_name)
@@ -74,7 +81,7 @@ class CacheStore:
             source = (paths[model], name)
             trims.append(TrimCache(**{
                 kind: self._entry(kind, source, base, tensor, tensors[op.base_index], key)
-                for kind in sparsify.caches}) if trimmed else NO_CACHE)
+                for kind in kinds}) if trimmed else NO_CACHE)
         return Caches(trims, self.workspace)
 
     def _entry(self, kind: str, source: tuple[Path, str], base: tuple[Path, str], tensor: torch.Tensor,

@@ -9,8 +9,9 @@ live model's parameters in place (the kernels write into them directly).
 
 What a candidate would otherwise recompute is cached per source tensor, on the first
 candidate of a method that needs it (:mod:`evomerge.live.caches`: magnitude positions,
-DELLA ranks, random words). Kernel temporaries come from one reusable workspace, so after
-the first candidate a candidate allocates nothing of the model's size. The memory this
+DELLA ranks, random words), for the kinds the memory allows (``trim_cache``); a trim
+whose kind is not kept runs cache-free with the same result. Kernel temporaries come from
+one reusable workspace, so after the first candidate a candidate allocates nothing of the model's size. The memory this
 takes is bounded by :mod:`evomerge.live.memory`'s formula, checked before loading.
 
 Layer stacking (passthrough slices, repeated layers, data-flow plans) does not copy:
@@ -78,10 +79,10 @@ from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.io.adapter import AdapterFolder, LoraFactors, is_adapter, lora_dense
 from evomerge.io.reader import ModelFolder
 from evomerge.io.source import open_model, source_key, split_reference
-from evomerge.live.caches import CacheStore
-from evomerge.live.memory import available_bytes, gb, memory_bound
+from evomerge.live.caches import CACHE_NAMES, CacheStore
+from evomerge.live.memory import MemoryBound, TrimCacheMode, available_bytes, cached_kinds, gb, memory_bound
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
-from evomerge.methods.sparsify import Caches
+from evomerge.methods.sparsify import CACHE_KINDS, Caches
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,18 @@ class Materializer:
 
     ``dtype`` (default: the base's) is the dtype models are kept and merged in; a config
     whose ``dtype``/``out_dtype`` names another one is refused, so every candidate equals
-    ``evomerge merge`` of the same config with ``dtype: <this dtype>``. ``cache_positions``
-    turns the per-source caches (positions, ranks, random words) on; they are also off
-    when they would not fit in ``max_memory`` (or the device's free memory). ``tokenizer``:
+    ``evomerge merge`` of the same config with ``dtype: <this dtype>``. ``trim_cache``
+    chooses the per-source caches (positions, ranks, random words): ``auto`` keeps the kinds
+    that fit in ``max_memory`` (or the device's free memory), ``on`` all of them (refused
+    when they do not fit), ``off`` none; trims of the kinds not kept run cache-free
+    (:mod:`evomerge.methods.select`), with the same result (:func:`~evomerge.live.memory.cached_kinds`). ``tokenizer``:
     the live model's output vocabulary (``"base"``, ``"union"``, a model path or a
     :class:`~evomerge.engine.config.TokenizerSettings`); default: the base's rows.
     """
 
     def __init__(self, base: str | Path, sources: Sequence[str | Path], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 max_memory: int | None = None, cache_positions: bool = True,
+                 max_memory: int | None = None, trim_cache: TrimCacheMode = "auto",
                  progress: bool = False, tokenizer: str | TokenizerSettings | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if split_reference(base)[1] is not None or is_adapter(base):
@@ -117,28 +120,34 @@ class Materializer:
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(t.dtype for t in map(base_folder.tensor, base_folder.names())
                                    if t.is_floating_point())
-        self.bound = memory_bound(base_folder, self.folders.values(), self.dtype, caches=cache_positions)
+        def bound(cached: Sequence[str]) -> MemoryBound:
+            return memory_bound(base_folder, self.folders.values(), self.dtype, cached=cached)
+        self.bound = bound(())
         available = max_memory if max_memory is not None else available_bytes(self.device)
-        self.streaming = self.bound.total - self.bound.caches > available
+        self.streaming = self.bound.total > available
         if self.streaming and max_memory is None:
             raise EvomergeError(
-                f"the materializer needs {gb(self.bound.total - self.bound.caches)} on "
+                f"the materializer needs {gb(self.bound.total)} on "
                 f"{self.device} (resident {gb(self.bound.resident)} + live {gb(self.bound.live)}"
-                f" + scratch {gb(self.bound.scratch)}) but {gb(available)} is available; pass "
-                f"max_memory to stream inputs from disk")
+                f" + scratch {gb(self.bound.scratch + self.bound.keys + self.bound.transient)}) but {gb(available)} is "
+                f"available; pass max_memory to stream inputs from disk")
         if self.streaming and self.bound.streaming > available:
             raise EvomergeError(f"max_memory {gb(available)} is below the streaming bound "
                                 f"{gb(self.bound.streaming)} (live model + scratch)")
-        self.cache_positions = cache_positions and not self.streaming and self.bound.total <= available
-        if cache_positions and not self.cache_positions:
-            log.info("not caching positions, ranks and random words (%s over the memory budget)",
-                     gb(self.bound.total - available))
+        if self.streaming and trim_cache == "on":
+            raise EvomergeError("trim_cache: on needs the inputs resident; max_memory streams them")
+        if not self.streaming:
+            self.bound = bound(cached_kinds(trim_cache, bound, available))
+        uncached = [CACHE_NAMES[kind] for kind in CACHE_KINDS if kind not in self.bound.cached]
+        if uncached and trim_cache == "auto":
+            log.info("trims without cached %s (over the memory budget): cache-free, same results",
+                     ", ".join(uncached))
         self.progress = progress
         self._lowrank: dict[Path, dict[str, LoraFactors]] = {}  # adapter sources: factors on the device
         self._adapter_scratch: list[torch.Tensor] = []  # per adapter input of an op: its formed weight
         self._product = torch.empty(0, device=self.device)  # scale·B@A, in promote(dtype, float32)
         self._resident = {} if self.streaming else self._load_resident(progress)
-        self.caches = CacheStore(self.device, self.cache_positions)
+        self.caches = CacheStore(self.device, self.bound.cached)
         self.vocabulary = self._live_vocabulary(tokenizer)
         self._vocabularies: dict[tuple, Vocabulary | None] = {}
         self.model, self.tokenizer = self._live_model()

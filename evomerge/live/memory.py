@@ -7,30 +7,39 @@ layers, ``c = max(s, 4)`` the size of ``promote(dtype, float32)``)::
     resident  = (K − L + 1) · N · s          base and full sources
               + Σ_adapters Σ_weights r·(in + out) · c      adapters: their factors A, B only
     live      = N · s  (+ D layers)          the live model's own parameters
-    per cache = K · N · 4                    each cache kind: int32 magnitude positions
+    per cache = K · N · 4                    each cache kind kept: int32 magnitude positions
                                              (TIES, breadcrumbs), float32 DELLA ranks,
                                              int32 random words (DARE, DELLA)
-    building  = 36 · T                       while a cache is built: sorting one tensor
+    transient = 36 · T                       per tensor, while a cache is built (a sort) or a
+                                             trim runs without one (at most DELLA's per-row
+                                             rank sort; a magnitude cut takes less)
     scratch   = (2K + 1) · T · max(s, 4)     the workspace (kernel temporaries)
-              + L · T · s + T · c            with adapters: each adapter input's weight formed
+    keys      = T · 4                        without cached positions: the magnitude cuts'
+                                             keys (a workspace slot)
+              + L · T · s + T · c            (scratch) with adapters: each adapter input's weight formed
                                              per tensor (W + scale·B@A), and the product B@A
 
-A cache exists once a method that uses it has run; it is built on that method's first
-candidate, one tensor at a time. DELLA also allocates its float32 keep probabilities per
-tensor. The caches are dense for adapters too (they index a task vector's elements), so with
-many adapters and a trimming method ``cache_positions=False`` keeps the low-rank saving.
-On CPU the process's resident set can exceed the bound by what the C allocator
-keeps of freed temporaries.
+Which cache kinds are kept is the materializer's ``trim_cache`` setting (:func:`cached_kinds`):
+``on`` all, ``off`` none, ``auto`` (default) as many as fit in the memory available, in the
+order positions, words, ranks; a trim whose kind is not kept runs cache-free, with the same
+result (:mod:`evomerge.methods.select`). A kept cache exists once a method that uses it has
+run; it is built on that method's first candidate, one tensor at a time. DELLA also
+allocates its float32 keep probabilities per tensor. The caches are dense for adapters too
+(they index a task vector's elements), so with many adapters and a trimming method
+``trim_cache="off"`` keeps the low-rank saving. On CPU the process's resident set can exceed
+the bound by what the C allocator keeps of freed temporaries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import psutil
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.io.adapter import AdapterFolder
 from evomerge.io.reader import ModelFolder
 from evomerge.methods.sparsify import CACHE_ITEMSIZE, CACHE_KINDS
@@ -43,28 +52,39 @@ class MemoryBound:
     resident: int
     live: int
     per_cache: int
-    building: int
+    cached: tuple[str, ...]  # the cache kinds kept (of CACHE_KINDS)
+    transient: int
     scratch: int
+    keys: int
 
     @property
     def caches(self) -> int:
-        """All cache kinds, and the transient of building one."""
-        return self.per_cache * len(CACHE_KINDS) + self.building
+        """The cache kinds kept."""
+        return self.per_cache * len(self.cached)
+
+    @property
+    def cache_free(self) -> int:
+        """What trims without cached positions add: the cuts' keys (0 with positions kept)."""
+        return 0 if "position" in self.cached else self.keys
 
     @property
     def total(self) -> int:
-        return self.resident + self.live + self.caches + self.scratch
+        return self.resident + self.live + self.caches + self.transient + self.scratch + self.cache_free
 
     @property
     def streaming(self) -> int:
-        """What streaming the inputs from disk needs: the live model and the workspace."""
-        return self.live + self.scratch
+        """What streaming the inputs from disk needs (no cache is kept then): the live model,
+        the workspace, the cuts' keys and the per-tensor transient."""
+        return self.live + self.scratch + self.keys + self.transient
+
+
+TrimCacheMode = Literal["auto", "on", "off"]
 
 
 def memory_bound(base: ModelFolder, models: Iterable[ModelFolder], dtype: torch.dtype, *,
-                 caches: bool) -> MemoryBound:
-    """The bound for ``base`` and ``models`` (base and sources, all loaded) in ``dtype``;
-    ``caches``: whether the trim caches are on (else they count 0)."""
+                 cached: Sequence[str]) -> MemoryBound:
+    """The bound for ``base`` and ``models`` (base and sources, all loaded) in ``dtype``
+    with the trim cache kinds ``cached`` kept (the others count 0, their trims run cache-free)."""
     models = list(models)
     numel = [int(torch.Size(base.shape(n)).numel()) for n in base.names()]
     sources = len(models) - 1
@@ -75,10 +95,31 @@ def memory_bound(base: ModelFolder, models: Iterable[ModelFolder], dtype: torch.
         resident=sum(sum(int(torch.Size(f.shape(n)).numel()) for n in f.names()) for f in full) * dtype.itemsize
         + sum(f.adapter.num_parameters() for f in adapters) * compute,
         live=sum(numel) * dtype.itemsize,
-        per_cache=sources * sum(numel) * CACHE_ITEMSIZE if caches else 0,
-        building=36 * max(numel) if caches else 0,
+        per_cache=sources * sum(numel) * CACHE_ITEMSIZE,
+        cached=tuple(cached),
+        transient=36 * max(numel),
         scratch=(2 * sources + 1) * max(numel) * compute
-        + (len(adapters) * max(numel) * dtype.itemsize + max(numel) * compute if adapters else 0))
+        + (len(adapters) * max(numel) * dtype.itemsize + max(numel) * compute if adapters else 0),
+        keys=max(numel) * CACHE_ITEMSIZE)
+
+
+def cached_kinds(mode: TrimCacheMode, bound: Callable[[Sequence[str]], MemoryBound], available: int) -> tuple[str, ...]:
+    """The trim cache kinds to keep under ``mode`` (see the module docstring), ``bound(kinds)``
+    being the bound with ``kinds`` kept and ``available`` the bytes there are; ``on`` raises
+    EvomergeError when its bound exceeds them."""
+    if mode == "off":
+        return ()
+    if mode == "on":
+        needed = bound(CACHE_KINDS).total
+        if needed > available:
+            raise EvomergeError(f"trim_cache: on needs {gb(needed)} but {gb(available)} is available; "
+                                f"use trim_cache: auto (caches that fit) or off (cache-free trims)")
+        return CACHE_KINDS
+    kept: tuple[str, ...] = ()
+    for kind in CACHE_KINDS:
+        if bound((*kept, kind)).total <= available:
+            kept = (*kept, kind)
+    return kept
 
 
 def available_bytes(device: torch.device) -> int:

@@ -86,7 +86,9 @@ def run_in_blocks(kernel: Callable[[MergeInputs], torch.Tensor], inputs: MergeIn
     for start in range(0, numel, block):
         part = slice(start, min(start + block, numel))
         target = out.view(-1)[part]
-        caches = dataclasses.replace(inputs.caches, trims=[trim.block(part, numel) for trim in inputs.caches.trims])
+        # every input's cache, present or not, learns the block's offset (random words, cuts)
+        caches = dataclasses.replace(inputs.caches, trims=[inputs.caches.trim(i).block(part, numel)
+                                                           for i in range(len(tensors))])
         merged = kernel(dataclasses.replace(inputs, tensors=[t.view(-1)[part] for t in tensors],
                                             caches=caches, out=target))
         if merged is not target:

@@ -7,9 +7,10 @@ once with :func:`magnitude_position`; a trim at any density is then one comparis
 Without it, the same set is found per trim by :mod:`~evomerge.methods.select`'s exact cuts
 (no sort, no per-element cache), so both paths agree bit for bit. The random words of DARE
 and DELLA are a pure function of (key, element index) (:mod:`~evomerge.methods.random`):
-without a cache they are recomputed, for a block of the task vector from its offset. Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))``
-for magnitude, ``gamma`` largest removed first for breadcrumbs, rank-scaled keep
-probabilities per row for DELLA, optional rescale to the original L1 norm).
+without a cache they are recomputed, for a block of the task vector from its offset.
+Semantics follow mergekit 0.1.5 (``k = max(1, int(d·n))`` for magnitude, ``gamma`` largest
+removed first for breadcrumbs, rank-scaled keep probabilities per row for DELLA, optional
+rescale to the original L1 norm).
 
 What a trim may be given precomputed is a :class:`TrimCache` per task vector; which of its
 fields each sparsifier uses is declared once, by :attr:`Sparsify.caches`. A kernel gets

@@ -187,6 +187,7 @@ class Runner:
         experiment = search.experiment
         self.materializer = Materializer(search.base, search.sources, device=search.device,
                                          dtype=torch_dtype(experiment.dtype), progress=progress,
+                                         trim_cache=experiment.trim_cache,
                                          tokenizer=search.space.spec.tokenizer_source)  # fixed per search
         self.device_name = str(self.materializer.device)
         if self.materializer.device.type == "cuda":

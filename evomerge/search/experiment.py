@@ -20,6 +20,7 @@
     device: cpu
     dtype: float32                       # the dtype candidates are merged and scored in
     seed: 0                              # DARE/DELLA mask seed of every candidate
+    trim_cache: auto                     # auto | on | off: per-source trim caches (same results)
 
 The experiment itself is a file or the name of one shipped with the package
 (``evomerge search zoo_ps``; names: :mod:`evomerge.io.shipped`), and so are a string
@@ -87,6 +88,8 @@ class Experiment(_Strict):
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    # the materializer's per-source trim caches: auto (those that fit), on (all), off (cache-free)
+    trim_cache: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("dtype")
     @classmethod

@@ -38,6 +38,7 @@ from evomerge.io.adapter import AdapterFolder, is_adapter
 from evomerge.io.source import open_model, split_reference
 from evomerge.io.writer import write_text_atomic
 from evomerge.live.memory import MemoryBound, available_bytes, gb, memory_bound
+from evomerge.methods.sparsify import CACHE_KINDS
 from evomerge.search.experiment import parse_experiment
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def inspect_for_init(base: str, sources: list[str], device: str = "auto") -> Mod
     positions = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                       if isinstance(config.get(k), int)), None)
     resolved, available = _device(device)
-    bounds = {caches: memory_bound(base_folder, [base_folder, *folders], dtype, caches=caches)
+    bounds = {caches: memory_bound(base_folder, [base_folder, *folders], dtype,
+                                   cached=CACHE_KINDS if caches else ())
               for caches in (True, False)}
     return ModelInfo(base=str(base), sources=[str(s) for s in sources],
                      adapters=[isinstance(f, AdapterFolder) for f in folders], architecture=report.architecture,
@@ -199,8 +201,7 @@ def plan_experiment(info: ModelInfo, output: Path, name: str | None = None) -> P
     popsize = popsize_for(genes)
     generations = min(max(genes, 10), 40)
     n_trials = popsize * generations
-    bound = info.bounds[method == "ties"]
-    needed = bound.total if method == "ties" else bound.total - bound.caches
+    needed = info.bounds[method == "ties"].total
 
     stem = output.name.removesuffix(".yaml").removesuffix(".yml")
     data = {split: output.parent / f"{stem}.{split}.txt" for split in ("search", "test")}

@@ -122,7 +122,7 @@ def test_mixed_full_and_adapter_sources_and_plus_form(lora_family, family_factor
 def test_streaming_and_uncached_equal_resident(lora_family, llama):
     family, lowrank, _ = llama
     streaming = Materializer(family.base, family.adapters, max_memory=lowrank.bound.streaming + 1)
-    uncached = Materializer(family.base, family.adapters, cache_positions=False)
+    uncached = Materializer(family.base, family.adapters, trim_cache="off")
     assert streaming.streaming
     for step, method in enumerate(["ties", "dare_ties", "stacked"]):
         config = as_config(candidate(method, family.base, family.adapters, random.Random(50 + step)))

@@ -187,7 +187,7 @@ def test_the_first_candidate_that_builds_caches_says_so(family, caplog):
 
 def test_magnitude_position_cache_changes_nothing(family):
     base, *ft = family
-    cached, uncached = Materializer(base, ft), Materializer(base, ft, cache_positions=False)
+    cached, uncached = Materializer(base, ft), Materializer(base, ft, trim_cache="off")
     configs = method_configs(base, ft)
     for name in ["ties", "breadcrumbs", "breadcrumbs_ties", "della", "ties_unnormalized"]:
         config = as_config(configs[name])
@@ -198,7 +198,7 @@ def test_magnitude_position_cache_changes_nothing(family):
 def test_sce_variance_order_cache_changes_nothing(family, caplog):
     """SCE's selection at any select_topk reuses one variance order per output tensor."""
     base, *ft = family
-    cached, uncached = Materializer(base, ft), Materializer(base, ft, cache_positions=False)
+    cached, uncached = Materializer(base, ft), Materializer(base, ft, trim_cache="off")
     configs = method_configs(base, ft)
     with caplog.at_level("INFO", logger="evomerge.live.materializer"):
         first = applied(cached, as_config(configs["sce"]))
