@@ -375,3 +375,53 @@ def test_a_config_with_another_vocabulary_is_refused(chat_family):
     plain = Materializer(base, [ft1, ft2])
     with pytest.raises(ConfigError, match="fixed once per materializer"):
         plain.apply(as_config(chat_config(*chat_family, tokenizer_source="union")))
+
+
+TRIMMING = ["ties", "ties_unnormalized", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear",
+            "dare_ties_unrescaled", "della", "della_unrescaled", "della_linear"]
+
+
+def test_cache_free_trims_equal_the_merge_engine(family):
+    """``trim_cache="off"``: every trimming method, cache-free, equals ``evomerge merge``."""
+    base, *ft = family
+    materializer = Materializer(base, ft, trim_cache="off")
+    configs = method_configs(base, ft)
+    for name in TRIMMING:
+        config = as_config(configs[name])
+        assert_same_weights(applied(materializer, config, seed=3), merge_state_dict(config, seed=3), name)
+    assert not any(materializer.caches.built.values()) and materializer.bound.cached == ()
+
+
+def test_a_tight_bound_trims_cache_free_with_the_cached_results(family):
+    """Under a ``max_memory`` that holds no cache, ``auto`` keeps none (the bound says so,
+    with the cuts' keys instead); with room for one, the positions. Successive candidates
+    (densities, weights, methods interleaved) equal the all-cached materializer's."""
+    base, *ft = family
+    cached = Materializer(base, ft, trim_cache="on")
+    everything = cached.bound
+    assert everything.cached == ("position", "words", "rank") and everything.cache_free == 0
+    free_total = everything.total - everything.caches + everything.keys
+    tight = Materializer(base, ft, max_memory=free_total + everything.per_cache // 2)
+    assert not tight.streaming and tight.bound.cached == () and tight.bound.total == free_total
+    assert everything.total - tight.bound.total == 3 * everything.per_cache - everything.keys
+    one = Materializer(base, ft, max_memory=free_total - everything.keys + everything.per_cache)
+    assert one.bound.cached == ("position",)
+    configs = method_configs(base, ft)
+    for step in range(4):
+        for name in ("ties", "breadcrumbs_ties", "dare_ties", "della"):
+            data = dict(configs[name], models=[
+                {"model": m["model"], "parameters": {**m["parameters"], "density": 0.2 + 0.2 * step,
+                                                     "weight": 0.3 + 0.1 * step}}
+                for m in configs[name]["models"]])
+            config = as_config(data)
+            reference = applied(cached, config, seed=5)
+            for other in (tight, one):
+                assert_same_weights(applied(other, config, seed=5), reference, f"{name} step {step}")
+    assert not any(tight.caches.built.values()) and one.caches.built["position"] and not one.caches.built["words"]
+
+
+def test_trim_cache_on_is_refused_when_it_does_not_fit(family):
+    base, *ft = family
+    everything = Materializer(base, ft).bound
+    with pytest.raises(EvomergeError, match="trim_cache: on needs"):
+        Materializer(base, ft, trim_cache="on", max_memory=everything.total - 1)
