@@ -26,8 +26,12 @@ A search evaluates many candidates over the same models. What one candidate cost
   minus the memory-mapped file pages still mapped and minus the process's memory before
   the materializer was built; on CUDA, ``torch.cuda.max_memory_allocated``. Compared with
   ``Materializer.bound``: resident + live + scratch + the caches built so far (+ the
-  transient of building one). CPU peaks include what the C allocator keeps of freed
-  temporaries.
+  per-tensor transient of building one or trimming without one). CPU peaks include what
+  the C allocator keeps of freed temporaries.
+* **cache vs cache-free** (``--trim-cache``): after the main run, the trimming methods again
+  on a materializer built with ``trim_cache="off"`` (exact cuts and recomputed random words,
+  no per-source cache), in the same run; the table gives both per-candidate times, their
+  ratio against the cached anchor, and each one's peak against its bound.
 
 Synthetic Llama family (``evomerge.zoo.synthetic.build_family``, base + ft1..ft3) built once
 under ``.cache/bench``. The load average (1 min) is printed with every row: on a shared
@@ -39,6 +43,7 @@ Run from the repository root with the venv active::
     python benchmarks/materialize.py --threads 1 --dtype bfloat16
     python benchmarks/materialize.py --methods ties,task_arithmetic --repeats 5
     python benchmarks/materialize.py --device cuda --size tinyllama   # bfloat16 on CUDA
+    python benchmarks/materialize.py --threads 1 --methods ties,dare_ties --trim-cache --mergekit-repeats 0
 """
 
 from __future__ import annotations
@@ -66,9 +71,10 @@ from evomerge.methods import get_method
 from evomerge.zoo.synthetic import SIZES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp", "model_stock", "passthrough")
-MODELS_READ = {"task_arithmetic": 4, "ties": 4, "dare_ties": 4, "slerp": 2, "model_stock": 4,
-               "passthrough": 1}  # models a candidate's merge reads (below): its floor's bytes
+METHODS = ("task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "della", "slerp", "model_stock",
+           "passthrough")
+MODELS_READ = {"task_arithmetic": 4, "ties": 4, "breadcrumbs_ties": 4, "dare_ties": 4, "della": 4, "slerp": 2,
+               "model_stock": 4, "passthrough": 1}  # models a candidate's merge reads (below): its floor's bytes
 WEIGHTS = (0.5, 0.3, 0.2)  # on ft1, ft2, ft3
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="model and merge dtype [default: float32 on CPU, bfloat16 on CUDA]")
     parser.add_argument("--repeats", type=int, default=3, help="timed applies per method (median)")
-    parser.add_argument("--mergekit-repeats", type=int, default=1, help="timed mergekit runs per method")
+    parser.add_argument("--mergekit-repeats", type=int, default=1,
+                        help="timed mergekit runs per method (0: mergekit not run)")
+    parser.add_argument("--trim-cache", action="store_true",
+                        help="also time the trimming methods cache-free (trim_cache=off) against the cached run")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0, help="random-mask seed (fixed, as in a search)")
@@ -96,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
-    if args.repeats < 1 or args.mergekit_repeats < 1:
-        parser.error("--repeats and --mergekit-repeats must be at least 1")
+    if args.repeats < 1 or args.mergekit_repeats < 0:
+        parser.error("--repeats must be at least 1, --mergekit-repeats at least 0")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     default_dir = REPO_ROOT / ".cache" / "bench" / f"llama-{args.size}-{args.dtype}"
@@ -113,7 +122,9 @@ def candidate(method: str, models: list[Path], layers: int, repeat: int, dtype: 
     configs = {
         "task_arithmetic": {"models": weighted, "base_model": base},
         "ties": {"models": weighted, "base_model": base, "parameters": {"density": 0.5}},
+        "breadcrumbs_ties": {"models": weighted, "base_model": base, "parameters": {"density": 0.5, "gamma": 0.01}},
         "dare_ties": {"models": weighted, "base_model": base, "parameters": {"density": 0.5}},
+        "della": {"models": weighted, "base_model": base, "parameters": {"density": 0.5, "epsilon": 0.1}},
         "slerp": {"models": [{"model": base}, {"model": fts[0]}], "base_model": base,
                   "parameters": {"t": (0.3 + 0.1 * repeat) % 1}},
         "model_stock": {"models": [{"model": m} for m in fts], "base_model": base},
@@ -222,8 +233,8 @@ def bench_evomerge(materializer: Materializer, methods: list[str], models: list[
         row.peak = memory.peak()
         sparsify = get_method(method).sparsify
         built.update(sparsify.caches if sparsify else ())
-        row.bound = (bound.resident + bound.live + bound.scratch
-                     + bound.per_cache * len(built) + (bound.building if built else 0))
+        row.bound = (bound.resident + bound.live + bound.scratch + bound.transient + bound.cache_free
+                     + bound.per_cache * len(built & set(bound.cached)))
         row.loads.append(load())
         print(f"  evomerge {method:<16} first {row.first:7.2f} s, then "
               f"{' '.join(f'{s:.3f}' for s in row.applies)} s  (load {row.loads[-1]:.1f})", flush=True)
@@ -271,6 +282,17 @@ def floor(method: str, copy: float) -> float:
     return copy * (MODELS_READ[method] + 1) / 2
 
 
+def render(table: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first: the header) as aligned text, the first column left-aligned."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = []
+    for i, cells in enumerate(table):
+        lines.append(" | ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]))
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(rows: dict[str, Row], copy: float) -> str:
     header = ("method", "first apply s", "apply s", "mergekit merge s", "reload s", "mergekit total s",
               "mergekit/apply", "floor s", "× floor", "× copy", "peak GB", "bound GB", "load")
@@ -282,20 +304,27 @@ def format_table(rows: dict[str, Row], copy: float) -> str:
         total = merge + reload if merge is not None and reload is not None else None
         table.append((
             method, f"{row.first:.2f}", f"{apply:.3f}",
-            f"{merge:.2f}" if merge is not None else "FAIL",
+            f"{merge:.2f}" if merge is not None else "FAIL" if row.error else "-",
             f"{reload:.2f}" if reload is not None else "-",
             f"{total:.2f}" if total is not None else "-",
             f"{total / apply:.0f}x" if total is not None else "-",
             f"{floor(method, copy):.3f}", f"{apply / floor(method, copy):.1f}", f"{apply / copy:.1f}",
             f"{row.peak / 1e9:.2f}", f"{row.bound / 1e9:.2f}",
             "/".join(f"{x:.1f}" for x in row.loads)))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = []
-    for i, cells in enumerate(table):
-        lines.append(" | ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]))
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render(table)
+
+
+def format_trim_table(cached: dict[str, Row], free: dict[str, Row]) -> str:
+    header = ("method", "cached apply s", "cache-free apply s", "ratio", "cached peak/bound GB",
+              "cache-free peak/bound GB", "first apply s cached/free")
+    table = [header]
+    for method, row in free.items():
+        anchor, apply = statistics.median(cached[method].applies), statistics.median(row.applies)
+        table.append((method, f"{anchor:.3f}", f"{apply:.3f}", f"{apply / anchor:.2f}x",
+                      f"{cached[method].peak / 1e9:.2f}/{cached[method].bound / 1e9:.2f}",
+                      f"{row.peak / 1e9:.2f}/{row.bound / 1e9:.2f}",
+                      f"{cached[method].first:.2f}/{row.first:.2f}"))
+    return render(table)
 
 
 def describe_device(device: torch.device) -> str:
@@ -315,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers.models.llama.modeling_llama  # noqa: F401  (not counted as the materializer's)
     memory = PeakMemory(args.device)
     start = time.perf_counter()
-    materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype])
+    materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype],
+                                trim_cache="on" if args.trim_cache else "auto")
     sync(args.device)
     built = time.perf_counter() - start
     params = sum(p.numel() for p in materializer.model.parameters())
@@ -325,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     copy = copy_time(materializer.model, args.device, args.repeats)
     rows = bench_evomerge(materializer, args.methods, models, layers, args, memory)
     del materializer
+    free_rows = {}
+    if args.trim_cache:
+        trimming = [m for m in args.methods if get_method(m).sparsify is not None]
+        memory = PeakMemory(args.device)
+        free = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype], trim_cache="off")
+        print(f"  cache-free materializer: bound {free.bound.total / 1e9:.2f} GB")
+        free_rows = bench_evomerge(free, trimming, models, layers, args, memory)
+        del free
     bench_mergekit(rows, models, layers, args)
     print()
     print(f"apply = median of {args.repeats} candidates after the first; mergekit = median of "
@@ -333,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
           f"peak = above the process before loading; "
           f"load = 1-min load average after evomerge / after mergekit")
     print(format_table(rows, copy))
+    if free_rows:
+        print()
+        print("cache vs cache-free (trim_cache on / off, this run): apply = median per candidate; "
+              "ratio = cache-free / cached")
+        print(format_trim_table(rows, free_rows))
     return 1 if any(row.error for row in rows.values()) else 0
 
 
