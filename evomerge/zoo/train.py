@@ -111,11 +111,14 @@ class HiddenAnchor:
 
 
 def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: float, *, desc: str,
-          anchor: HiddenAnchor | None = None, progress: bool = True) -> float:
+          anchor: HiddenAnchor | None = None, loss_of: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+          progress: bool = True) -> float:
     """AdamW with linear warm-up and cosine decay over the trainable parameters; return the last loss.
 
     The loss of a batch ``(ids, weights)`` is the sum over positions of ``weights`` times the
-    cross-entropy of predicting that token from the ones before it, plus ``anchor``'s penalty.
+    cross-entropy of predicting that token from the ones before it, plus ``anchor``'s penalty;
+    ``loss_of(model, batch)``, when given, computes it instead (e.g. with the LM head applied
+    only where ``weights`` is non-zero).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -126,13 +129,8 @@ def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: flo
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
-        ids, weights = batches(step)
-        output = model(input_ids=ids, output_hidden_states=anchor is not None)
-        logits = output.logits[:, :-1]
-        losses = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        loss = (losses * weights[:, 1:].flatten()).sum()
-        if anchor is not None:
-            loss = loss + anchor(ids, output.hidden_states)
+        batch = batches(step)
+        loss = loss_of(model, batch) if loss_of is not None else _next_token_loss(model, batch, anchor)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -142,3 +140,12 @@ def train(model: nn.Module, batches: Callable[[int], Batch], steps: int, lr: flo
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return loss.item()
+
+
+def _next_token_loss(model: nn.Module, batch: Batch, anchor: HiddenAnchor | None) -> torch.Tensor:
+    ids, weights = batch
+    output = model(input_ids=ids, output_hidden_states=anchor is not None)
+    logits = output.logits[:, :-1]
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    loss = (losses * weights[:, 1:].flatten()).sum()
+    return loss + anchor(ids, output.hidden_states) if anchor is not None else loss
