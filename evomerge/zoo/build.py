@@ -55,7 +55,7 @@ def build_zoo(out_dir: str | Path, recipe: Recipe | None = None, *, force: bool 
         return manifest
     check_output_dir(out_dir, force or manifest is not None)
     start = time.perf_counter()
-    with deterministic(recipe.threads), _staging(out_dir) as tmp:
+    with deterministic(recipe.threads), staging(out_dir) as tmp:
         manifest = _build(tmp, recipe, progress)
         manifest["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -87,7 +87,7 @@ def _build(tmp: Path, recipe: Recipe, progress: bool) -> dict:
 
 
 @contextmanager
-def _staging(out_dir: Path):
+def staging(out_dir: Path):
     """A fresh temporary folder next to ``out_dir``, renamed onto it on success, removed on failure."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
