@@ -10,7 +10,8 @@ the search uses. Rows, in order:
   weights, so its scores equal scoring the source folder loaded from disk);
 * ``default``: untuned merges of every source: task arithmetic with every weight 1.0 and
   ``lambda`` 1 (the plain sum of the task vectors, as in Ilharco et al.), and TIES with
-  every weight 1.0, density 0.5 and ``normalize: true`` (the TIES paper's defaults).
+  every weight 1.0, density 0.5 and ``normalize: true`` (the TIES paper's defaults), and DARE-TIES
+  with the same parameters (DARE's rescale on, its default; masks from the row's ``seed``).
 
 A row is ``{"label", "kind", "trial", "metrics", "objectives", "mean_skill"}``: ``trial``
 is the trial number (None for the others), ``metrics`` every score the fitness reports,
@@ -44,6 +45,7 @@ SPLIT = "test"
 DEFAULT_MERGES = {  # label -> (method, per-source parameters, top-level parameters)
     "task_arithmetic w=1 λ=1": ("task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     "ties w=1 density=0.5": ("ties", {"weight": 1.0, "density": 0.5}, {"normalize": True}),
+    "dare_ties w=1 density=0.5": ("dare_ties", {"weight": 1.0, "density": 0.5}, {"normalize": True}),
 }
 
 

@@ -151,3 +151,18 @@ def test_adapters_of_another_base_are_refused(lora_family, family_factory):
         Materializer(other, [f"{family.base}+{family.adapters[0]}"])
     with pytest.raises(ModelError, match="base must be a model folder, not an adapter"):
         Materializer(family.adapters[0], family.adapters[1:])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_low_rank_equals_the_engine_on_cuda(lora_family):
+    """Adapters resident low-rank on the GPU, their task vectors formed there, over successive
+    candidates: equal to the merge engine on CUDA (the same kernels on the same device)."""
+    family = lora_family("llama")
+    lowrank = Materializer(family.base, family.adapters, device="cuda")
+    for step, method in enumerate(METHODS * 2):
+        config = as_config(candidate(method, family.base, family.adapters, random.Random(200 + step)))
+        lowrank.apply(config, seed=3)
+        live = {name: tensor.cpu() for name, tensor in lowrank.state_dict().items()}
+        engine = {name: tensor.cpu() for name, tensor in merge_state_dict(config, seed=3, device="cuda").items()}
+        assert_same_weights(live, engine, f"{step} {method}")
