@@ -76,13 +76,17 @@ class Counter:
     """SQL statements, transactions and outermost ``RDBStorage`` calls, while :attr:`on`."""
 
     def __init__(self) -> None:
+        self.reset()
+        self._depth = threading.local()
+
+    def reset(self) -> None:
+        """Zero every count (between rows)."""
         self.on = False
         self.statements = 0
         self.kinds: collections.Counter[str] = collections.Counter()
         self.commits = 0
         self.calls: collections.Counter[str] = collections.Counter()
         self.by_call: collections.Counter[str] = collections.Counter()  # statements by outermost call
-        self._depth = threading.local()
 
     def install(self) -> None:
         import optuna
@@ -220,7 +224,7 @@ def worker(args: argparse.Namespace) -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="evomerge-storage-"))
     rows = []
     for sampler in args.samplers:
-        counter.__init__()
+        counter.reset()
         rows.append(run_row(sampler, args, counter, work))
     args.worker.write_text(json.dumps({"evomerge": str(Path(evomerge.__file__).parent.parent), "rows": rows}))
 
