@@ -43,6 +43,7 @@ from evomerge.live.materializer import Materializer
 from evomerge.search.distributed.coordination import Budget, OverBudget, fail_dead_trials, worker_id
 from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, lost, open_storage, storage_error
 from evomerge.search.experiment import Experiment
+from evomerge.search.records import trial_records
 from evomerge.search.samplers import make_sampler
 from evomerge.search.spaces.loader import load_search_space
 from evomerge.search.spaces.space import SearchSpace
@@ -240,7 +241,7 @@ class Runner:
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             self.ran, self.current = self.ran + 1, None
             bar.update()
-            self._count_failure(trial.state, trial.user_attrs.get("failure"))
+            self._count_failure(trial.state, trial_records(trial).failure)
             self._show_best(bar)
             if self.interrupted or not budget.open(fail_dead_trials(study, self.search.heartbeat, stale=False)):
                 study.stop()
@@ -321,7 +322,7 @@ class Runner:
             trial.set_user_attr(name, value)
         previous = _completed_with(search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key)
         if previous is not None:
-            trial.set_user_attr("metrics", previous.user_attrs.get("metrics"))
+            trial.set_user_attr("metrics", trial_records(previous).metrics)
             trial.set_user_attr("same_plan_as", previous.number)
             return list(previous.values)
         started = time.perf_counter()
@@ -358,7 +359,7 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
 
 def _completed_with(trials: list[FrozenTrial], key: str) -> FrozenTrial | None:
     """A completed trial among ``trials`` that scored the same candidate (plan hash ``key``)."""
-    return next((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("plan_hash") == key),
+    return next((t for t in trials if t.state == TrialState.COMPLETE and trial_records(t).plan_hash == key),
                 None)
 
 

@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.compat.optuna import requeue, set_user_attr
 from evomerge.search.distributed.storage import GRACE, RETRY
+from evomerge.search.records import trial_records
 
 
 def worker_id() -> str:
@@ -148,7 +149,7 @@ def fail_dead_trials(study: optuna.Study, heartbeat: int | None, *, stale: bool 
 
 def _dead(trial: FrozenTrial, heartbeat: int | None) -> str | None:
     """Why the running ``trial``'s worker is known to be dead, or None."""
-    worker = trial.user_attrs.get("worker")
+    worker = trial_records(trial).worker
     if worker is None:
         age = (datetime.datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0
         return "its worker died before recording itself" if heartbeat and age > GRACE * heartbeat else None
