@@ -1,6 +1,6 @@
 """A trial's records read the same through ``trial_records`` whether they are packed in the
-``candidate`` and ``result`` user attributes or stored one attribute per record (studies written
-before they were packed), and so do the readers of finished studies built on it."""
+``candidate``, ``plan`` and ``result`` user attributes or stored one attribute per record (studies
+written before they were packed), and so do the readers of finished studies built on it."""
 
 from __future__ import annotations
 
@@ -11,25 +11,29 @@ from optuna.trial import TrialState, create_trial
 from evomerge.analysis.report import trials_frame
 from evomerge.analysis.results import export_yaml, summarize
 from evomerge.search.records import CANDIDATE, RESULT, TrialRecords, records_from, trial_records
+from evomerge.search.records import PLAN as PLAN_KEY
 
 PLAN = "merge_method: ties\nbase_model: base\n"
-CANDIDATE_RECORDS = {"worker": "host:12", "device": "cpu", "seed": 3, "plan_hash": "abc", "plan": PLAN}
+CANDIDATE_RECORDS = {"worker": "host:12", "device": "cpu", "seed": 3, "plan_hash": "abc"}
 RESULT_RECORDS = {"metrics": {"skill": 0.5, "ppl": 7.0}, "time_materialize_s": 0.25, "time_fitness_s": 1.5}
 EXPECTED = TrialRecords(worker="host:12", device="cpu", seed=3, plan_hash="abc", plan=PLAN,
                         metrics={"skill": 0.5, "ppl": 7.0}, time_materialize_s=0.25, time_fitness_s=1.5)
 
 
 def packed(candidate: dict | None = None, result: dict | None = None, **more) -> dict:
-    return {**({CANDIDATE: candidate} if candidate is not None else {}),
+    """User attributes as the loop writes them (the plan with the candidate)."""
+    return {**({CANDIDATE: candidate, PLAN_KEY: PLAN} if candidate is not None else {}),
             **({RESULT: result} if result is not None else {}), **more}
+
+
+OLD = {**CANDIDATE_RECORDS, "plan": PLAN}  # one attribute per record
 
 
 def test_packed_and_one_attribute_per_record_read_the_same():
     assert records_from(packed(CANDIDATE_RECORDS, RESULT_RECORDS)) == EXPECTED
-    assert records_from({**CANDIDATE_RECORDS, **RESULT_RECORDS}) == EXPECTED
+    assert records_from({**OLD, **RESULT_RECORDS}) == EXPECTED
     failed = packed(CANDIDATE_RECORDS, {"failure": "worker 12 died mid-trial"}, warm_start=True)
-    assert records_from(failed) == TrialRecords(**CANDIDATE_RECORDS, failure="worker 12 died mid-trial",
-                                                warm_start=True)
+    assert records_from(failed) == TrialRecords(**OLD, failure="worker 12 died mid-trial", warm_start=True)
     reused = records_from(packed(CANDIDATE_RECORDS, {"metrics": {"skill": 0.5}, "same_plan_as": 4}))
     assert reused.same_plan_as == 4 and reused.time_fitness_s is None
 
@@ -45,6 +49,7 @@ def test_a_running_trial_reads_its_own_records(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     trial = study.ask()
     trial.set_user_attr(CANDIDATE, CANDIDATE_RECORDS)
+    trial.set_user_attr(PLAN_KEY, PLAN)
     assert trial_records(trial).worker == "host:12"
     assert trial_records(study.get_trials()[0]).plan == PLAN
 
@@ -65,8 +70,8 @@ def study_of(folder, attrs_per_trial: list[dict]) -> optuna.Study:
 @pytest.mark.parametrize("reader", ["summarize", "export", "csv"])
 def test_the_readers_give_the_same_for_a_packed_study_and_one_written_one_attribute_per_record(tmp_path, reader):
     failure = {"failure": "ValueError: boom"}
-    old = study_of(tmp_path / "old", [{**CANDIDATE_RECORDS, **RESULT_RECORDS, "warm_start": True},
-                                   {**CANDIDATE_RECORDS, **RESULT_RECORDS}, {**CANDIDATE_RECORDS, **failure}])
+    old = study_of(tmp_path / "old", [{**OLD, **RESULT_RECORDS, "warm_start": True},
+                                   {**OLD, **RESULT_RECORDS}, {**OLD, **failure}])
     new = study_of(tmp_path / "new", [
         packed(CANDIDATE_RECORDS, RESULT_RECORDS, warm_start=True), packed(CANDIDATE_RECORDS, RESULT_RECORDS),
         packed(CANDIDATE_RECORDS, failure)])
@@ -82,4 +87,4 @@ def test_the_readers_give_the_same_for_a_packed_study_and_one_written_one_attrib
         assert frames[0].drop(columns=["datetime_start", "datetime_complete", "duration"]).equals(
             frames[1].drop(columns=["datetime_start", "datetime_complete", "duration"]))
         assert frames[1]["user_attrs_plan"].tolist() == [PLAN] * 3
-        assert f"user_attrs_{CANDIDATE}" not in frames[1].columns
+        assert f"user_attrs_{CANDIDATE}" not in frames[1].columns and f"user_attrs_{RESULT}" not in frames[1].columns

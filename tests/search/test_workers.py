@@ -25,6 +25,7 @@ from evomerge.search.distributed.coordination import Budget, OverBudget, fail_de
 from evomerge.search.distributed.storage import RETRY, open_storage
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import parse_experiment
+from evomerge.search.records import CANDIDATE, trial_records
 from tests.search.test_search import REPO, experiment_dict, logged, wait_for, write_experiment
 
 HEARTBEAT = "2"  # seconds; a trial silent for 3 heartbeats counts as dead
@@ -200,7 +201,7 @@ def test_a_trial_without_heartbeat_or_worker_is_failed_after_the_grace_period(tm
     optuna.storages.fail_stale_trials(study)
     assert study.get_trials()[orphan.number].state == TrialState.RUNNING
     trials = fail_dead_trials(study, heartbeat=1)
-    assert trials[orphan.number].user_attrs["failure"] == "its worker died before recording itself"
+    assert trial_records(trials[orphan.number]).failure == "its worker died before recording itself"
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].system_attrs["retry_history"] == [orphan.number]
 
@@ -224,8 +225,8 @@ def test_three_workers_run_exactly_the_budget(experiment_dict_for, tmp_path, pos
     assert sum(t.state == TrialState.COMPLETE for t in study) == 30
     assert {t.state for t in study} <= {TrialState.COMPLETE, TrialState.WAITING}  # none lost or left running
     assert all(t.number > 29 for t in study if t.state == TrialState.WAITING)  # only a put-back over the budget
-    assert len({t.user_attrs["worker"] for t in study if t.state == TrialState.COMPLETE}) >= 2
-    reused = sum("same_plan_as" in t.user_attrs for t in study)
+    assert len({trial_records(t).worker for t in study if t.state == TrialState.COMPLETE}) >= 2
+    reused = sum(trial_records(t).same_plan_as is not None for t in study)
     assert len(logged(tmp_path / "calls.jsonl")) == 30 - reused  # each candidate scored once
     generations = {t.system_attrs.get("cma:generation") for t in study} - {None}
     assert max(generations) >= 3  # CMA-ES generations complete with concurrent workers (popsize 4)
@@ -243,17 +244,17 @@ def test_kill_9_one_worker_mid_trial_fails_and_retries_its_trial(experiment_dict
         now = datetime.datetime.now()
         return next((t for t in trials(postgres_url) if t.state == TrialState.RUNNING
                      and (now - t.datetime_start).total_seconds() < 1
-                     and int(str(t.user_attrs.get("worker", ":0")).rpartition(":")[2]) in children), None)
+                     and int(str(trial_records(t).worker or ":0").rpartition(":")[2]) in children), None)
 
-    worker = wait_for(running_child, process).user_attrs["worker"]
+    worker = trial_records(wait_for(running_child, process)).worker
     os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err  # the other two finished the budget
     assert "exited with code -9" in err
     study = trials(postgres_url)
     dead = [t for t in study if t.state == TrialState.FAIL]
-    assert len(dead) == 1 and dead[0].user_attrs["worker"] == worker
-    assert "died mid-trial" in dead[0].user_attrs["failure"]
+    assert len(dead) == 1 and trial_records(dead[0]).worker == worker
+    assert "died mid-trial" in trial_records(dead[0]).failure and trial_records(dead[0]).plan
     assert_retried(study, dead)
     assert sum(t.state == TrialState.COMPLETE for t in counted(study)) == 12
     assert not [t for t in study if t.state == TrialState.RUNNING]
@@ -264,7 +265,7 @@ def test_a_silent_worker_on_another_host_is_found_by_its_heartbeat(llama, tmp_pa
     search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=3,
                                                                          storage=postgres_url))), heartbeat=1)
     orphan = search.study.ask(search.space.distributions())
-    orphan.set_user_attr("worker", "another-host:1")  # no process this worker could look up
+    orphan.set_user_attr(CANDIDATE, {"worker": "another-host:1"})  # no process this worker could look up
     search.study._storage.record_heartbeat(orphan._trial_id)  # ... then silence
     started = time.monotonic()
     Runner(search, progress=False).run(3, None)
@@ -281,7 +282,7 @@ def test_a_journal_study_runs_without_heartbeats(llama, tmp_path):
         llama, tmp_path, n_trials=3, storage=f"journal:{tmp_path}/study.log"))), heartbeat=1)
     assert search.heartbeat is None
     orphan = search.study.ask(search.space.distributions())
-    orphan.set_user_attr("worker", "another-host:1")
+    orphan.set_user_attr(CANDIDATE, {"worker": "another-host:1"})
     assert Runner(search, progress=False).run(3, None) == 2
     assert [t.state for t in search.study.get_trials()] == [TrialState.RUNNING] + [TrialState.COMPLETE] * 2
 
@@ -301,7 +302,7 @@ def test_kill_9_the_only_process_then_restart_loses_and_repeats_nothing(experime
     study = trials(postgres_url)
     assert {t.number: t.value for t in study if t.number in before} == before  # nothing lost
     dead = [t for t in study if t.state == TrialState.FAIL]
-    assert len(dead) <= 1 and all("died mid-trial" in t.user_attrs["failure"] for t in dead)
+    assert len(dead) <= 1 and all("died mid-trial" in trial_records(t).failure for t in dead)
     assert_retried(study, dead)
     assert [t.state for t in counted(study)] == [TrialState.COMPLETE] * 10
     scored = [e["fingerprint"] for e in logged(tmp_path / "calls.jsonl")]

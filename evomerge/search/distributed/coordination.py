@@ -11,8 +11,9 @@ requirements it does not meet are kept here, each with the test that shows it:
 * :func:`fail_dead_trials`: a trial whose worker process on this host is gone is failed at
   once, with the reason recorded, where the heartbeat waits for its grace period and records
   none (``test_resume_after_kill_9_...``, ``test_kill_9_one_worker_...``); and a trial that
-  recorded neither a heartbeat nor a worker (its worker died while asking it) is failed after
-  the grace period, which Optuna's heartbeat check never does
+  recorded neither a heartbeat nor a worker (its worker died while asking, suggesting or
+  decoding it, before it wrote its ``candidate`` records: ``driver.Runner._objective``) is failed
+  after the grace period, which Optuna's heartbeat check never does
   (``test_a_trial_without_heartbeat_or_worker_is_failed_after_the_grace_period``).
 """
 
@@ -33,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.compat.optuna import requeue, set_user_attr
 from evomerge.search.distributed.storage import GRACE, RETRY
-from evomerge.search.records import trial_records
+from evomerge.search.records import RESULT, trial_records, with_failure
 
 
 def worker_id() -> str:
@@ -134,7 +135,7 @@ def fail_dead_trials(study: optuna.Study, heartbeat: int | None, *, stale: bool 
         if (reason := _dead(trial, heartbeat)) is None:
             continue
         try:
-            set_user_attr(study, trial, "failure", reason)
+            set_user_attr(study, trial, RESULT, with_failure(trial, reason))
             failed = study.tell(trial.number, state=TrialState.FAIL)
         except (UpdateFinishedTrialError, ValueError):  # another worker got there first
             continue
