@@ -212,7 +212,8 @@ class Runner:
     def _run(self, budget: Budget, timeout: float | None) -> int:
         study, heartbeat = self.search.study, self.search.heartbeat
         self.search.enqueue_warm_start()
-        trials = fail_dead_trials(study, heartbeat)
+        self.budget = budget
+        trials = budget.see(fail_dead_trials(study, heartbeat))
         if not budget.open(trials) and not budget.running(trials):
             log.info("study %s already has %d finished trials", study.study_name, budget.finished(trials))
             return 0
@@ -231,7 +232,7 @@ class Runner:
                         time.sleep(POLL)
                     else:
                         break
-                    trials = fail_dead_trials(study, heartbeat)
+                    trials = budget.see(fail_dead_trials(study, heartbeat))
             finally:
                 study.sampler = sampler
         return self.ran
@@ -245,7 +246,8 @@ class Runner:
             bar.update()
             self._count_failure(trial.state, trial_records(trial).failure)
             self._show_best(bar)
-            if self.interrupted or not budget.open(fail_dead_trials(study, self.search.heartbeat, stale=False)):
+            trials = budget.see(fail_dead_trials(study, self.search.heartbeat, stale=False))
+            if self.interrupted or not budget.open(trials):
                 study.stop()
 
         try:
@@ -336,7 +338,7 @@ class Runner:
         trial.set_user_attr(CANDIDATE, {"worker": worker_id(), "device": self.device_name, "seed": experiment.seed,
                                         "plan_hash": key})
         trial.set_user_attr(PLAN, plan)
-        previous = _completed_with(search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key)
+        previous = _completed_with(self.budget.trials, key)  # the study as read before this trial was asked
         if previous is not None:
             result.update(metrics=trial_records(previous).metrics, same_plan_as=previous.number)
             return list(previous.values)

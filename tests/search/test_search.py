@@ -110,16 +110,22 @@ def test_a_repeated_plan_reuses_the_stored_result(llama, tmp_path, test_log):
     assert len(logged(test_log)) == 1
 
 
-def test_a_trial_writes_its_records_in_three_user_attributes(llama, tmp_path, test_log, monkeypatch):
+def test_a_trial_writes_its_records_in_three_user_attributes_and_the_loop_reads_the_study_once_a_trial(
+        llama, tmp_path, test_log, monkeypatch):
     """The loop's own storage traffic (issue #18; benchmarks/search_storage.py counts it): a
     trial's records are three user-attribute writes (``candidate``, ``plan``, ``result``:
-    records.py), its parameters one write each (Optuna's suggest API)."""
+    records.py), its parameters one write each (Optuna's suggest API), and between two trials the
+    loop reads the study once (the budget's gate and the plan-hash check reuse that read; besides,
+    the warm start looks at the study once and the loop reads it twice before and twice after
+    study.optimize)."""
     search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, sampler="random",
                                                                          n_trials=6))))
     runner = Runner(search, progress=False)
-    attrs, params = [], []
+    reads, attrs, params = [], [], []
+    get_trials = search.study.get_trials
     storage = optuna.storages.RDBStorage
     set_attr, set_param = storage.set_trial_user_attr, storage._set_trial_param  # behind Optuna's cache
+    monkeypatch.setattr(search.study, "get_trials", lambda **kw: reads.append(1) or get_trials(**kw))
     monkeypatch.setattr(storage, "set_trial_user_attr",
                         lambda self, trial_id, key, value: attrs.append(key) or set_attr(self, trial_id, key, value))
     monkeypatch.setattr(storage, "_set_trial_param",
@@ -127,6 +133,7 @@ def test_a_trial_writes_its_records_in_three_user_attributes(llama, tmp_path, te
     assert runner.run(6, None) == 6
     assert attrs == [CANDIDATE, PLAN, RESULT] * 6
     assert len(params) == 6 * len(search.space.distributions())
+    assert len(reads) <= 6 + 5
     done = search.study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 6 and all(trial_records(t).metrics and trial_records(t).worker for t in done)
 

@@ -173,6 +173,39 @@ def test_claim_counts_a_retry_enqueued_meanwhile_in_place_of_its_failed_trial(tm
     assert budget.open(study.get_trials())
 
 
+def test_the_gate_places_a_trial_from_the_last_read_and_reads_the_study_only_when_it_cannot(
+        tmp_path, monkeypatch):
+    study = _study(tmp_path, waiting=1)
+    budget = gated(study, 2)
+    reads: list[int] = []
+    get_trials = study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda **kw: reads.append(1) or get_trials(**kw))
+    for _ in range(2):  # trial 0 popped from the queue, then trial 1 created: both placed from the read
+        budget.see(get_trials())
+        study.tell(study.ask(), 1.0)
+    assert reads == []
+    budget.see(get_trials())
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)  # another worker's
+    other.ask()  # trial 2, unknown to this worker's read
+    with pytest.raises(OverBudget):
+        study.ask()  # trial 3: the read cannot place it, the study is read again
+    assert reads == [1] and [t.number for t in budget.trials] == [0, 1, 2, 3]
+
+
+def test_a_retry_created_since_the_last_read_is_put_back_once_then_runs(tmp_path):
+    """A retry created after the worker's last read counts in place of its failed trial, which the
+    read does not know yet: the gate places it too late, puts it back, and the next read runs it."""
+    study = _study(tmp_path)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    budget = gated(study, 1)
+    budget.see(study.get_trials())
+    RETRY(study, study.get_trials()[0])  # before this worker's next ask (optimize's stale check)
+    with pytest.raises(OverBudget):
+        study.ask()
+    assert budget.open(budget.see(study.get_trials()))
+    assert study.ask().number == 1
+
+
 def test_a_failed_heartbeat_write_is_logged_and_the_next_one_still_made(tmp_path, monkeypatch, caplog):
     """Optuna's heartbeat thread ends at the first failed write (the database restarting):
     open_storage's storage logs it, and the next interval writes again."""

@@ -56,10 +56,37 @@ class Budget:
     back as WAITING (it runs first if the study is resumed with a larger budget), so workers
     that ask at the same moment stop at exactly ``n_trials``. Enqueued trials (warm start,
     retries) count from their creation, so a warm start larger than the budget leaves its
-    last recipes waiting."""
+    last recipes waiting.
+
+    :attr:`trials` is the study as this worker last read it (:meth:`see`); the gate places a
+    trial from it where it can (:meth:`position`), so a worker that reads the study once
+    between two trials does not read it again to ask the next."""
 
     def __init__(self, n_trials: int | None):
         self.n_trials = n_trials
+        self.trials: list[FrozenTrial] | None = None  # the study's trials as last read (see)
+
+    def see(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """Keep ``trials``, the study's trials just read by this worker, as :attr:`trials`; return them."""
+        self.trials = trials
+        return trials
+
+    def position(self, number: int, study: optuna.Study) -> int:
+        """The index among the counted trials of trial ``number`` of ``study``, just asked
+        (created or popped from the queue), from :attr:`trials` where it tells, else from the
+        study read again (kept as :attr:`trials`). Since the last read, only new trials can have
+        appeared: they come after trial ``number`` or retire a failed trial before it (a retry).
+        So a popped trial that was in the last read, or a new trial numbered right after it,
+        has at most the index the last read gives it: the index returned is never too low
+        (a too high one puts a trial back that a fresh read would place within the budget)."""
+        trials = self.trials
+        if trials is not None and number < len(trials):
+            index = next((i for i, t in enumerate(self.counted(trials)) if t.number == number), None)
+            if index is not None:
+                return index
+        elif trials is not None and number == len(trials):
+            return len(self.counted(trials))
+        return [t.number for t in self.counted(self.see(study.get_trials(deepcopy=False)))].index(number)
 
     @staticmethod
     def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -97,8 +124,7 @@ class _Gate(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.budget.n_trials is not None:
-            within = [t.number for t in self.budget.counted(study.get_trials(deepcopy=False))][:self.budget.n_trials]
-            if trial.number not in within:
+            if self.budget.position(trial.number, study) >= self.budget.n_trials:
                 requeue(study, trial)
                 raise OverBudget(f"trial {trial.number} is over the budget of {self.budget.n_trials}: back to waiting")
         self.sampler.before_trial(study, trial)
