@@ -92,6 +92,7 @@ from evomerge.fitness import Fitness, load_fitness
 from evomerge.io import ModelFolder
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import Experiment
+from evomerge.search.records import trial_records
 from evomerge.search.spaces.loader import load_search_space
 from evomerge.search.spaces.space import SearchSpace
 from evomerge.zoo.synthetic import SIZES, build_family
@@ -315,10 +316,10 @@ def run_evomerge(regime: str, sampler: str, experiment: Experiment, fitness: Fit
     for trial in search.study.get_trials(deepcopy=False):
         if trial.state == optuna.trial.TrialState.WAITING:
             continue
-        attrs = trial.user_attrs
-        row.merge_s.append(attrs.get("time_materialize_s", 0.0))
-        row.fitness_s.append(attrs.get("time_fitness_s", 0.0))
-        row.values.append(attrs["metrics"][METRIC] if trial.state == optuna.trial.TrialState.COMPLETE
+        records = trial_records(trial)
+        row.merge_s.append(records.time_materialize_s or 0.0)
+        row.fitness_s.append(records.time_fitness_s or 0.0)
+        row.values.append(records.metrics[METRIC] if trial.state == optuna.trial.TrialState.COMPLETE
                           else math.nan)
         row.params.append(dict(trial.params))
         failed += trial.state == optuna.trial.TrialState.FAIL

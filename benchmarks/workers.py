@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from evomerge.io import shipped  # noqa: E402
 from evomerge.search.distributed.workers import WorkerOptions, run_workers  # noqa: E402
 from evomerge.search.experiment import parse_experiment  # noqa: E402
+from evomerge.search.records import trial_records  # noqa: E402
 from evomerge.zoo.build import build_zoo  # noqa: E402
 from evomerge.zoo.recipe import Recipe  # noqa: E402
 
@@ -100,8 +101,9 @@ def split(result: dict) -> tuple[float, float, float, float, float]:
     """Mean trial, materialize, fitness, rest (s) and one plan decode (ms) of a row."""
     done, search = result["done"], result["search"]
     trial = statistics.mean((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
-    materialize = statistics.mean(t.user_attrs.get("time_materialize_s", 0) for t in done)
-    fitness = statistics.mean(t.user_attrs.get("time_fitness_s", 0) for t in done)
+    records = [trial_records(t) for t in done]
+    materialize = statistics.mean(r.time_materialize_s or 0 for r in records)
+    fitness = statistics.mean(r.time_fitness_s or 0 for r in records)
     started = time.perf_counter()
     for t in done:
         search.decode(t.params)

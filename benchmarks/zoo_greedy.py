@@ -36,6 +36,7 @@ from evomerge.analysis.heldout import as_text, reference_candidates
 from evomerge.engine.config import MergeConfig, parse_config
 from evomerge.fitness import load_fitness
 from evomerge.live.materializer import Materializer
+from evomerge.search.records import trial_records
 from evomerge.zoo.corpus import SKILLS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,10 +61,11 @@ def candidates(zoo: Path, args: argparse.Namespace) -> dict[str, MergeConfig]:
         str(zoo / "base"), [str(zoo / skill) for skill in SKILLS], depth=depth, dtype="float32")}
     if args.study:
         study = optuna.load_study(study_name=args.study_name, storage=args.study)
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and "plan" in t.user_attrs]
+        done = [t for t in study.get_trials(deepcopy=False)
+                if t.state.name == "COMPLETE" and trial_records(t).plan is not None]
         step = max(1, len(done) // max(1, args.trials))
         for trial in done[::step][:args.trials]:
-            configs[f"trial {trial.number}"] = parse_config(trial.user_attrs["plan"], f"<trial {trial.number}>")
+            configs[f"trial {trial.number}"] = parse_config(trial_records(trial).plan, f"<trial {trial.number}>")
     return configs
 
 

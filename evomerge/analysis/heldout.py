@@ -38,6 +38,7 @@ from evomerge.analysis.paired import Paired, compare
 from evomerge.engine.config import MergeConfig, parse_config, torch_dtype
 from evomerge.live.materializer import Materializer
 from evomerge.search.driver import Search
+from evomerge.search.records import trial_records
 from evomerge.engine.config import model_labels
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,9 @@ def search_materializer(search: Search, *, progress: bool = False) -> Materializ
 def candidates(search: Search, trials: Sequence[FrozenTrial]) -> list[Candidate]:
     """The trials' stored plans, then the base, each source alone and the default merges."""
     seed = search.experiment.seed
-    rows = [Candidate(f"trial {t.number}", "trial", parse_config(t.user_attrs["plan"], f"<trial {t.number}>"),
-                      t.user_attrs.get("seed", seed), t.number) for t in trials]
+    records = [(t, trial_records(t)) for t in trials]
+    rows = [Candidate(f"trial {t.number}", "trial", parse_config(r.plan, f"<trial {t.number}>"),
+                      seed if r.seed is None else r.seed, t.number) for t, r in records]
     return rows + reference_candidates(search.base, search.sources, depth=search.space.context.num_layers,
                                        dtype=search.experiment.dtype, seed=seed)
 

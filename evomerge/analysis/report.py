@@ -14,7 +14,7 @@ an existing non-empty folder is refused unless ``force``):
 * ``heldout.md`` / ``heldout.json`` — the held-out comparison on the test split
   (:mod:`evomerge.analysis.heldout`), and ``paired.json`` — each reported trial against every
   other row, item by item (:mod:`evomerge.analysis.paired`); ``trials.csv`` —
-  ``study.trials_dataframe()``.
+  ``study.trials_dataframe()``, a column per trial record (:func:`trials_frame`).
 
 The reported trials are the best trial, or the Pareto front of a multi-objective study
 (trials with the same plan counted once).
@@ -50,6 +50,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.writer import check_output_dir
 from evomerge.search.driver import Search, open_search
 from evomerge.search.experiment import load_experiment, parse_experiment
+from evomerge.search.records import CANDIDATE, RESULT, TrialRecords, trial_records
 from evomerge.engine.config import model_labels
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,24 @@ def report_trials(study: optuna.Study) -> list[FrozenTrial]:
         return [study.best_trial]
     front: dict[str, FrozenTrial] = {}
     for trial in sorted(study.best_trials, key=lambda t: t.number):
-        front.setdefault(trial.user_attrs.get("plan_hash", str(trial.number)), trial)
+        front.setdefault(trial_records(trial).plan_hash or str(trial.number), trial)
     return list(front.values())
+
+
+def trials_frame(study: optuna.Study) -> Any:
+    """``study.trials_dataframe()`` with one ``user_attrs_<record>`` column per record of
+    :class:`~evomerge.search.records.TrialRecords` (the packed ``candidate`` and ``result``
+    attributes unpacked; a study written with one attribute per record reads the same)."""
+    frame = study.trials_dataframe()
+    if frame.empty:
+        return frame
+    fields = [f.name for f in dataclasses.fields(TrialRecords)]
+    frame = frame.drop(columns=[c for c in frame.columns if c.removeprefix("user_attrs_") in
+                                {CANDIDATE, RESULT, *fields} and c.startswith("user_attrs_")])
+    records = {t.number: trial_records(t) for t in study.get_trials(deepcopy=False)}
+    for name in fields:
+        frame[f"user_attrs_{name}"] = [getattr(records[n], name) for n in frame["number"]]
+    return frame
 
 
 def objective_names(study: optuna.Study) -> list[str]:
@@ -251,9 +268,10 @@ def study_plots(study: optuna.Study, trials: Sequence[FrozenTrial]) -> tuple[lis
     elif multi:
         notes.append(f"Pareto front: not drawn for {len(names)} objectives (at most 3)")
     for trial in trials:
-        config = parse_config(trial.user_attrs["plan"], f"<trial {trial.number}>")
+        records = trial_records(trial)
+        config = parse_config(records.plan, f"<trial {trial.number}>")
         try:
-            data = layer_map(config, trial.user_attrs.get("seed", 0))
+            data = layer_map(config, records.seed or 0)
         except EvomergeError as error:  # e.g. the models are not on this machine
             notes.append(f"layer map of trial {trial.number}: {error}")
             continue
@@ -313,7 +331,7 @@ def _html(study: optuna.Study, sections: list[str], rows: list[dict] | None, pai
         if paired:
             heldout += ("<h3>Paired on the same items</h3>" + as_html(paired_table(paired), "paired")
                         + f"<p>{escape(PAIRED_NOTE)}</p>")
-    plans = "".join(f"<h3>Trial {t.number}</h3><pre>{escape(t.user_attrs.get('plan', ''))}</pre>" for t in trials)
+    plans = "".join(f"<h3>Trial {t.number}</h3><pre>{escape(trial_records(t).plan or '')}</pre>" for t in trials)
     note_list = "".join(f"<li>{escape(note)}</li>" for note in notes)
     files = " · ".join(f'<a href="{name}">{name}</a>' for name in
                        ["trials.csv", *(["heldout.md", "heldout.json", "paired.json"] if rows is not None else [])])
@@ -367,7 +385,7 @@ def write_report(search_or_study: Search | optuna.Study, out_dir: str | Path, *,
                 notes.append(f"{plot.title}: skipped ({type(error).__name__}: {error})")
                 continue
             sections.append(f'<h2>{escape(plot.title)}</h2>{div}<p><a href="{plot.slug}.png">PNG</a></p>')
-        study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+        trials_frame(study).to_csv(folder / "trials.csv", index=False)
         if rows is not None:
             (folder / "heldout.md").write_text(as_markdown(heldout_table(rows)) + (
                 f"\n{PAIRED_NOTE}\n\n{as_markdown(paired_table(paired))}" if paired else ""))

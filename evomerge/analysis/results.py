@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.errors import ConfigError
 from evomerge.search.distributed.storage import open_storage
 from evomerge.search.experiment import Experiment, load_experiment
+from evomerge.search.records import trial_records
 
 
 def locate_study(experiment: str | Path | None, study: str | None, storage: str | None) -> tuple[str, str]:
@@ -53,14 +54,17 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
 
 def export_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
     """The trial's merge config as YAML, with a header saying how to reproduce it."""
-    seed = trial.user_attrs.get("seed", 0)
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in (trial.user_attrs.get("metrics") or {}).items())
-    compatible = study.user_attrs.get("mergekit_compatible", True) and "input_scale" not in trial.user_attrs["plan"]
+    records = trial_records(trial)
+    if records.plan is None:
+        raise ConfigError(f"trial {trial.number} of {study.study_name} recorded no plan", field="trial")
+    seed = 0 if records.seed is None else records.seed
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in records.metrics.items())
+    compatible = study.user_attrs.get("mergekit_compatible", True) and "input_scale" not in records.plan
     lines = [f"# evomerge study {study.study_name}, trial {trial.number}: {metrics}",
              f"# reproduce: evomerge merge THIS.yaml OUT_DIR --seed {seed}"]
     if not compatible:
         lines.append("# evomerge-only (data-flow input_scale): mergekit-yaml cannot read this config")
-    return "\n".join(lines) + "\n" + trial.user_attrs["plan"]
+    return "\n".join(lines) + "\n" + records.plan
 
 
 def summarize(study: optuna.Study) -> str:
@@ -72,16 +76,17 @@ def summarize(study: optuna.Study) -> str:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete and len(study.directions) == 1:
         best = study.best_trial
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (best.user_attrs.get("metrics") or {}).items())
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in trial_records(best).metrics.items())
         lines.append(f"best: trial {best.number}, value {best.value:.4g} ({metrics})")
     elif complete:
         lines.append("pareto front: " + ", ".join(f"trial {t.number} {[round(v, 4) for v in t.values]}"
                                                   for t in study.best_trials))
-    spent = [t.user_attrs.get(k, 0) for t in complete for k in ("time_materialize_s", "time_fitness_s")]
     if complete:
-        materialize = sum(t.user_attrs.get("time_materialize_s", 0) for t in complete)
-        lines.append(f"time: {sum(spent):.1f} s in trials ({materialize:.1f} s materializing)")
+        records = [trial_records(t) for t in complete]
+        materialize = sum(r.time_materialize_s or 0 for r in records)
+        spent = materialize + sum(r.time_fitness_s or 0 for r in records)
+        lines.append(f"time: {spent:.1f} s in trials ({materialize:.1f} s materializing)")
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
-        lines.append(f"last failure: trial {failed[-1].number}: {failed[-1].user_attrs.get('failure', '?')}")
+        lines.append(f"last failure: trial {failed[-1].number}: {trial_records(failed[-1]).failure or '?'}")
     return "\n".join(lines)

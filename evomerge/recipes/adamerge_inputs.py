@@ -75,4 +75,6 @@ def trial_start(merger: AdaMerger, study_name: str, storage: str, trial: int | N
     study = open_study(study_name, storage)
     chosen = pick_trial(study, trial)
     log.info("AdaMerging starts from trial %d of study %s (value %s)", chosen.number, study_name, chosen.values)
-    return merger.from_config(parse_config(chosen.user_attrs["plan"], f"<trial {chosen.number}>"))
+    from evomerge.search.records import trial_records
+
+    return merger.from_config(parse_config(trial_records(chosen).plan, f"<trial {chosen.number}>"))

@@ -4,7 +4,9 @@ Everything a search knows lives in its Optuna storage (SQLite file by default), 
 search is resumed by running it again: completed trials are kept, the sampler continues
 from them, and a candidate whose plan was already scored is not evaluated again. Each
 trial records its decoded plan (YAML), every metric, the seed, the time spent in
-materialize and fitness, the device and the worker, or why it failed. A candidate that
+materialize and fitness, the device and the worker, or why it failed, in three user
+attributes (``records.py``): ``candidate`` and ``plan`` before the candidate is merged,
+``result`` when its trial ends. A candidate that
 raises, runs out of memory or scores NaN fails its own trial only; ``max_failures_in_a_row``
 failures stop the search. Ctrl-C stops after the current trial (``study.stop``).
 
@@ -43,6 +45,7 @@ from evomerge.live.materializer import Materializer
 from evomerge.search.distributed.coordination import Budget, OverBudget, fail_dead_trials, worker_id
 from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, lost, open_storage, storage_error
 from evomerge.search.experiment import Experiment
+from evomerge.search.records import CANDIDATE, PLAN, RESULT, trial_records
 from evomerge.search.samplers import make_sampler
 from evomerge.search.spaces.loader import load_search_space
 from evomerge.search.spaces.space import SearchSpace
@@ -210,7 +213,8 @@ class Runner:
     def _run(self, budget: Budget, timeout: float | None) -> int:
         study, heartbeat = self.search.study, self.search.heartbeat
         self.search.enqueue_warm_start()
-        trials = fail_dead_trials(study, heartbeat)
+        self.budget = budget
+        trials = budget.see(fail_dead_trials(study, heartbeat))
         if not budget.open(trials) and not budget.running(trials):
             log.info("study %s already has %d finished trials", study.study_name, budget.finished(trials))
             return 0
@@ -229,7 +233,7 @@ class Runner:
                         time.sleep(POLL)
                     else:
                         break
-                    trials = fail_dead_trials(study, heartbeat)
+                    trials = budget.see(fail_dead_trials(study, heartbeat))
             finally:
                 study.sampler = sampler
         return self.ran
@@ -241,9 +245,10 @@ class Runner:
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             self.ran, self.current = self.ran + 1, None
             bar.update()
-            self._count_failure(trial.state, trial.user_attrs.get("failure"))
+            self._count_failure(trial.state, trial_records(trial).failure)
             self._show_best(bar)
-            if self.interrupted or not budget.open(fail_dead_trials(study, self.search.heartbeat, stale=False)):
+            trials = budget.see(fail_dead_trials(study, self.search.heartbeat, stale=False))
+            if self.interrupted or not budget.open(trials):
                 study.stop()
 
         try:
@@ -291,16 +296,24 @@ class Runner:
                 pass
 
     def _objective(self, trial: optuna.Trial) -> list[float]:
-        """One candidate: its worker, parameters, plan and records on ``trial``, then its
-        objective values. A failed candidate raises, after recording why (``failure``)."""
+        """One candidate: its parameters, then its records on ``trial`` (``records.py``), then
+        its objective values. The records take three writes of ``trial.set_user_attr``: the
+        ``candidate`` (worker, device, seed, plan hash) and ``plan`` attributes once the
+        parameters are decoded, before the candidate is merged, and the ``result`` attribute
+        (metrics, timings, or why it failed: ``failure``) when the trial ends, also when it fails,
+        is pruned or interrupted. A failed candidate raises after recording why; a lost storage,
+        or a trial finished meanwhile by another worker, raises without writing."""
         self.current = trial.number
-        trial.set_user_attr("worker", worker_id())
+        result: dict[str, Any] = {}
         try:
-            return self._evaluate(trial)
-        except (*STORAGE_ERRORS, optuna.TrialPruned, UpdateFinishedTrialError):
+            return self._evaluate(trial, result)
+        except (*STORAGE_ERRORS, UpdateFinishedTrialError):
+            result.clear()  # nothing more can be written
+            raise
+        except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted")
+            result["failure"] = "interrupted"
             raise
         except Exception as error:
             reason = str(error) if isinstance(error, _Failed) else \
@@ -308,39 +321,43 @@ class Runner:
             if self.materializer.device.type == "cuda":
                 torch.cuda.empty_cache()
             log.warning("trial %d failed: %s", trial.number, reason)
-            trial.set_user_attr("failure", reason)
+            result["failure"] = reason
             raise
+        finally:
+            if result:
+                trial.set_user_attr(RESULT, result)
 
-    def _evaluate(self, trial: optuna.Trial) -> list[float]:
+    def _evaluate(self, trial: optuna.Trial, result: dict[str, Any]) -> list[float]:
+        """``trial``'s objective values, after writing its ``candidate`` and ``plan``; its ``result``
+        records go into ``result`` (written by the caller)."""
         search, experiment = self.search, self.search.experiment
         config = search.decode({name: _suggest(trial, name, distribution)
                                 for name, distribution in search.space.distributions().items()})
         plan = config.to_yaml()
         key = plan_hash(plan, experiment.seed)
-        for name, value in (("plan", plan), ("plan_hash", key), ("seed", experiment.seed),
-                            ("device", self.device_name)):
-            trial.set_user_attr(name, value)
-        previous = _completed_with(search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key)
+        # with the worker, by which a dead worker's trial is found (coordination.fail_dead_trials)
+        trial.set_user_attr(CANDIDATE, {"worker": worker_id(), "device": self.device_name, "seed": experiment.seed,
+                                        "plan_hash": key})
+        trial.set_user_attr(PLAN, plan)
+        previous = _completed_with(self.budget.trials, key)  # the study as read before this trial was asked
         if previous is not None:
-            trial.set_user_attr("metrics", previous.user_attrs.get("metrics"))
-            trial.set_user_attr("same_plan_as", previous.number)
+            result.update(metrics=trial_records(previous).metrics, same_plan_as=previous.number)
             return list(previous.values)
         started = time.perf_counter()
         model = self.materializer.apply(config, seed=experiment.seed)
         if self.materializer.device.type == "cuda":
             torch.cuda.synchronize(self.materializer.device)
         materialized = time.perf_counter()
-        trial.set_user_attr("time_materialize_s", round(materialized - started, 4))
+        result["time_materialize_s"] = round(materialized - started, 4)
         scores: dict[str, float] = {}
         for fraction, scores in search.fitness.iter_stages(model, self.materializer.tokenizer, cache_key=key):
             values = search.fitness.objectives(scores)
             if fraction < 1 and len(values) == 1:
                 trial.report(values[0], step=round(fraction * 1000))
                 if trial.should_prune():
-                    trial.set_user_attr("metrics", scores)
+                    result["metrics"] = scores
                     raise optuna.TrialPruned()
-        trial.set_user_attr("time_fitness_s", round(time.perf_counter() - materialized, 4))
-        trial.set_user_attr("metrics", scores)
+        result.update(time_fitness_s=round(time.perf_counter() - materialized, 4), metrics=scores)
         if not all(math.isfinite(v) for v in values):
             raise _Failed(f"non-finite fitness {scores}")
         return values
@@ -359,7 +376,7 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
 
 def _completed_with(trials: list[FrozenTrial], key: str) -> FrozenTrial | None:
     """A completed trial among ``trials`` that scored the same candidate (plan hash ``key``)."""
-    return next((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("plan_hash") == key),
+    return next((t for t in trials if t.state == TrialState.COMPLETE and trial_records(t).plan_hash == key),
                 None)
 
 

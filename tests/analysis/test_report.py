@@ -18,6 +18,7 @@ from evomerge.errors import EvomergeError
 from evomerge.live.modeling import load_model
 from evomerge.search.driver import run_search
 from evomerge.search.experiment import parse_experiment
+from evomerge.search.records import trial_records
 from evomerge.zoo.synthetic import build_family
 
 FUNCTIONS = Path(__file__).parents[1] / "data" / "search" / "fitness_fns.py"
@@ -93,8 +94,8 @@ def test_heldout_rows_cover_trial_base_sources_and_defaults_on_the_test_split(re
     assert [row["kind"] for row in rows] == ["trial", "base", "source", "source", "source", "default", "default"]
     best = search.study.best_trial
     assert rows[0]["trial"] == best.number
-    assert rows[0]["metrics"]["skill"] == best.user_attrs["metrics"]["skill"] + 1000.0  # the test split
-    assert best.user_attrs["metrics"]["skill"] < 1000  # the search never saw it
+    assert rows[0]["metrics"]["skill"] == trial_records(best).metrics["skill"] + 1000.0  # the test split
+    assert trial_records(best).metrics["skill"] < 1000  # the search never saw it
     for row in rows:
         scores = row["metrics"]
         assert row["objectives"]["weighted_sum"] == pytest.approx(scores["skill"] - 0.5 * scores["norm"])
@@ -166,7 +167,7 @@ def test_multi_objective_report_has_a_pareto_front(llama, tmp_path):
     page = (out / "index.html").read_text()
     for stem in ("pareto-front", "history-0", "history-1", "importances-0", "importances-1"):
         assert (out / f"{stem}.png").stat().st_size > 5000 and f'id="{stem}"' in page
-    front = {t.user_attrs["plan_hash"] for t in search.study.best_trials}
+    front = {trial_records(t).plan_hash for t in search.study.best_trials}
     assert len(list(out.glob("layers-*.png"))) == len(front)
     assert not (out / "heldout.json").exists() and "heldout" not in page
 

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from evomerge.search.distributed.storage import open_storage
 from evomerge.search.driver import run_search
 from evomerge.search.experiment import parse_experiment
+from evomerge.search.records import CANDIDATE, PLAN, RESULT, trial_records
 from tests.search.test_search import FUNCTIONS, experiment_dict
 
 
@@ -52,8 +53,11 @@ def test_single_objective_study_with_a_failed_trial(llama, tmp_path, monkeypatch
         attrs = {a["key"]: a["value"] for a in served[trial.number]["user_attrs"]}
         assert attrs.keys() == trial.user_attrs.keys()
         if trial.state != TrialState.WAITING:  # the decoded merge config and the scores, readable there
-            assert attrs["plan"] == trial.user_attrs["plan"]
-            assert json.loads(attrs.get("metrics", "null")) == trial.user_attrs.get("metrics")
+            records = trial_records(trial)
+            assert attrs[PLAN] == records.plan and yaml.safe_load(attrs[PLAN])  # whole: a string is not cut
+            candidate, result = json.loads(attrs[CANDIDATE]), json.loads(attrs[RESULT])
+            assert candidate["worker"] == records.worker
+            assert result.get("metrics") == records.metrics or result["failure"] == records.failure
         assert served[trial.number]["state"] == trial.state.name.capitalize()
     assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING}
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)

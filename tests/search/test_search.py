@@ -28,6 +28,7 @@ from evomerge.io import shipped
 from evomerge.live.materializer import Materializer
 from evomerge.search.driver import Runner, open_search, run_search
 from evomerge.search.experiment import parse_experiment
+from evomerge.search.records import CANDIDATE, PLAN, RESULT, trial_records
 from evomerge.search.samplers import make_sampler
 from tests.conftest import read_folder
 
@@ -73,13 +74,14 @@ def test_search_records_every_trial_and_starts_from_known_recipes(llama, tmp_pat
     assert len(trials) == 11 and all(t.state == TrialState.COMPLETE for t in trials)
     recipes = search.space.known_recipes()
     assert [t.params for t in trials[:len(recipes)]] == recipes
-    assert all(t.user_attrs.get("warm_start") for t in trials[:len(recipes)])
+    assert all(trial_records(t).warm_start for t in trials[:len(recipes)])
     for trial in trials:
-        attrs = trial.user_attrs
-        assert yaml.safe_load(attrs["plan"])["merge_method"] == "ties"
-        assert attrs["metrics"]["close"] == pytest.approx(trial.value)
-        assert attrs["seed"] == 0 and attrs["device"] == "cpu" and ":" in attrs["worker"]
-        assert attrs["time_materialize_s"] > 0 and attrs["time_fitness_s"] >= 0
+        records = trial_records(trial)
+        assert yaml.safe_load(records.plan)["merge_method"] == "ties"
+        assert records.metrics["close"] == pytest.approx(trial.value)
+        assert records.seed == 0 and records.device == "cpu" and ":" in records.worker
+        assert records.time_materialize_s > 0 and records.time_fitness_s >= 0
+        assert set(trial.user_attrs) <= {CANDIDATE, PLAN, RESULT, "warm_start"}  # the records, packed
     assert len(logged(test_log)) == 11  # one fitness call per trial
     assert search.study.user_attrs["mergekit_compatible"] is True
 
@@ -92,7 +94,7 @@ def test_rerun_resumes_without_repeating(llama, tmp_path, test_log):
     more = run_search(experiment, n_trials=13, progress=False).study.get_trials()
     assert len(more) == 13 and {t.number: t.value for t in more[:10]} == first
     fingerprints = [entry["fingerprint"] for entry in logged(test_log)]
-    assert len(fingerprints) == 13 - sum("same_plan_as" in t.user_attrs for t in more)
+    assert len(fingerprints) == 13 - sum(trial_records(t).same_plan_as is not None for t in more)
 
 
 def test_a_repeated_plan_reuses_the_stored_result(llama, tmp_path, test_log):
@@ -104,8 +106,36 @@ def test_a_repeated_plan_reuses_the_stored_result(llama, tmp_path, test_log):
 
     Runner(search, progress=False).run(2, None)
     first, second = search.study.get_trials()[:2]
-    assert second.user_attrs["same_plan_as"] == first.number and second.value == first.value
+    assert trial_records(second).same_plan_as == first.number and second.value == first.value
     assert len(logged(test_log)) == 1
+
+
+def test_a_trial_writes_its_records_in_three_user_attributes_and_the_loop_reads_the_study_once_a_trial(
+        llama, tmp_path, test_log, monkeypatch):
+    """The loop's own storage traffic (issue #18; benchmarks/search_storage.py counts it): a
+    trial's records are three user-attribute writes (``candidate``, ``plan``, ``result``:
+    records.py), its parameters one write each (Optuna's suggest API), and between two trials the
+    loop reads the study once (the budget's gate and the plan-hash check reuse that read; besides,
+    the warm start looks at the study once and the loop reads it twice before and twice after
+    study.optimize)."""
+    search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, sampler="random",
+                                                                         n_trials=6))))
+    runner = Runner(search, progress=False)
+    reads, attrs, params = [], [], []
+    get_trials = search.study.get_trials
+    storage = optuna.storages.RDBStorage
+    set_attr, set_param = storage.set_trial_user_attr, storage._set_trial_param  # behind Optuna's cache
+    monkeypatch.setattr(search.study, "get_trials", lambda **kw: reads.append(1) or get_trials(**kw))
+    monkeypatch.setattr(storage, "set_trial_user_attr",
+                        lambda self, trial_id, key, value: attrs.append(key) or set_attr(self, trial_id, key, value))
+    monkeypatch.setattr(storage, "_set_trial_param",
+                        lambda self, trial_id, *args: params.append(args[0]) or set_param(self, trial_id, *args))
+    assert runner.run(6, None) == 6
+    assert attrs == [CANDIDATE, PLAN, RESULT] * 6
+    assert len(params) == 6 * len(search.space.distributions())
+    assert len(reads) <= 6 + 5
+    done = search.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 6 and all(trial_records(t).metrics and trial_records(t).worker for t in done)
 
 
 def test_failing_and_nan_candidates_fail_only_their_trial(llama, tmp_path, test_log, monkeypatch):
@@ -115,8 +145,9 @@ def test_failing_and_nan_candidates_fail_only_their_trial(llama, tmp_path, test_
                         progress=False).study.get_trials()
     states = [t.state for t in trials]
     assert states.count(TrialState.FAIL) == 2 and states.count(TrialState.COMPLETE) == 4
-    assert "planned failure at call 2" in trials[1].user_attrs["failure"]
-    assert "returned NaN" in trials[3].user_attrs["failure"]
+    assert "planned failure at call 2" in trial_records(trials[1]).failure
+    assert "returned NaN" in trial_records(trials[3]).failure
+    assert trial_records(trials[3]).time_materialize_s and trial_records(trials[1]).plan  # recorded before failing
 
 
 def test_a_failed_candidate_is_one_warning_line_without_optunas_traceback(llama, tmp_path, test_log,
@@ -198,7 +229,7 @@ def test_resume_after_kill_9_keeps_completed_trials_and_repeats_none(llama, tmp_
     trials = optuna.load_study(study_name="t", storage=f"sqlite:///{db}").get_trials()
     assert {t.number: t.value for t in trials if t.number in before} == before  # nothing lost
     dead = [t for t in trials if t.state == TrialState.FAIL]
-    assert all("died mid-trial" in t.user_attrs["failure"] for t in dead) and len(dead) <= 1
+    assert all("died mid-trial" in trial_records(t).failure for t in dead) and len(dead) <= 1
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert len(trials) == 12 + len(dead)  # the dead trial was retried and its retry counts instead
     for trial in dead:

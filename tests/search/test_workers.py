@@ -25,6 +25,7 @@ from evomerge.search.distributed.coordination import Budget, OverBudget, fail_de
 from evomerge.search.distributed.storage import RETRY, open_storage
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import parse_experiment
+from evomerge.search.records import CANDIDATE, trial_records
 from tests.search.test_search import REPO, experiment_dict, logged, wait_for, write_experiment
 
 HEARTBEAT = "2"  # seconds; a trial silent for 3 heartbeats counts as dead
@@ -172,6 +173,39 @@ def test_claim_counts_a_retry_enqueued_meanwhile_in_place_of_its_failed_trial(tm
     assert budget.open(study.get_trials())
 
 
+def test_the_gate_places_a_trial_from_the_last_read_and_reads_the_study_only_when_it_cannot(
+        tmp_path, monkeypatch):
+    study = _study(tmp_path, waiting=1)
+    budget = gated(study, 2)
+    reads: list[int] = []
+    get_trials = study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda **kw: reads.append(1) or get_trials(**kw))
+    for _ in range(2):  # trial 0 popped from the queue, then trial 1 created: both placed from the read
+        budget.see(get_trials())
+        study.tell(study.ask(), 1.0)
+    assert reads == []
+    budget.see(get_trials())
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)  # another worker's
+    other.ask()  # trial 2, unknown to this worker's read
+    with pytest.raises(OverBudget):
+        study.ask()  # trial 3: the read cannot place it, the study is read again
+    assert reads == [1] and [t.number for t in budget.trials] == [0, 1, 2, 3]
+
+
+def test_a_retry_created_since_the_last_read_is_put_back_once_then_runs(tmp_path):
+    """A retry created after the worker's last read counts in place of its failed trial, which the
+    read does not know yet: the gate places it too late, puts it back, and the next read runs it."""
+    study = _study(tmp_path)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    budget = gated(study, 1)
+    budget.see(study.get_trials())
+    RETRY(study, study.get_trials()[0])  # before this worker's next ask (optimize's stale check)
+    with pytest.raises(OverBudget):
+        study.ask()
+    assert budget.open(budget.see(study.get_trials()))
+    assert study.ask().number == 1
+
+
 def test_a_failed_heartbeat_write_is_logged_and_the_next_one_still_made(tmp_path, monkeypatch, caplog):
     """Optuna's heartbeat thread ends at the first failed write (the database restarting):
     open_storage's storage logs it, and the next interval writes again."""
@@ -200,7 +234,7 @@ def test_a_trial_without_heartbeat_or_worker_is_failed_after_the_grace_period(tm
     optuna.storages.fail_stale_trials(study)
     assert study.get_trials()[orphan.number].state == TrialState.RUNNING
     trials = fail_dead_trials(study, heartbeat=1)
-    assert trials[orphan.number].user_attrs["failure"] == "its worker died before recording itself"
+    assert trial_records(trials[orphan.number]).failure == "its worker died before recording itself"
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].system_attrs["retry_history"] == [orphan.number]
 
@@ -224,8 +258,8 @@ def test_three_workers_run_exactly_the_budget(experiment_dict_for, tmp_path, pos
     assert sum(t.state == TrialState.COMPLETE for t in study) == 30
     assert {t.state for t in study} <= {TrialState.COMPLETE, TrialState.WAITING}  # none lost or left running
     assert all(t.number > 29 for t in study if t.state == TrialState.WAITING)  # only a put-back over the budget
-    assert len({t.user_attrs["worker"] for t in study if t.state == TrialState.COMPLETE}) >= 2
-    reused = sum("same_plan_as" in t.user_attrs for t in study)
+    assert len({trial_records(t).worker for t in study if t.state == TrialState.COMPLETE}) >= 2
+    reused = sum(trial_records(t).same_plan_as is not None for t in study)
     assert len(logged(tmp_path / "calls.jsonl")) == 30 - reused  # each candidate scored once
     generations = {t.system_attrs.get("cma:generation") for t in study} - {None}
     assert max(generations) >= 3  # CMA-ES generations complete with concurrent workers (popsize 4)
@@ -243,17 +277,17 @@ def test_kill_9_one_worker_mid_trial_fails_and_retries_its_trial(experiment_dict
         now = datetime.datetime.now()
         return next((t for t in trials(postgres_url) if t.state == TrialState.RUNNING
                      and (now - t.datetime_start).total_seconds() < 1
-                     and int(str(t.user_attrs.get("worker", ":0")).rpartition(":")[2]) in children), None)
+                     and int(str(trial_records(t).worker or ":0").rpartition(":")[2]) in children), None)
 
-    worker = wait_for(running_child, process).user_attrs["worker"]
+    worker = trial_records(wait_for(running_child, process)).worker
     os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err  # the other two finished the budget
     assert "exited with code -9" in err
     study = trials(postgres_url)
     dead = [t for t in study if t.state == TrialState.FAIL]
-    assert len(dead) == 1 and dead[0].user_attrs["worker"] == worker
-    assert "died mid-trial" in dead[0].user_attrs["failure"]
+    assert len(dead) == 1 and trial_records(dead[0]).worker == worker
+    assert "died mid-trial" in trial_records(dead[0]).failure and trial_records(dead[0]).plan
     assert_retried(study, dead)
     assert sum(t.state == TrialState.COMPLETE for t in counted(study)) == 12
     assert not [t for t in study if t.state == TrialState.RUNNING]
@@ -264,7 +298,7 @@ def test_a_silent_worker_on_another_host_is_found_by_its_heartbeat(llama, tmp_pa
     search = open_search(parse_experiment(yaml.safe_dump(experiment_dict(llama, tmp_path, n_trials=3,
                                                                          storage=postgres_url))), heartbeat=1)
     orphan = search.study.ask(search.space.distributions())
-    orphan.set_user_attr("worker", "another-host:1")  # no process this worker could look up
+    orphan.set_user_attr(CANDIDATE, {"worker": "another-host:1"})  # no process this worker could look up
     search.study._storage.record_heartbeat(orphan._trial_id)  # ... then silence
     started = time.monotonic()
     Runner(search, progress=False).run(3, None)
@@ -281,7 +315,7 @@ def test_a_journal_study_runs_without_heartbeats(llama, tmp_path):
         llama, tmp_path, n_trials=3, storage=f"journal:{tmp_path}/study.log"))), heartbeat=1)
     assert search.heartbeat is None
     orphan = search.study.ask(search.space.distributions())
-    orphan.set_user_attr("worker", "another-host:1")
+    orphan.set_user_attr(CANDIDATE, {"worker": "another-host:1"})
     assert Runner(search, progress=False).run(3, None) == 2
     assert [t.state for t in search.study.get_trials()] == [TrialState.RUNNING] + [TrialState.COMPLETE] * 2
 
@@ -301,7 +335,7 @@ def test_kill_9_the_only_process_then_restart_loses_and_repeats_nothing(experime
     study = trials(postgres_url)
     assert {t.number: t.value for t in study if t.number in before} == before  # nothing lost
     dead = [t for t in study if t.state == TrialState.FAIL]
-    assert len(dead) <= 1 and all("died mid-trial" in t.user_attrs["failure"] for t in dead)
+    assert len(dead) <= 1 and all("died mid-trial" in trial_records(t).failure for t in dead)
     assert_retried(study, dead)
     assert [t.state for t in counted(study)] == [TrialState.COMPLETE] * 10
     scored = [e["fingerprint"] for e in logged(tmp_path / "calls.jsonl")]

@@ -11,8 +11,9 @@ requirements it does not meet are kept here, each with the test that shows it:
 * :func:`fail_dead_trials`: a trial whose worker process on this host is gone is failed at
   once, with the reason recorded, where the heartbeat waits for its grace period and records
   none (``test_resume_after_kill_9_...``, ``test_kill_9_one_worker_...``); and a trial that
-  recorded neither a heartbeat nor a worker (its worker died while asking it) is failed after
-  the grace period, which Optuna's heartbeat check never does
+  recorded neither a heartbeat nor a worker (its worker died while asking, suggesting or
+  decoding it, before it wrote its ``candidate`` records: ``driver.Runner._objective``) is failed
+  after the grace period, which Optuna's heartbeat check never does
   (``test_a_trial_without_heartbeat_or_worker_is_failed_after_the_grace_period``).
 """
 
@@ -33,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.compat.optuna import requeue, set_user_attr
 from evomerge.search.distributed.storage import GRACE, RETRY
+from evomerge.search.records import RESULT, trial_records, with_failure
 
 
 def worker_id() -> str:
@@ -54,10 +56,37 @@ class Budget:
     back as WAITING (it runs first if the study is resumed with a larger budget), so workers
     that ask at the same moment stop at exactly ``n_trials``. Enqueued trials (warm start,
     retries) count from their creation, so a warm start larger than the budget leaves its
-    last recipes waiting."""
+    last recipes waiting.
+
+    :attr:`trials` is the study as this worker last read it (:meth:`see`); the gate places a
+    trial from it where it can (:meth:`position`), so a worker that reads the study once
+    between two trials does not read it again to ask the next."""
 
     def __init__(self, n_trials: int | None):
         self.n_trials = n_trials
+        self.trials: list[FrozenTrial] | None = None  # the study's trials as last read (see)
+
+    def see(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """Keep ``trials``, the study's trials just read by this worker, as :attr:`trials`; return them."""
+        self.trials = trials
+        return trials
+
+    def position(self, number: int, study: optuna.Study) -> int:
+        """The index among the counted trials of trial ``number`` of ``study``, just asked
+        (created or popped from the queue), from :attr:`trials` where it tells, else from the
+        study read again (kept as :attr:`trials`). Since the last read, only new trials can have
+        appeared: they come after trial ``number`` or retire a failed trial before it (a retry).
+        So a popped trial that was in the last read, or a new trial numbered right after it,
+        has at most the index the last read gives it: the index returned is never too low
+        (a too high one puts a trial back that a fresh read would place within the budget)."""
+        trials = self.trials
+        if trials is not None and number < len(trials):
+            index = next((i for i, t in enumerate(self.counted(trials)) if t.number == number), None)
+            if index is not None:
+                return index
+        elif trials is not None and number == len(trials):
+            return len(self.counted(trials))
+        return [t.number for t in self.counted(self.see(study.get_trials(deepcopy=False)))].index(number)
 
     @staticmethod
     def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
@@ -95,8 +124,7 @@ class _Gate(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.budget.n_trials is not None:
-            within = [t.number for t in self.budget.counted(study.get_trials(deepcopy=False))][:self.budget.n_trials]
-            if trial.number not in within:
+            if self.budget.position(trial.number, study) >= self.budget.n_trials:
                 requeue(study, trial)
                 raise OverBudget(f"trial {trial.number} is over the budget of {self.budget.n_trials}: back to waiting")
         self.sampler.before_trial(study, trial)
@@ -133,7 +161,7 @@ def fail_dead_trials(study: optuna.Study, heartbeat: int | None, *, stale: bool 
         if (reason := _dead(trial, heartbeat)) is None:
             continue
         try:
-            set_user_attr(study, trial, "failure", reason)
+            set_user_attr(study, trial, RESULT, with_failure(trial, reason))
             failed = study.tell(trial.number, state=TrialState.FAIL)
         except (UpdateFinishedTrialError, ValueError):  # another worker got there first
             continue
@@ -148,7 +176,7 @@ def fail_dead_trials(study: optuna.Study, heartbeat: int | None, *, stale: bool 
 
 def _dead(trial: FrozenTrial, heartbeat: int | None) -> str | None:
     """Why the running ``trial``'s worker is known to be dead, or None."""
-    worker = trial.user_attrs.get("worker")
+    worker = trial_records(trial).worker
     if worker is None:
         age = (datetime.datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0
         return "its worker died before recording itself" if heartbeat and age > GRACE * heartbeat else None
