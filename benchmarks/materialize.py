@@ -44,6 +44,13 @@ Run from the repository root with the venv active::
     python benchmarks/materialize.py --methods ties,task_arithmetic --repeats 5
     python benchmarks/materialize.py --device cuda --size tinyllama   # bfloat16 on CUDA
     python benchmarks/materialize.py --threads 1 --methods ties,dare_ties --trim-cache --mergekit-repeats 0
+    python benchmarks/materialize.py --real runs/real --methods task_arithmetic,ties,dare_ties
+
+``--real DIR``: the real-model example instead (``evomerge zoo --real``: SmolLM2-135M-Instruct and
+three LoRA adapters), measured three ways in one run: the materializer with the adapters kept
+low-rank (**LoRA-native**), the same materializer over their dense equivalents (PEFT's
+``merge_and_unload`` saved as full folders under ``--cache-dir`` once: **dense**), and mergekit's
+``run_merge`` of the same configs with mergekit's ``BASE+ADAPTER`` sources, plus the reload.
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="random-mask seed (fixed, as in a search)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both tools [default: torch's default]")
+    parser.add_argument("--real", type=Path, default=None,
+                        help="the real-model example's folder (evomerge zoo --real): LoRA-native vs dense vs mergekit")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the family is built and reused "
                              "[default: <repo>/.cache/bench/llama-<size>-<dtype>]")
@@ -109,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats must be at least 1, --mergekit-repeats at least 0")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
-    default_dir = REPO_ROOT / ".cache" / "bench" / f"llama-{args.size}-{args.dtype}"
+    default_dir = REPO_ROOT / ".cache" / "bench" / (f"real-dense-{args.dtype}" if args.real
+                                                    else f"llama-{args.size}-{args.dtype}")
     args.cache_dir = (args.cache_dir or default_dir).absolute()
     return args
 
@@ -333,11 +343,63 @@ def describe_device(device: torch.device) -> str:
     return f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
+def dense_twins(base: Path, adapters: list[Path], out_dir: Path, dtype: torch.dtype) -> list[Path]:
+    """Each adapter merged into the base by PEFT (``merge_and_unload``), saved once under ``out_dir``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = []
+    for adapter in adapters:
+        folder = out_dir / adapter.name
+        if not (folder / "config.json").is_file():
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
+            model.merge_and_unload().save_pretrained(folder)
+            AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def main_real(args: argparse.Namespace) -> int:
+    """LoRA-native vs dense materializer vs mergekit on the real-model example (``--real``)."""
+    import json
+
+    base = args.real.absolute() / "base"
+    skills = json.loads((args.real / "zoo.json").read_text())["skills"]
+    adapters = [args.real.absolute() / skill for skill in skills]
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    dense = dense_twins(base, adapters, args.cache_dir, DTYPES[args.dtype])
+    variants = {"LoRA-native": [base, *adapters], "dense": [base, *dense]}
+    warm_page_cache([base, *dense])
+    import transformers.models.llama.modeling_llama  # noqa: F401  (not counted as the materializer's)
+    tables, copy = {}, None
+    for label, models in variants.items():
+        memory = PeakMemory(args.device)
+        start = time.perf_counter()
+        materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype])
+        built = time.perf_counter() - start
+        print(f"{label}: materializer built in {built:.1f} s, bound {materializer.bound.total / 1e9:.2f} GB; "
+              f"{describe_device(args.device)}, torch {torch.__version__}; load average {load():.1f}", flush=True)
+        copy = copy if copy is not None else copy_time(materializer.model, args.device, args.repeats)
+        tables[label] = bench_evomerge(materializer, args.methods, models, layers, args, memory)
+        del materializer
+    bench_mergekit(tables["LoRA-native"], [base, *(f"{base}+{adapter}" for adapter in adapters)], layers, args)
+    print(f"\napply = median of {args.repeats} candidates after the first; mergekit = median of "
+          f"{args.mergekit_repeats} run(s) of run_merge (BASE+ADAPTER sources) + from_pretrained; "
+          f"copy (one model) {copy:.3f} s; peak = above the process before loading")
+    for label, rows in tables.items():
+        note = " (mergekit columns: the same configs through mergekit)" if label == "LoRA-native" else ""
+        print(f"\n{label}{note}")
+        print(format_table(rows, copy))
+    return 1 if any(row.error for row in tables["LoRA-native"].values()) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
+    if args.real:
+        return main_real(args)
     models = ensure_family(args.cache_dir, args.size, DTYPES[args.dtype])
     warm_page_cache(models)
     layers = SIZES[args.size][1]

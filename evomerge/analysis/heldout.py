@@ -8,7 +8,8 @@ the search uses. Rows, in order:
 * ``base``: the base model, as a passthrough of all its layers;
 * ``source``: each source alone, as a passthrough of all its layers (the exact source
   weights, so its scores equal scoring the source folder loaded from disk);
-* ``default``: untuned merges of every source: task arithmetic with every weight 1.0 and
+* ``default``: untuned merges of every source: their mean (``linear``, equal weights: a uniform
+  soup, the base plus the mean of the task vectors), task arithmetic with every weight 1.0 and
   ``lambda`` 1 (the plain sum of the task vectors, as in Ilharco et al.), and TIES with
   every weight 1.0, density 0.5 and ``normalize: true`` (the TIES paper's defaults), and DARE-TIES
   with the same parameters (DARE's rescale on, its default; masks from the row's ``seed``).
@@ -44,6 +45,7 @@ from evomerge.engine.config import model_labels
 log = logging.getLogger(__name__)
 SPLIT = "test"
 DEFAULT_MERGES = {  # label -> (method, per-source parameters, top-level parameters)
+    "linear (mean)": ("linear", {"weight": 1.0}, {}),
     "task_arithmetic w=1 λ=1": ("task_arithmetic", {"weight": 1.0}, {"lambda": 1.0}),
     "ties w=1 density=0.5": ("ties", {"weight": 1.0, "density": 0.5}, {"normalize": True}),
     "dare_ties w=1 density=0.5": ("dare_ties", {"weight": 1.0, "density": 0.5}, {"normalize": True}),
