@@ -91,7 +91,8 @@ def test_heldout_rows_cover_trial_base_sources_and_defaults_on_the_test_split(re
     rows = json.loads((out / "heldout.json").read_text())
     labels = [f"trial {search.study.best_trial.number}", "base", "ft1", "ft2", "ft3", *DEFAULT_MERGES]
     assert [row["label"] for row in rows] == labels
-    assert [row["kind"] for row in rows] == ["trial", "base", "source", "source", "source", "default", "default"]
+    defaults = ["default"] * len(DEFAULT_MERGES)
+    assert [row["kind"] for row in rows] == ["trial", "base", "source", "source", "source", *defaults]
     best = search.study.best_trial
     assert rows[0]["trial"] == best.number
     assert rows[0]["metrics"]["skill"] == trial_records(best).metrics["skill"] + 1000.0  # the test split
@@ -186,7 +187,7 @@ def test_cli_report(reported, tmp_path, monkeypatch):
     storage = ["--storage", data["storage"]]  # the models and fitness from the experiment the study recorded
     stored = runner.invoke(main, ["report", "--study", "r", *storage, "-o", "rep", "--force", "-q"])
     assert stored.exit_code == 0, stored.output
-    assert len(json.loads((tmp_path / "rep" / "heldout.json").read_text())) == 7
+    assert len(json.loads((tmp_path / "rep" / "heldout.json").read_text())) == 5 + len(DEFAULT_MERGES)
     missing = runner.invoke(main, ["report", "--study", "nope", *storage, "-o", "x"])
     assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
     assert len(missing.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
