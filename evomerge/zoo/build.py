@@ -40,6 +40,18 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def up_to_date(out_dir: Path, recipe_hash: str, force: bool) -> dict | None:
+    """The manifest of the build of ``recipe_hash`` in ``out_dir`` when it is there (and not
+    ``force``); else None, after checking that ``out_dir`` may be (re)built: a build of another
+    recipe may, any other non-empty folder only with ``force``."""
+    manifest = read_manifest(out_dir)
+    if manifest and manifest["recipe_hash"] == recipe_hash and not force:
+        log.info("zoo %s is up to date in %s", recipe_hash, out_dir)
+        return manifest
+    check_output_dir(out_dir, force or manifest is not None)
+    return None
+
+
 def build_zoo(out_dir: str | Path, recipe: Recipe | None = None, *, force: bool = False,
               progress: bool = True) -> dict:
     """Build the zoo of ``recipe`` into ``out_dir`` unless it is already there; return its manifest.
@@ -49,11 +61,9 @@ def build_zoo(out_dir: str | Path, recipe: Recipe | None = None, *, force: bool 
     """
     recipe = recipe or Recipe()
     out_dir = Path(out_dir).absolute()
-    manifest = read_manifest(out_dir)
-    if manifest and manifest["recipe_hash"] == recipe.hash() and not force:
-        log.info("zoo %s is up to date in %s", recipe.hash(), out_dir)
+    manifest = up_to_date(out_dir, recipe.hash(), force)
+    if manifest:
         return manifest
-    check_output_dir(out_dir, force or manifest is not None)
     start = time.perf_counter()
     with deterministic(recipe.threads), staging(out_dir) as tmp:
         manifest = _build(tmp, recipe, progress)

@@ -20,7 +20,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-SPLITS = ("search", "test")
+from evomerge.zoo.heldout import split_items
+
 ITEMS_PER_SPLIT = 128
 _SEED = 2_000_003
 
@@ -50,13 +51,7 @@ SKILLS: dict[str, Callable[[random.Random], Item]] = {"reverse": reverse, "add":
 
 def heldout_items(skill: str, per_split: int = ITEMS_PER_SPLIT) -> dict[str, list[dict]]:
     """``{"search": [...], "test": [...]}``: ``{"prompt", "answer"}`` items with distinct prompts."""
-    rng = random.Random(f"{_SEED}:{skill}")
-    items: dict[str, dict] = {}
-    while len(items) < len(SPLITS) * per_split:
-        prompt, answer = SKILLS[skill](rng)
-        items.setdefault(prompt, {"prompt": prompt, "answer": answer})
-    ordered = list(items.values())
-    return {split: ordered[i * per_split:(i + 1) * per_split] for i, split in enumerate(SPLITS)}
+    return split_items(SKILLS[skill], random.Random(f"{_SEED}:{skill}"), per_split)
 
 
 def training_items(skill: str, rng: random.Random) -> Iterator[Item]:

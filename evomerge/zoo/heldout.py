@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from evomerge.zoo.corpus import SKILLS, general_text
@@ -26,15 +27,21 @@ GENERAL_PARAGRAPHS = 300
 _SEED = 1_000_003
 
 
-def skill_items(skill: str, per_split: int = ITEMS_PER_SPLIT) -> dict[str, list[dict]]:
-    """``{"search": [...], "test": [...]}``: ``{"prompt", "answer"}`` items with distinct prompts."""
-    rng = random.Random(f"{_SEED}:{skill}")
+def split_items(generate: Callable[[random.Random], tuple[str, str]], rng: random.Random,
+                per_split: int) -> dict[str, list[dict]]:
+    """``{"search": [...], "test": [...]}``: ``per_split`` ``{"prompt", "answer"}`` items each, drawn
+    from ``generate(rng)`` in order, every prompt distinct (a repeated draw is skipped)."""
     items: dict[str, dict] = {}
     while len(items) < len(SPLITS) * per_split:
-        prompt, answer = SKILLS[skill](rng)
+        prompt, answer = generate(rng)
         items.setdefault(prompt, {"prompt": prompt, "answer": answer})
     ordered = list(items.values())
     return {split: ordered[i * per_split:(i + 1) * per_split] for i, split in enumerate(SPLITS)}
+
+
+def skill_items(skill: str, per_split: int = ITEMS_PER_SPLIT) -> dict[str, list[dict]]:
+    """``{"search": [...], "test": [...]}``: ``{"prompt", "answer"}`` items with distinct prompts."""
+    return split_items(SKILLS[skill], random.Random(f"{_SEED}:{skill}"), per_split)
 
 
 def heldout_prompts(skill: str) -> set[str]:

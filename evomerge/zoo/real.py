@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.io.writer import check_output_dir
-from evomerge.zoo.build import MANIFEST, deterministic, read_manifest, staging
+from evomerge.zoo.build import MANIFEST, deterministic, staging, up_to_date
 from evomerge.zoo.chat_skills import SKILLS, heldout_items, training_items
 from evomerge.zoo.train import train
 
@@ -195,11 +194,9 @@ def build_real_zoo(out_dir: str | Path, recipe: RealRecipe | None = None, *, ggu
 
     recipe = recipe or RealRecipe()
     out_dir = Path(out_dir).absolute()
-    manifest = read_manifest(out_dir)
-    if manifest and manifest["recipe_hash"] == recipe.hash() and not force:
-        log.info("real zoo %s is up to date in %s", recipe.hash(), out_dir)
+    manifest = up_to_date(out_dir, recipe.hash(), force)
+    if manifest:
         return manifest
-    check_output_dir(out_dir, force or manifest is not None)
     gguf = Path(gguf) if gguf else wheel_gguf()
     start = time.perf_counter()
     with deterministic(recipe.threads), staging(out_dir) as tmp:

@@ -20,6 +20,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io import shipped
 from evomerge.io.source import open_model
 from evomerge.zoo import chat_skills
+from evomerge.zoo.heldout import SPLITS
 from evomerge.zoo.real import (RealRecipe, _answer_loss, _padded, build_real_zoo, encode, greedy_match,
                                pad_id, wheel_gguf)
 from evomerge.zoo.train import _next_token_loss
@@ -48,7 +49,7 @@ def test_shipped_items_are_the_generators_and_disjoint(tmp_path):
         assert shipped_file.read_text() == path.read_text(), f"{shipped_file} differs from the generator"
     for skill in chat_skills.SKILLS:
         items = chat_skills.heldout_items(skill)
-        search, test = ({item["prompt"] for item in items[split]} for split in chat_skills.SPLITS)
+        search, test = ({item["prompt"] for item in items[split]} for split in SPLITS)
         assert len(search) == len(test) == chat_skills.ITEMS_PER_SPLIT and not search & test
         stream = chat_skills.training_items(skill, random.Random(0))
         assert not {next(stream)[0] for _ in range(300)} & (search | test)
