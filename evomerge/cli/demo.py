@@ -7,7 +7,7 @@ folder), runs the shipped default experiment (``zoo_ps``) with a SQLite study
 (``runs/demo/study.db``, resumed if it exists), exports the best trial's merge config
 (``runs/demo/best.yaml``), writes the report (``runs/demo/report/``), and
 returns the held-out table: the best merge vs the base, each specialist and the default
-task-arithmetic and TIES merges, on the test split the search never saw.
+merges (the mean, task arithmetic, TIES, DARE-TIES), on the test split the search never saw.
 """
 
 from __future__ import annotations
