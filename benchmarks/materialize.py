@@ -258,7 +258,8 @@ def bench_mergekit(rows: dict[str, Row], models: list[Path], layers: int,
     from mergekit.options import MergeOptions
     from transformers import AutoModelForCausalLM
 
-    options = MergeOptions(device=str(args.device), quiet=True)
+    options = MergeOptions(device=str(args.device), quiet=True,  # BASE+ADAPTER sources are merged into here
+                           lora_merge_cache=str(args.cache_dir / "mergekit-lora-cache"))
     for method, row in rows.items():
         for repeat in range(args.mergekit_repeats):
             config = MergeConfiguration.model_validate(candidate(method, models, layers, repeat + 1,
@@ -344,17 +345,23 @@ def describe_device(device: torch.device) -> str:
 
 
 def dense_twins(base: Path, adapters: list[Path], out_dir: Path, dtype: torch.dtype) -> list[Path]:
-    """Each adapter merged into the base by PEFT (``merge_and_unload``), saved once under ``out_dir``."""
+    """Each adapter merged into the base by PEFT (``merge_and_unload``), saved once under ``out_dir``
+    with every tensor the base stores (``save_pretrained`` would leave out a tied head)."""
     from peft import PeftModel
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folders = []
     for adapter in adapters:
         folder = out_dir / adapter.name
-        if not (folder / "config.json").is_file():
+        if not (folder / "model.safetensors").is_file():
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
-            model.merge_and_unload().save_pretrained(folder)
+            merged = model.merge_and_unload()
+            folder.mkdir(parents=True, exist_ok=True)
+            merged.config.save_pretrained(folder)
             AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+            save_file({name: tensor.detach().clone().contiguous() for name, tensor in merged.state_dict().items()},
+                      folder / "model.safetensors", metadata={"format": "pt"})
         folders.append(folder)
     return folders
 

@@ -76,9 +76,14 @@ def import_gguf(file: str | Path, out_dir: str | Path, *, dtype: torch.dtype = t
                          f"({_first_line(error)})") from None
     writer = ModelWriter(out_dir, force=force)
     try:
+        tensors = revert_weight_conversion(model, model.state_dict())
+        head = model.get_output_embeddings()
+        head_names = {name for name, module in model.named_modules() if module is head}  # e.g. {"lm_head"}
         stored: set[int] = set()
-        for name, tensor in revert_weight_conversion(model, model.state_dict()).items():
-            if tensor.data_ptr() in stored:  # a tied weight (lm_head = embed_tokens): stored once
+        # a tied head is stored once, under the input embedding's name, as save_pretrained does (the
+        # head last, so the embedding's name is met first); mergekit and HF fine-tunes expect that name
+        for name, tensor in sorted(tensors.items(), key=lambda item: item[0].rsplit(".", 1)[0] in head_names):
+            if tensor.data_ptr() in stored:
                 continue
             stored.add(tensor.data_ptr())
             writer.add(name, tensor)

@@ -68,6 +68,10 @@ def test_float16_gguf_and_tied_head(original, tmp_path):
     out = import_gguf(file, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as stored:  # once, under save_pretrained's name
+        assert "model.embed_tokens.weight" in stored.keys() and "lm_head.weight" not in stored.keys()
     imported, reference = AutoModelForCausalLM.from_pretrained(out), gguf_load(file)
     tokens = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
