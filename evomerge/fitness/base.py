@@ -31,6 +31,10 @@ class Metric(ABC):
     """
 
     item_mean = False
+    #: Forward-pass tokens this metric has computed so far, a running count that ``score`` keeps
+    #: (every token fed to the model, a shared prompt prefix once per call); a fitness reports
+    #: the count's growth per candidate.
+    tokens_scored: int = 0
 
     def __init__(self, name: str, direction: Direction, weight: float):
         self.name, self.direction, self.weight = name, direction, weight
