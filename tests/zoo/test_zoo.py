@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -135,19 +136,59 @@ def test_slot_that_does_not_fit_is_refused(tmp_path):
         build_zoo(tmp_path / "zoo", recipe, progress=False)
 
 
-def test_rebuild_is_deterministic_and_cached(zoo, tmp_path, caplog):
+def test_rebuild_is_deterministic_and_cached(zoo, tmp_path):
     out, manifest = zoo
-    again = build_zoo(tmp_path / "zoo", Recipe().override(**MINI), progress=False)
-    assert again["scores"] == manifest["scores"]
+    again = tmp_path / "zoo"
+    shutil.copytree(out, again)
+    stamp = (again / "base" / "model.safetensors").stat().st_mtime_ns
+    overrides = [f"--set={k}={v}" for k, v in MINI.items()]
+    result = CliRunner().invoke(main, ["zoo", str(again), *overrides])
+    assert result.exit_code == 0, result.output
+    assert str(again) in result.output
+    assert (again / "base" / "model.safetensors").stat().st_mtime_ns == stamp  # up to date: kept
+    result = CliRunner().invoke(main, ["zoo", str(again), *overrides, "--rebuild"])
+    assert result.exit_code == 0, result.output
+    assert (again / "base" / "model.safetensors").stat().st_mtime_ns != stamp  # trained again
+    rebuilt = json.loads((again / MANIFEST).read_text())
+    assert rebuilt["scores"] == manifest["scores"]
     for name in manifest["paths"]:
-        first, second = read_folder(out / name), read_folder(tmp_path / "zoo" / name)
+        first, second = read_folder(out / name), read_folder(again / name)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[n], second[n]) for n in first), name
-    stamp = (out / "base" / "model.safetensors").stat().st_mtime_ns
-    result = CliRunner().invoke(main, ["zoo", str(out), *(f"--set={k}={v}" for k, v in MINI.items())])
-    assert result.exit_code == 0, result.output
-    assert str(out) in result.output
-    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_build_records_its_versions(zoo):
+    import transformers
+
+    _, manifest = zoo
+    versions = manifest["versions"]
+    assert versions["torch"] == torch.__version__ and versions["transformers"] == transformers.__version__
+    assert {"python", "platform", "tokenizers", "numpy", "evomerge"} <= set(versions)
+
+
+def test_the_shipped_zoo_is_the_default_recipes_and_is_copied(tmp_path):
+    from evomerge.zoo.build import read_manifest, shipped_zoo
+    from evomerge.zoo.evaluate import exact_match
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = shipped_zoo()
+    assert source is not None
+    manifest = read_manifest(source)
+    # a changed recipe (or FORMAT) needs the shipped weights rebuilt:
+    # evomerge zoo evomerge/shipped/zoo --rebuild (and the README's numbers measured again)
+    assert manifest["recipe_hash"] == Recipe().hash()
+    assert {"torch", "transformers", "python"} <= set(manifest["versions"])
+    out = tmp_path / "zoo"
+    assert build_zoo(out, progress=False) == manifest  # copied, not trained (seconds)
+    for name in manifest["paths"]:
+        assert read_folder(out / name).keys() == read_folder(source / name).keys()
+        shipped_tensors, copied = read_folder(source / name), read_folder(out / name)
+        assert all(torch.equal(shipped_tensors[n], copied[n]) for n in copied), name
+    # the weights are those the manifest's scores were measured on (greedy exact match, test split)
+    model = AutoModelForCausalLM.from_pretrained(out / "reverse", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "reverse")
+    items = skill_items("reverse")["test"][:manifest["recipe"]["eval_items"]]
+    assert exact_match(model, tokenizer, items) == manifest["scores"]["reverse"]["reverse"]
 
 
 def test_refuses_foreign_folder_and_bad_overrides(tmp_path):
