@@ -68,16 +68,20 @@ class Scored:
 def model_input(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[int, ...]:
     """The tokens HFLM feeds the model for one request: ``(context + continuation)[:-1]``, its
     last ``max_length`` (lm-eval's left truncation); the logits at its last ``len(continuation)``
-    positions score the continuation. Asserts what HFLM asserts."""
-    assert len(context) > 0 and len(continuation) > 0 and len(continuation) <= max_length
+    positions score the continuation. Refuses what HFLM asserts against."""
+    if not context or not continuation or len(continuation) > max_length:
+        raise ValueError(f"a loglikelihood request needs a context and 1 to max_length ({max_length}) "
+                         f"continuation tokens; got {len(context)} and {len(continuation)}")
     return tuple((list(context) + list(continuation))[-(max_length + 1):][:-1])
 
 
 def lm_eval_input_tokens(pairs: Sequence[Pair], max_length: int, *, logits_cache: bool = True) -> int:
     """The tokens HFLM's ``_loglikelihood_tokens`` feeds the model for ``pairs``, without padding:
-    each request's :func:`model_input`, a repeated input once where its logits cache groups them."""
-    inputs = [model_input(context, continuation, max_length) for context, continuation in pairs]
-    return sum(len(i) for i in (set(inputs) if logits_cache else inputs))
+    each request's :func:`model_input`; with its logits cache, once per group of requests with the
+    same ``context + continuation[:-1]`` (its grouping key, before truncation)."""
+    lengths = {(tuple(c) + tuple(k))[:-1] if logits_cache else i: len(model_input(c, k, max_length))
+               for i, (c, k) in enumerate(pairs)}
+    return sum(lengths.values())
 
 
 def unavailable_reason(model: nn.Module) -> str | None:
@@ -216,8 +220,9 @@ def _reason(model: nn.Module) -> str | None:
         return f"{type(model).__name__}.forward takes no {', '.join(missing)}"
     device, plain = model.get_input_embeddings().weight.device, _plain_cache(model)
     try:  # three tokens: one as a cached prefix (where a prefix would be used), two scored
-        states = _prefix_states(model, (0,), device) if plain else None
-        logprobs = _batch_logprobs(model, [(0, 0, 0)], {(0, 0, 0): 2}, int(plain), states, device, None)
+        with torch.no_grad():
+            states = _prefix_states(model, (0,), device) if plain else None
+            logprobs = _batch_logprobs(model, [(0, 0, 0)], {(0, 0, 0): 2}, int(plain), states, device, None)
     except Exception as error:  # a forward that does not take these arguments as transformers does
         return f"a probe forward with logits_to_keep as a position mask failed: {type(error).__name__}: {error}"
     if logprobs.shape[0] != 2:

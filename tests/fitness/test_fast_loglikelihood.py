@@ -6,7 +6,8 @@ Tolerance: float32, |Δ logprob| <= 1e-4 per request. The two paths add the same
 orders (other batch shapes, a prefix's keys and values computed apart and concatenated, the LM head
 on fewer rows): rounding differences of a few float32 ulps per logit; the largest seen here is
 1.5e-5 on sums of up to tens of nats (~1e-6 relative). 1e-4 leaves a margin above that and is
-still far below any difference a search could act on. is_greedy must be identical (the items are built so that some are greedy and some not).
+still far below any difference a search could act on. is_greedy must be identical (the items are
+built so that some are greedy and some not).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def build(architecture: str, tokenizer) -> torch.nn.Module:
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **special))
     else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
-                                           n_positions=512, **special))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=512, initializer_range=0.3, **special))
     with torch.no_grad():
         head = model.get_output_embeddings().weight
         head[tokenizer.convert_tokens_to_ids("\n")] *= 2
