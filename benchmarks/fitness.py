@@ -16,6 +16,18 @@ What it measures, on a synthetic Llama (``evomerge.zoo.synthetic``, float32, ``-
   (tasks rebuilt every time, what evomerge avoids) and, once, ``load_fitness`` (builds the
   task objects, once per search).
 
+* **loglikelihood throughput** (``--sections loglikelihood``): a loglikelihood task's requests
+  (``--items`` sums behind a fixed instruction and three worked examples, the prompt prefix all
+  requests share) scored per candidate by ``Fitness.evaluate`` with the fast path (the default:
+  the shared prefix once, the LM head at scored positions only) and with ``fast_loglikelihood:
+  false`` (lm-eval's ``HFLM.loglikelihood``), against the anchor, a bare batched forward pass over
+  the same token inputs (right-padded, full logits, log-softmax, gather), written here without
+  evomerge code. tokens/s counts every request's input tokens as HFLM feeds them (the same count
+  for all three); ``max |Δ logprob|`` and the is_greedy mismatches compare each request's values
+  with HFLM's. With ``--real DIR`` (a Hugging Face folder, e.g. ``runs/real/base``, SmolLM2-135M)
+  the same on that model with the shipped chat tasks (``chat_skills``: chat_reverse, chat_add,
+  chat_upper through the chat template, ``--real-items`` documents each).
+
 Every timing is the median over ``--repeats`` rounds after one warm-up round; the functions
 compared run interleaved, alternating the order each round, so that drift in machine load
 hits them alike. Each "candidate" is the same live model (its weights do not matter for
@@ -24,6 +36,7 @@ speed). Run from the repository root with the project's virtual environment acti
     python benchmarks/fitness.py                    # small llama (hidden 256, 6 layers), CPU
     python benchmarks/fitness.py --size tiny --repeats 3
     python benchmarks/fitness.py --size 100m --device cuda
+    python benchmarks/fitness.py --sections loglikelihood --real runs/real/base
 """
 
 from __future__ import annotations
@@ -65,11 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="windows / prompts per forward pass")
     parser.add_argument("--items", type=int, default=64, help="generation items per candidate")
     parser.add_argument("--gen-tokens", type=int, default=8, help="new tokens per generation item")
+    parser.add_argument("--sections", default="perplexity,generation,loglikelihood",
+                        help="comma-separated: perplexity, generation, loglikelihood")
+    parser.add_argument("--real", type=Path, default=None,
+                        help="also the loglikelihood section on this Hugging Face folder (chat tasks)")
+    parser.add_argument("--real-items", type=int, default=16, help="documents per chat task with --real")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the model is built and reused [default: <repo>/.cache/bench/fitness-<size>]")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    args.sections = args.sections.split(",")
+    if set(args.sections) - {"perplexity", "generation", "loglikelihood"}:
+        parser.error(f"unknown section in --sections {','.join(args.sections)}")
     args.cache_dir = (args.cache_dir or REPO_ROOT / ".cache" / "bench" / f"fitness-{args.size}").absolute()
     return args
 
@@ -228,6 +249,125 @@ def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
             ("  load_fitness (task objects built once per search)", f"{load_s:.3f}", "", "", "")]
 
 
+# --------------------------------------------------------------------------- loglikelihood
+
+
+PREAMBLE = "Add the two numbers.\n3 + 4 = 7\n12 + 30 = 42\n25 + 17 = 42\n"
+
+
+def write_loglikelihood_task(folder: Path, items: int) -> None:
+    rng = random.Random(2)
+    rows = []
+    for _ in range(items):
+        a, b = rng.randint(0, 40), rng.randint(0, 40)
+        rows.append({"prompt": f"{a} + {b} =", "answer": f" {a + b}"})
+    for split in ("search", "test"):
+        (folder / f"ll_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"task": "bench_add_ll", "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"search": str(folder / "ll_search.jsonl"),
+                                              "test": str(folder / "ll_test.jsonl")}},
+            "validation_split": "search", "test_split": "test", "output_type": "loglikelihood",
+            "doc_to_text": PREAMBLE + "{{prompt}}",
+            "doc_to_target": "{{answer}}",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    (folder / "bench_add_ll.yaml").write_text(yaml.safe_dump(task))
+
+
+@torch.no_grad()
+def bare_loglikelihood(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, max_length: int
+                       ) -> list[tuple[float, bool]]:
+    """The anchor: (context + continuation)[:-1], left-truncated to max_length, longest first in
+    right-padded batches, full logits, log-softmax, the continuation's log-probs and argmax."""
+    inputs = [((c + k)[-(max_length + 1):][:-1], k) for c, k in pairs]
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
+    values: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
+    device = next(model.parameters()).device
+    for lo in range(0, len(order), batch_size):
+        group = order[lo:lo + batch_size]
+        width = len(inputs[group[0]][0])
+        batch = torch.tensor([inputs[i][0] + [0] * (width - len(inputs[i][0])) for i in group], device=device)
+        logprobs = F.log_softmax(model(batch).logits, dim=-1)
+        for row, i in enumerate(group):
+            tokens, continuation = inputs[i]
+            scored = logprobs[row, len(tokens) - len(continuation):len(tokens)]
+            target = torch.tensor(continuation, device=device)
+            values[i] = (float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
+    return values
+
+
+def bench_loglikelihood(model, tokenizer, args, definition: dict, label: str) -> list[tuple]:
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.compat.lm_eval import encode_loglikelihood_requests, score_continuations_as_given
+    from evomerge.fitness.loglikelihood import score_loglikelihood
+
+    slow_definition = {**definition, "metrics": {name: {**spec, "fast_loglikelihood": False}
+                                                 for name, spec in definition["metrics"].items()}}
+    fast, slow = load_fitness(definition), load_fitness(slow_definition)
+    fast.evaluate(model, tokenizer)  # prepares the requests and caches their tokens, once per search
+    slow.evaluate(model, tokenizer)
+    pairs, theirs, batches = [], [], []
+    for metric in fast.metrics.values():
+        requests = [i for i in metric.tasks["search"].instances if i.request_type == "loglikelihood"]
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=metric.batch_size)
+        if metric.apply_chat_template:
+            score_continuations_as_given(lm)
+        with torch.no_grad():
+            theirs += lm.loglikelihood(requests, disable_tqdm=True)
+        pairs.append(encode_loglikelihood_requests(lm, requests))
+        batches.append(metric.batch_size)
+    max_length = lm.max_length
+    tokens = sum(len((c + k)[-(max_length + 1):][:-1]) for group in pairs for c, k in group)
+    before = {name: m.tokens_scored for name, m in fast.metrics.items()}
+    fast.evaluate(model, tokenizer)
+    computed = sum(m.tokens_scored - before[name] for name, m in fast.metrics.items())
+
+    def anchor():
+        return [v for group, size in zip(pairs, batches) for v in bare_loglikelihood(model, group, size, max_length)]
+
+    with torch.no_grad():
+        ours = [v for group, size in zip(pairs, batches)
+                for v in score_loglikelihood(model, group, max_length=max_length, batch_size=size).values]
+    bare = anchor()
+    seconds, _ = timed({"fast": lambda: fast.evaluate(model, tokenizer),
+                        "anchor": anchor,
+                        "lm-eval": lambda: slow.evaluate(model, tokenizer)}, args.repeats)
+    fast_s, anchor_s, slow_s = seconds["fast"], seconds["anchor"], seconds["lm-eval"]
+
+    def check(values):
+        delta = max(abs(a - b) for (a, _), (b, _) in zip(values, theirs))
+        return f"max |Δ logprob| {delta:.1g} vs HFLM, {sum(a[1] != b[1] for a, b in zip(values, theirs))} is_greedy " \
+               "mismatches"
+
+    head = f"loglikelihood tokens/s, {label} ({len(theirs)} requests, {tokens} tokens)"
+    return [(head, f"{tokens / fast_s:,.0f}", f"{tokens / anchor_s:,.0f}", f"{anchor_s / fast_s:.2f}x",
+             f"fast path; computes {computed} tokens; {check(ours)}"),
+            ("  s/candidate, fast path", f"{fast_s:.3f}", f"{anchor_s:.3f}", f"{anchor_s / fast_s:.2f}x", ""),
+            ("  s/candidate, lm-eval HFLM (fast_loglikelihood: false)", f"{slow_s:.3f}", f"{anchor_s:.3f}",
+             f"{anchor_s / slow_s:.2f}x", f"fast path {slow_s / fast_s:.2f}x faster than it"),
+            ("  anchor values", "", "", "", check(bare))]
+
+
+def loglikelihood_sections(model, tokenizer, args, work: Path) -> list[tuple]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    write_loglikelihood_task(work, args.items)
+    rows = bench_loglikelihood(model, tokenizer, args, {"include_path": str(work), "metrics": {"add": {
+        "type": "lm_eval", "task": "bench_add_ll", "metric": "acc", "batch_size": args.batch_size}}},
+        f"llama-{args.size}, add with a 4-line preamble")
+    if args.real is not None:
+        real = AutoModelForCausalLM.from_pretrained(args.real, dtype=torch.float32).to(args.device).eval()
+        real_tokenizer = AutoTokenizer.from_pretrained(args.real)
+        definition = yaml.safe_load((REPO_ROOT / "evomerge" / "shipped" / "fitness" / "chat_skills.yaml").read_text())
+        definition["include_path"] = str(REPO_ROOT / "evomerge" / "shipped" / "fitness" / "tasks")
+        for spec in definition["metrics"].values():
+            spec["limit"] = args.real_items
+        rows += bench_loglikelihood(real, real_tokenizer, args, definition,
+                                    f"{args.real.name} ({sum(p.numel() for p in real.parameters()) / 1e6:.0f}M), "
+                                    "3 chat tasks")
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -257,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__} ({torch.get_num_threads()} threads), device {args.device}, "
           f"llama-{args.size} with {params / 1e6:.1f}M parameters, float32")
     with tempfile.TemporaryDirectory() as work:
-        rows = bench_perplexity(model, tokenizer, args, Path(work))
-        rows += bench_lm_eval(model, tokenizer, args, Path(work))
+        rows = []
+        if "perplexity" in args.sections:
+            rows += bench_perplexity(model, tokenizer, args, Path(work))
+        if "generation" in args.sections:
+            rows += bench_lm_eval(model, tokenizer, args, Path(work))
+        if "loglikelihood" in args.sections:
+            rows += loglikelihood_sections(model, tokenizer, args, Path(work))
     print(f"\nmedian of {args.repeats} run(s) after a warm-up; speed vs anchor = anchor time / evomerge time "
           "(> 1: evomerge faster)")
     print(format_table(rows))

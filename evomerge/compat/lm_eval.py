@@ -1,7 +1,7 @@
 """lm-evaluation-harness private names (checked with lm-eval 0.4.13; pyproject: >=0.4.13,<0.5).
 
 evomerge scores tasks on a live model with lm-eval's own steps (``build_all_requests``, the
-task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Four of them have no
+task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Five of them have no
 public API in 0.4.x, so they are here, one small function each; ``tests/compat/test_lm_eval.py``
 fails when one moves or stops doing what is relied on.
 """
@@ -95,3 +95,29 @@ def _encode_pair_as_given(self: Any, context: str, continuation: str) -> tuple[l
         if whole_enc[:len(context_enc)] == context_enc:
             return context_enc, whole_enc[len(context_enc):]
     return context_enc, self.tok_encode(continuation, add_special_tokens=False)
+
+
+def encode_loglikelihood_requests(lm: Any, requests: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """The ``(context tokens, continuation tokens)`` that ``lm.loglikelihood(requests)`` (an
+    lm-eval ``TemplateLM``, e.g. ``HFLM``) would score, one pair per request, in order, without
+    scoring them: its own split of each pair (``_encode_pair``, as replaced on this instance, e.g.
+    by :func:`score_continuations_as_given`) and its own empty-context rule (the prefix token as
+    context).
+
+    Why private: ``TemplateLM.loglikelihood`` tokenizes and then hands the token pairs to
+    ``_loglikelihood_tokens``, private, with no public way to get the pairs alone. So this
+    instance's ``_loglikelihood_tokens`` is replaced, for the call, by one that records its
+    requests and scores nothing; the tokenization is lm-eval's own code, not a copy of it.
+    """
+    pairs: list[tuple[list[int], list[int]]] = []
+
+    def record(requests: list[tuple[Any, list[int], list[int]]], *args: Any, **kwargs: Any) -> list:
+        pairs.extend((list(context), list(continuation)) for _, context, continuation in requests)
+        return [(0.0, False)] * len(requests)
+
+    lm._loglikelihood_tokens = record
+    try:
+        lm.loglikelihood(requests, disable_tqdm=True)
+    finally:
+        del lm._loglikelihood_tokens  # the class's method again
+    return pairs

@@ -42,6 +42,7 @@ class LmEvalSpec(_Strict):
     batch_size: PositiveInt = 8
     apply_chat_template: bool = False
     gen_kwargs: dict[str, Any] | None = None
+    fast_loglikelihood: bool = True  # False: loglikelihood requests through lm-eval's HFLM (evomerge.fitness.lmeval)
 
 
 class SplitFiles(_Strict):
@@ -183,7 +184,8 @@ class _Builder:
             return LmEvalMetric(name, tasks, spec.metric, weight=spec.weight, limit=search_limit,
                                 test_limit=self.limit, num_fewshot=spec.num_fewshot,
                                 batch_size=spec.batch_size, apply_chat_template=spec.apply_chat_template,
-                                gen_kwargs=spec.gen_kwargs, path=path)
+                                gen_kwargs=spec.gen_kwargs, path=path,
+                                fast_loglikelihood=spec.fast_loglikelihood)
         except TaskError as error:
             if error.file:
                 raise ConfigError(str(error), file=error.file, field=error.field) from None

@@ -42,6 +42,25 @@ after it scored 0 on every item (issue #19). Without a chat template nothing cha
 are scored exactly as lm-eval scores them (a trailing space of the prompt still moves into the
 continuation, as word boundaries need). Generation requests are unaffected either way.
 (:func:`evomerge.compat.lm_eval.score_continuations_as_given`.)
+
+**Fast loglikelihood** (``fast_loglikelihood``, on by default). Loglikelihood requests are split
+into tokens by the ``HFLM`` instance itself (its ``_encode_pair``, as replaced for the chat
+template, and its empty-context rule; once per split and tokenizer, then reused), then scored by
+:func:`evomerge.fitness.loglikelihood.score_loglikelihood`: HFLM's per-request values (equal up
+to floating-point reduction order) with the prompt prefix all requests share computed once per
+call and the LM head applied only where a continuation token is scored. Where that cannot be
+exact (a model that is not a transformers decoder, HFLM options it does not reproduce) the metric
+says so once in the log and uses ``HFLM.loglikelihood``, as with ``fast_loglikelihood: false``.
+
+**Tokens** (:attr:`Metric.tokens_scored`, tokens the model computed, without padding).
+Loglikelihood: the fast path's count (the shared prefix once per call, then each distinct
+input's remaining tokens); through lm-eval, each distinct input as HFLM feeds it (``context +
+continuation`` without its last token, truncated to ``max_length``; HFLM's logits cache runs a
+repeated input once). Generation and other request types are counted from the forward passes
+themselves (a forward pre-hook on the model): the tokens of each call's ``input_ids`` that its
+``attention_mask`` marks real, all of them without a mask. For ``generate_until`` that is every
+prompt's tokens (left padding excluded) plus one token per sequence per decoding step; a
+sequence that has stopped still runs, and is counted, until its whole batch stops.
 """
 
 from __future__ import annotations
@@ -60,12 +79,14 @@ from torch import nn
 
 from evomerge.compat.lm_eval import (
     apply_filters_to,
+    encode_loglikelihood_requests,
     load_task_yaml,
     no_request_progress_bar,
     score_continuations_as_given,
 )
 from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
+from evomerge.fitness.loglikelihood import lm_eval_input_tokens, score_loglikelihood, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +238,7 @@ class LmEvalMetric(Metric):
     def __init__(self, name: str, tasks: dict[str, Any], metric: str, *, weight: float,
                  limit: int | None, test_limit: int | None, num_fewshot: int | None,
                  batch_size: int, apply_chat_template: bool, gen_kwargs: dict | None,
-                 path: Path):
+                 path: Path, fast_loglikelihood: bool = True):
         search = tasks["search"]
         self.metric, _, self.filter = metric.partition(",")
         filters = [f["name"] for f in search.config.filter_list or []] or ["none"]
@@ -233,7 +254,7 @@ class LmEvalMetric(Metric):
         super().__init__(name, direction, weight)
         self.item_mean = _is_mean(search.aggregation().get(self.metric, mean))
         self.tasks, self.path, self.batch_size = tasks, path, batch_size
-        self.apply_chat_template = apply_chat_template
+        self.apply_chat_template, self.fast_loglikelihood = apply_chat_template, fast_loglikelihood
         self.limits = {"search": limit, "test": test_limit}
         for task in tasks.values():
             shots = num_fewshot if num_fewshot is not None else task.get_config("num_fewshot") or 0
@@ -243,6 +264,9 @@ class LmEvalMetric(Metric):
                     raise TaskError("only applies to generate_until tasks", field="gen_kwargs")
                 task.set_config("generation_kwargs", gen_kwargs, update=True)
         self._requests: dict[str, list[list[Any]]] = {}
+        self._tokenizer: Any = None  # the tokenizer of the encodings below
+        self._encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # request args -> tokens
+        self._said: set[str] = set()  # fallback reasons already logged
 
     def sources(self) -> list[Path]:
         files = (self.tasks["test"].config.dataset_kwargs or {}).get("data_files")
@@ -277,7 +301,13 @@ class LmEvalMetric(Metric):
         for instance in (i for group in docs for i in group):
             by_type[instance.request_type].extend([instance] * instance.repeats)
         for request_type, requests in by_type.items():
-            for instance, response in zip(requests, getattr(lm, request_type)(requests, disable_tqdm=True)):
+            if request_type == "loglikelihood":
+                responses = self._loglikelihood(model, tokenizer, lm, requests)
+            else:
+                with _counting_tokens(model) as counted:
+                    responses = getattr(lm, request_type)(requests, disable_tqdm=True)
+                self.tokens_scored += counted[0]
+            for instance, response in zip(requests, responses):
                 instance.resps.append(response)
         apply_filters_to(task, [i for group in docs for i in group])
         values = []
@@ -290,6 +320,39 @@ class LmEvalMetric(Metric):
         function = self.tasks["search"].aggregation().get(self.metric, mean)
         return {self.name: float(function([v for v in values if v is not None]))}
 
+    def _loglikelihood(self, model: nn.Module, tokenizer: Any, lm: Any, requests: list[Any]
+                       ) -> list[tuple[float, bool]]:
+        """``(logprob, is_greedy)`` per request, the fast path's or ``lm``'s (module doc)."""
+        pairs = self._encode(tokenizer, lm, requests)
+        if self.fast_loglikelihood:
+            reason = self._no_fast_path(model, lm)
+            if reason is None:
+                scored = score_loglikelihood(model, pairs, max_length=lm.max_length, batch_size=self.batch_size,
+                                             softmax_dtype=lm.softmax_dtype)
+                self.tokens_scored += scored.tokens
+                return scored.values
+            if reason not in self._said:
+                self._said.add(reason)
+                log.warning("%s: loglikelihood requests scored through lm-eval's HFLM: %s", self.name, reason)
+        self.tokens_scored += lm_eval_input_tokens(pairs, lm.max_length, logits_cache=lm.logits_cache)
+        return lm.loglikelihood(requests, disable_tqdm=True)
+
+    def _encode(self, tokenizer: Any, lm: Any, requests: list[Any]) -> list[tuple[list[int], list[int]]]:
+        if tokenizer is not self._tokenizer:
+            self._tokenizer, self._encoded = tokenizer, {}
+        new = list({r.args: r for r in requests if r.args not in self._encoded}.values())
+        for request, pair in zip(new, encode_loglikelihood_requests(lm, new) if new else []):
+            self._encoded[request.args] = pair
+        return [self._encoded[r.args] for r in requests]
+
+    @staticmethod
+    def _no_fast_path(model: nn.Module, lm: Any) -> str | None:
+        if lm.backend != "causal":
+            return f"HFLM's backend is {lm.backend!r}"
+        if lm.mixed_precision_dtype is not None:
+            return "HFLM runs the model under autocast (mixed_precision_dtype)"
+        return unavailable_reason(model)
+
     def _lm(self, model: nn.Module, tokenizer: Any):
         from lm_eval.models.huggingface import HFLM
 
@@ -298,6 +361,28 @@ class LmEvalMetric(Metric):
         if self.apply_chat_template:
             score_continuations_as_given(lm)  # the generation prompt stays in the context (module doc)
         return lm
+
+
+@contextmanager
+def _counting_tokens(model: nn.Module) -> Iterator[list[int]]:
+    """``[n]``: the tokens the model's forward calls compute while the context is open, without
+    padding: per call, the ``input_ids`` its ``attention_mask`` marks real (all without a mask)."""
+    counted = [0]
+
+    def count(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")  # (batch, tokens, hidden)
+        if ids is not None:
+            mask = kwargs.get("attention_mask")
+            batch, new = ids.shape[:2]
+            counted[0] += int(mask[:, -new:].sum()) if mask is not None else batch * new
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield counted
+    finally:
+        handle.remove()
 
 
 def _is_mean(function: Any) -> bool:

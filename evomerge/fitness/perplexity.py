@@ -13,7 +13,9 @@ required for that.
 
 Perplexity = exp(total negative log-likelihood / scored tokens). The items are the windows,
 so a fraction scores the first windows of the corpus. Only the logits of scored positions
-are computed (``logits_to_keep``) and no KV cache is built.
+are computed (``logits_to_keep``) and no KV cache is built. :attr:`Metric.tokens_scored` grows by
+the tokens of every window fed (``end − begin`` each; windows are batched by equal length, so
+nothing is padded).
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ class PerplexityMetric(Metric):
                    and windows[i + len(batch)].end - windows[i + len(batch)].begin == length):
                 batch.append(windows[i + len(batch)])
             values += _score_batch(model, ids, batch)
+            self.tokens_scored += len(batch) * length
             i += len(batch)
         return values
 

@@ -119,3 +119,21 @@ def test_score_continuations_as_given_keeps_context_whitespace():
     assert patched.scored[0] == (enc, [ord(c) for c in "7\n"])
     assert patched.scored[1] == stock.scored[1] == ([ord(c) for c in "q:"], [ord(c) for c in " 7"])
     assert _CharLM.make()._encode_pair("a\n", "b") == ([ord("a")], [ord("\n"), ord("b")])  # per instance
+
+
+def test_encode_loglikelihood_requests_returns_the_pairs_loglikelihood_scores():
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+
+    assert callable(HFLM._loglikelihood_tokens)  # the step loglikelihood hands the pairs to
+    requests = [SimpleNamespace(args=(context, continuation)) for context, continuation in
+                (("q: ", "7"), ("", "ab"), ("a\n", "b"))]  # a trailing space, an empty context
+    stock = _CharLM.make()
+    stock.loglikelihood(requests, disable_tqdm=True)
+    lm = _CharLM.make()
+    assert compat.encode_loglikelihood_requests(lm, requests) == stock.scored
+    assert stock.scored[1] == ([0], [ord("a"), ord("b")])  # the prefix token (here eot, 0) as context
+    assert lm.scored == [] and "_loglikelihood_tokens" not in vars(lm)  # nothing scored, method restored
+    compat.score_continuations_as_given(lm)  # the instance's own _encode_pair is the one used
+    assert compat.encode_loglikelihood_requests(lm, requests)[0] == ([ord(c) for c in "q: "], [ord("7")])
