@@ -8,7 +8,9 @@ materialize and fitness, the device and the worker, or why it failed, in three u
 attributes (``records.py``): ``candidate`` and ``plan`` before the candidate is merged,
 ``result`` when its trial ends. A candidate that
 raises, runs out of memory or scores NaN fails its own trial only; ``max_failures_in_a_row``
-failures stop the search. Ctrl-C stops after the current trial (``study.stop``).
+failures stop the search. Ctrl-C stops after the current trial (``study.stop``). With a fitness
+that races (``racing:``), a candidate is scored in growing chunks against the study's incumbent
+and a hopeless one ends as a pruned trial carrying its estimate (:meth:`Runner._race`).
 
 Many workers (processes, hosts) may run the same study at once: they coordinate through
 the storage only (``coordination.py``): the budget is shared, and a dead worker's trial is
@@ -393,7 +395,7 @@ class Runner:
         references = self._references()
         race = fitness.race(model, self.materializer.tokenizer, references, cache_key=key)
         if race.decision is not None:
-            reference = race.decision.beaten_by if race.stopped else references[0].number
+            reference = race.decision.beaten_by if race.stopped else next(iter(race.decision.upper))
             result["race"] = {"stopped": race.stopped, "estimate": race.estimate, "reference": reference,
                               "upper": race.decision.upper[reference],
                               "items": sum(race.items.values())}
