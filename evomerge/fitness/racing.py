@@ -30,9 +30,19 @@ bound is the largest ``m`` whose capital stays below ``1/α``. It holds at every
 (*anytime valid*): looking after every chunk needs no correction for the number of looks. It
 uses the finite population (it shrinks to the exact mean at ``n = N``; ``μ_i(m)`` accounts
 for the items already drawn) and adapts to the variance of the differences (the bets ``λ_i``
-are a predictable plug-in of the running variance, clipped at 3/4), so a candidate that
-agrees with the reference on most items is bounded tightly. No normal approximation is made:
-the bound is exact for any values in [0, 1] and any ``n``.
+are a predictable plug-in of the running variance, at most ``0.75 / (1 − μ_i(m))`` so that
+every factor stays ≥ 1/4; each factor, hence the capital, grows with ``m``, which makes the
+bound a bisection), so a candidate that agrees with the reference on most items is bounded
+tightly. No normal approximation is made: the bound holds for any values in [0, 1] and any ``n``.
+
+Why paired differences rather than the candidate's own mean (the reference's items being known,
+``D_m`` = the known paired part on the items scored + the candidate's unknown mean on the rest −
+the reference's known mean on the rest): a bound on the candidate's own mean alone has half the
+range and stops a candidate that lost a skill a chunk earlier, but it can stop a candidate equal
+to the reference when the first items happen to be the reference's worst; the paired bound never
+stops a candidate that is level with or ahead of the reference on every item scored (the
+capital of the mean difference 0 then never grows), and it is tighter for candidates close to
+the reference, where a wrong stop costs most.
 
 The decision. With the bounds of all raced metrics against all references holding together,
 with probability at least ``confidence`` (a union bound: ``α = 1 − confidence`` is split evenly
@@ -58,7 +68,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BET_CLIP = 0.75  # the largest bet λ_i: keeps every capital factor in [1/4, 7/4]
+BET_CLIP = 0.75  # a bet λ_i is at most BET_CLIP / (1 − μ_i(m)): every capital factor stays ≥ 1/4
 _BISECTIONS = 60
 
 
@@ -142,7 +152,8 @@ def mean_upper_bound(values: Sequence[float], population: int, alpha: float) -> 
         return float(low)
     drawn = np.arange(n)  # items drawn before draw i (0-based i)
     remaining = population - drawn
-    # predictable plug-in bets (Waudby-Smith & Ramdas 2023, eq. 26), from draws before i only
+    # predictable plug-in bets (Waudby-Smith & Ramdas, "Estimating means of bounded random variables by
+    # betting", 2023): from the draws before i only, so the capital stays a martingale
     running_mean = (0.5 + sums[1:]) / (drawn + 2)
     deviations = np.concatenate([[0.0], np.cumsum((x - running_mean) ** 2)])[:-1]
     variance = (0.25 + deviations) / (drawn + 1)

@@ -88,8 +88,8 @@ def test_bound_closed_forms():
     assert mean_upper_bound([1.0] * 5, 20, 0.01) == 1.0
     # never above the mean with every unseen item at 1, never below the mean with them at 0
     assert mean_upper_bound([0.0] * 10, 20, 0.5) <= 0.5 and mean_upper_bound([0.0] * 10, 20, 1e-9) == 0.5
-    # one draw, all-or-nothing: the capital at m is 1 - λ(0 - m) with λ = min(plug-in, 3/4 / (1 - m))
-    m = mean_upper_bound([0.0], 1000, 0.5)  # log 2 / (1 + 0.75 m / (1 - m))... solved: (1 + b m) = 2
+    # one draw of 0: the capital at m is 1 + λ·m, λ = min(plug-in √8, 0.75 / (1 - m)); the bound is where it is 1/α
+    m = mean_upper_bound([0.0], 1000, 0.5)
     assert 1 + min(math.sqrt(2 * math.log(2) / (0.25 * math.log(2))), 0.75 / (1 - m)) * m == pytest.approx(2, abs=1e-9)
     assert mean_lower_bound([1.0, 1.0], 2, 0.1) == 1.0
     assert mean_lower_bound([0.2] * 8, 64, 0.05) < 0.2 < mean_upper_bound([0.2] * 8, 64, 0.05)

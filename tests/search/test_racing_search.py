@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from evomerge.analysis.replay import replay_racing
+from evomerge.analysis.report import trials_frame
 from evomerge.cli.main import main
 from evomerge.compat.optuna import cmaes_generation
 from evomerge.fitness import Fitness, Metric, Racing
@@ -113,6 +114,10 @@ def test_a_racing_search_stops_hopeless_candidates_and_records_what_it_scored(ll
     assert f"scored: {items:,} items, {7 * items:,} tokens in 24 trials" in status.output
     assert f"racing: {len(pruned)} of {sum(trial_records(t).race is not None for t in trials)} raced trials " \
            "stopped early" in status.output and "s saved" in status.output
+
+    frame = trials_frame(search.study)  # the report's trials.csv
+    assert frame["user_attrs_items_scored"].tolist() == [trial_records(t).items_scored for t in trials]
+    assert frame["user_attrs_raced_out"].sum() == len(pruned) and "user_attrs_items" not in frame.columns
 
     replay = replay_racing(search.study, search.fitness, Racing(first=8))  # only the complete trials replay
     assert replay.skipped == [t.number for t in pruned] and len(replay.trials) == len(complete)
