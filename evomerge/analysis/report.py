@@ -101,8 +101,10 @@ def report_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def trials_frame(study: optuna.Study) -> Any:
     """``study.trials_dataframe()`` with one ``user_attrs_<record>`` column per record of
-    :class:`~evomerge.search.records.TrialRecords` (the packed ``candidate`` and ``result``
-    attributes unpacked; a study written with one attribute per record reads the same)."""
+    :class:`~evomerge.search.records.TrialRecords` but the per-item values (the packed
+    ``candidate`` and ``result`` attributes unpacked; a study written with one attribute per record
+    reads the same), and the trial's totals ``items_scored`` and ``tokens_scored`` and whether it
+    was ``raced_out``."""
     frame = study.trials_dataframe()
     if frame.empty:
         return frame
@@ -110,8 +112,9 @@ def trials_frame(study: optuna.Study) -> Any:
     frame = frame.drop(columns=[c for c in frame.columns if c.removeprefix("user_attrs_") in
                                 {CANDIDATE, RESULT, *fields} and c.startswith("user_attrs_")])
     records = {t.number: trial_records(t) for t in study.get_trials(deepcopy=False)}
-    for name in fields:
-        frame[f"user_attrs_{name}"] = [getattr(records[n], name) for n in frame["number"]]
+    for name in [*fields, "items_scored", "tokens_scored", "raced_out"]:
+        if name != "items":  # per-item values: in the study (trial_records), too wide for a table
+            frame[f"user_attrs_{name}"] = [getattr(records[n], name) for n in frame["number"]]
     return frame
 
 

@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.errors import ConfigError
 from evomerge.search.distributed.storage import open_storage
 from evomerge.search.experiment import Experiment, load_experiment
-from evomerge.search.records import trial_records
+from evomerge.search.records import TrialRecords, trial_records
 
 
 def locate_study(experiment: str | Path | None, study: str | None, storage: str | None) -> tuple[str, str]:
@@ -67,8 +67,39 @@ def export_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
     return "\n".join(lines) + "\n" + records.plan
 
 
+def cost_lines(records: list[TrialRecords]) -> list[str]:
+    """What scoring cost, from the trials' ``scored`` and ``race`` records: items and tokens in
+    all and per trial, and, when racing stopped trials, the items it saved and the time they
+    would have taken (each metric's items not scored × its measured seconds per item, over
+    every item the study scored of it). Nothing for a study without those records."""
+    scored = [r for r in records if r.scored]
+    if not scored:
+        return []
+    items, tokens = sum(r.items_scored for r in scored), sum(r.tokens_scored for r in scored)
+    lines = [f"scored: {items:,} items, {tokens:,} tokens in {len(scored)} trials "
+             f"({items / len(scored):,.0f} items, {tokens / len(scored):,.0f} tokens a trial)"]
+    raced = [r for r in scored if r.race is not None]
+    if raced:
+        seconds: dict[str, list[float]] = {}
+        for r in scored:
+            for name, entry in r.scored.items():
+                total = seconds.setdefault(name, [0.0, 0.0])
+                total[0] += entry.get("seconds", 0.0)
+                total[1] += entry.get("items", 0)
+        stopped = [r for r in raced if r.raced_out]
+        skipped = {name: sum(r.scored[name]["of"] - r.scored[name]["items"] for r in stopped if name in r.scored)
+                   for name in seconds}
+        full = sum(entry["of"] for r in scored for entry in r.scored.values())
+        saved = sum(n * seconds[name][0] / seconds[name][1] for name, n in skipped.items() if seconds[name][1])
+        lines.append(f"racing: {len(stopped)} of {len(raced)} raced trials stopped early; {sum(skipped.values()):,} "
+                     f"items not scored ({sum(skipped.values()) / full:.0%} of a full evaluation of every trial), "
+                     f"~{saved:.1f} s saved (est.: per metric, items not scored × seconds per item)")
+    return lines
+
+
 def summarize(study: optuna.Study) -> str:
-    """A few lines: trials by state, best value(s), time spent."""
+    """A few lines: trials by state, best value(s), time spent, items and tokens scored (and saved
+    by racing: :func:`cost_lines`)."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     lines = [f"study {study.study_name}: {len(trials)} trials ("
@@ -86,6 +117,7 @@ def summarize(study: optuna.Study) -> str:
         materialize = sum(r.time_materialize_s or 0 for r in records)
         spent = materialize + sum(r.time_fitness_s or 0 for r in records)
         lines.append(f"time: {spent:.1f} s in trials ({materialize:.1f} s materializing)")
+    lines += cost_lines([trial_records(t) for t in trials])
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines.append(f"last failure: trial {failed[-1].number}: {trial_records(failed[-1]).failure or '?'}")

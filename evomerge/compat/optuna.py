@@ -1,11 +1,13 @@
 """Optuna's private names that evomerge needs: checked with ``optuna>=4.9,<6`` (tested on 5.1.0).
 
-Both functions act on a trial of the study that this process holds no :class:`optuna.Trial`
-for (another worker's, or one that ``study.ask`` just handed to the sampler): Optuna's public
-API writes a trial only through the ``Trial`` that ``ask`` returned, and finishes it only
-through ``Study.tell``. They write through the study's storage (``Study._storage``) by the
-trial's storage id (``FrozenTrial._trial_id``). ``tests/compat/test_optuna.py`` fails when
-either name moves.
+:func:`cmaes_generation` reads the generation Optuna's ``CmaEsSampler`` recorded on a trial, a
+system attribute whose key is the sampler's own (``cma:generation``): the tests check with it
+that a generation of CMA-ES takes the trials racing stopped. The two other functions act on a
+trial of the study that this process holds no :class:`optuna.Trial` for (another worker's, or
+one that ``study.ask`` just handed to the sampler): Optuna's public API writes a trial only
+through the ``Trial`` that ``ask`` returned, and finishes it only through ``Study.tell``. They
+write through the study's storage (``Study._storage``) by the trial's storage id
+(``FrozenTrial._trial_id``). ``tests/compat/test_optuna.py`` fails when any of these names moves.
 """
 
 from __future__ import annotations
@@ -32,3 +34,9 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
     ``Study.tell`` only finishes trials, and a finished one would count. Returns the storage's
     answer (False when the trial was not running)."""
     return study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+
+
+def cmaes_generation(trial: FrozenTrial) -> int | None:
+    """The CMA-ES generation ``CmaEsSampler`` (plain CMA, Optuna's default) sampled ``trial`` for;
+    None for a trial it did not sample (an enqueued one, or another sampler's)."""
+    return trial.system_attrs.get("cma:generation")

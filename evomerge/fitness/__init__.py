@@ -21,6 +21,9 @@ Definition (YAML; relative paths are relative to the file)::
     builtin_tasks: false         # also search lm-eval's built-in tasks (slow to index)
     objective: weighted_sum      # or "separate": one objective per metric with weight != 0
     stages: [0.25, 1.0]          # pruning stages: fractions of each metric's items (default [1.0])
+    racing: {first: 32, growth: 2, confidence: 0.99, seed: 0}   # instead of stages: race each candidate
+                                 # against the incumbent in growing chunks of one seeded item order
+                                 # and stop it once it cannot win (evomerge.fitness.racing; off by default)
     metrics:
       increment:
         type: lm_eval
@@ -55,5 +58,6 @@ from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Metric
 from evomerge.fitness.definition import load_fitness
 from evomerge.fitness.fitness import Fitness
+from evomerge.fitness.racing import Racing
 
-__all__ = ["SPLITS", "Fitness", "FitnessError", "Metric", "load_fitness"]
+__all__ = ["SPLITS", "Fitness", "FitnessError", "Metric", "Racing", "load_fitness"]

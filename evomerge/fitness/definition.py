@@ -22,6 +22,7 @@ from evomerge.engine.config import field_path, yaml_line
 from evomerge.errors import ConfigError
 from evomerge.fitness.base import SPLITS, Metric
 from evomerge.fitness.fitness import Fitness
+from evomerge.fitness.racing import Racing
 from evomerge.io import shipped
 
 METRIC_TYPES = ("lm_eval", "perplexity", "callable")
@@ -70,11 +71,21 @@ class CallableSpec(_Strict):
     weight: float = 1.0
 
 
+class RacingSpec(_Strict):
+    """``racing:`` (:mod:`evomerge.fitness.racing`); off when absent."""
+
+    first: PositiveInt = 32  # items of the first chunk, all raced metrics together
+    growth: float = Field(2.0, gt=1)  # each chunk ends this many times further than the previous
+    confidence: float = Field(0.99, gt=0, lt=1)  # chance that no would-be incumbent is stopped
+    seed: int = 0  # of the item order
+
+
 class FitnessSpec(_Strict):
     include_path: str | list[str] = []
     builtin_tasks: bool = False
     objective: Literal["weighted_sum", "separate"] = "weighted_sum"
     stages: list[float] = [1.0]
+    racing: RacingSpec | None = None
     metrics: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
@@ -106,10 +117,16 @@ def load_fitness(source: str | Path | dict[str, Any], base_dir: str | Path | Non
         fail((), "expected a mapping with a 'metrics' entry")
     spec = _validate(FitnessSpec, data, (), fail)
     _check_stages(spec.stages, fail)
+    if spec.racing is not None and len(spec.stages) > 1:
+        fail(("racing",), "racing replaces stages (the median pruner): give one of them")
     builder = _Builder(spec, base, limit, fail)
     metrics = [builder.metric(name, raw) for name, raw in spec.metrics.items()]
+    racing = Racing(**spec.racing.model_dump()) if spec.racing is not None else None
+    if racing is not None and not any(m.item_mean for m in metrics if m.weight != 0):
+        fail(("racing",), "racing needs an optimized metric whose score is a mean over items (lm-eval acc, "
+             "exact_match, ...); none is")
     try:
-        return Fitness(metrics, objective=spec.objective, stages=tuple(spec.stages),
+        return Fitness(metrics, objective=spec.objective, stages=tuple(spec.stages), racing=racing,
                        fingerprint=_fingerprint(data, metrics),
                        cache_file=Path(cache_file) if cache_file is not None else None)
     except ValueError as error:

@@ -10,6 +10,12 @@ Staged evaluation (pruning). ``stages`` (default ``[1.0]``) are fractions of eac
 items. :meth:`Fitness.iter_stages` yields the scores after each stage, scoring only the
 items the previous stage did not; ``evaluate(fraction=f)`` is one stage on its own.
 
+Racing (``racing`` settings, :mod:`evomerge.fitness.racing`): :meth:`Fitness.race` scores a
+candidate in growing chunks of one seeded item order and stops it as soon as it cannot beat
+the references it races against (the incumbent, or a multi-objective study's Pareto front); it
+replaces the stages. :meth:`Fitness.metered` counts what is scored (items, forward-pass tokens,
+seconds per metric), whichever way.
+
 Caching. With a ``cache_key`` (the search driver passes a hash of the merge plan), final
 scores are cached by (key, split, fraction), in memory and optionally in a JSON-lines file;
 the per-item values of the most recent keys are kept too, so a later, larger fraction of the
@@ -19,16 +25,22 @@ same candidate extends the earlier one instead of starting over.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
+from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Direction, Metric, scoring
 from evomerge.fitness.cache import ScoreCache
+from evomerge.fitness.racing import Decision, Gains, Racing, Reference, decide, in_data_order
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +48,53 @@ Objective = Literal["weighted_sum", "separate"]
 ITEM_CACHE_KEYS = 8  # candidates whose per-item values are kept for later stages
 
 
+@dataclass
+class Usage:
+    """What a fitness scored of one metric: items, forward-pass tokens (``Metric.tokens_scored``'s
+    growth) and seconds in ``score``."""
+
+    items: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Race:
+    """The outcome of :meth:`Fitness.race`: ``scores`` of every metric when the candidate ran to
+    the end, else (``stopped``) of the optimized metrics on the items scored, whose objective
+    values are ``estimate``; ``decision``: the last decision taken (None when none was);
+    ``items``: the items of each raced metric scored."""
+
+    scores: dict[str, float]
+    stopped: bool
+    estimate: list[float]
+    decision: Decision | None
+    items: dict[str, int]
+
+
 class Fitness:
     """Metrics, how they combine into objectives, pruning stages, and the score cache."""
 
     def __init__(self, metrics: list[Metric], *, objective: Objective = "weighted_sum",
-                 stages: tuple[float, ...] = (1.0,), fingerprint: str = "", cache_file: Path | None = None):
+                 stages: tuple[float, ...] = (1.0,), racing: Racing | None = None, fingerprint: str = "",
+                 cache_file: Path | None = None):
         self.metrics = {metric.name: metric for metric in metrics}
-        self.objective, self.stages = objective, tuple(stages)
+        self.objective, self.stages, self.racing = objective, tuple(stages), racing
         self._optimized = [m for m in metrics if m.weight != 0]
         if not self._optimized:
             raise ValueError("every metric has weight 0; at least one must be optimized")
+        if racing is not None:
+            if len(self.stages) > 1:
+                raise ValueError("racing replaces stages: give one of them")
+            if not any(m.item_mean for m in self._optimized):
+                raise ValueError("racing needs an optimized metric whose score is a mean over items "
+                                 "(lm-eval acc, exact_match, ...); none is")
+            for metric in self._optimized:
+                if metric.item_mean:  # scored in racing order from now on (Metric.item_order_seed)
+                    metric.item_order_seed = racing.seed
         self._cache = ScoreCache(fingerprint, cache_file)
         self._items: OrderedDict[tuple[str, str], dict[str, list[Any]]] = OrderedDict()
+        self._meters: list[dict[str, Usage]] = []
 
     @property
     def metric_names(self) -> list[str]:
@@ -62,6 +109,17 @@ class Fitness:
         if self.objective == "weighted_sum":
             return ["maximize"]
         return [m.direction for m in self._optimized]
+
+    @property
+    def gains(self) -> Gains:
+        """The objectives as gains over a reference (:class:`~evomerge.fitness.racing.Gains`): the
+        coefficient of each optimized metric, and which of them racing bounds item by item."""
+        sign = {m.name: 1.0 if m.direction == "maximize" else -1.0 for m in self._optimized}
+        if self.objective == "weighted_sum":
+            coefficients = [{m.name: m.weight * sign[m.name] for m in self._optimized}]
+        else:
+            coefficients = [{m.name: sign[m.name]} for m in self._optimized]
+        return Gains(coefficients, frozenset(m.name for m in self._optimized if m.item_mean))
 
     def objectives(self, scores: dict[str, float]) -> list[float]:
         """The objective value(s) of a scores dict from :meth:`evaluate`."""
@@ -118,6 +176,75 @@ class Fitness:
         for fraction in self.stages:
             yield fraction, self._score(model, tokenizer, split, fraction, items)
 
+    def race(self, model: nn.Module, tokenizer: Any, references: Sequence[Reference], *,
+             cache_key: str | None = None) -> Race:
+        """Score ``model`` on the search split in the chunks of :attr:`racing`, stopping as soon
+        as a reference beats it for sure (:func:`~evomerge.fitness.racing.decide`).
+
+        The optimized metrics that are not item means are scored in full first (their terms are
+        exact); metrics of weight 0 only for a candidate that survives. ``references`` hold the
+        raced metrics' per-item values in racing order; one whose item counts differ from this
+        fitness's is ignored. Without references the candidate is scored in full. A survivor's
+        scores are cached under ``cache_key`` as :meth:`evaluate`'s, and a cached candidate is
+        not scored again. Raises FitnessError when a raced metric's item is not a number in [0, 1].
+        """
+        if self.racing is None:
+            raise ValueError("this fitness has no racing settings")
+        gains = self.gains
+        with scoring(model):
+            for metric in self.metrics.values():
+                metric.prepare(model, tokenizer, "search")
+        sizes = {name: self.metrics[name].num_items("search") for name in sorted(gains.raced)}
+        if cache_key is not None and (cached := self._cache.get(cache_key, "search", 1.0)) is not None:
+            return Race(cached, False, self.objectives(cached), None, sizes)
+        items = self._item_store(cache_key, "search")
+        references = [r for r in references if all(len(r.items.get(name, ())) == n for name, n in sizes.items())]
+        decision = None
+        if references:
+            exact = self._score_counts(model, tokenizer, "search", items,
+                                       {m.name: m.num_items("search") for m in self._optimized
+                                        if m.name not in gains.raced})
+            for chunk in self.racing.chunks(sizes)[:-1]:
+                scores = {**exact, **self._score_counts(model, tokenizer, "search", items, chunk)}
+                decision = decide(gains, {name: self._unit_values(name, items[name][:n]) for name, n in chunk.items()},
+                                  exact, references, self.racing.confidence)
+                if decision.stop:
+                    return Race(scores, True, self.objectives(scores), decision, chunk)
+        scores = self._score(model, tokenizer, "search", 1.0, items)
+        if cache_key is not None:
+            self._cache.put(cache_key, "search", 1.0, scores)
+        return Race(scores, False, self.objectives(scores), decision, sizes)
+
+    def item_values(self, cache_key: str, split: str = "search") -> dict[str, list[float]]:
+        """The per-item values of candidate ``cache_key`` on ``split`` kept from its scoring, in
+        the items' own order (racing order undone), of each item-mean metric scored in full;
+        empty for a candidate no longer kept (the most recent :data:`ITEM_CACHE_KEYS` are)."""
+        store = self._items.get((cache_key, split), {})
+        out = {}
+        for name, values in store.items():
+            metric = self.metrics[name]
+            if metric.item_mean and len(values) == metric.num_items(split) and None not in values:
+                seed = metric.item_order_seed if split == "search" else None
+                out[name] = [float(v) for v in (values if seed is None else in_data_order(values, seed))]
+        return out
+
+    @contextmanager
+    def metered(self) -> Iterator[dict[str, Usage]]:
+        """Within the block, the :class:`Usage` of each metric scored (a cache hit scores nothing)."""
+        usage: dict[str, Usage] = {}
+        self._meters.append(usage)
+        try:
+            yield usage
+        finally:
+            self._meters.remove(usage)
+
+    def _unit_values(self, name: str, values: list[Any]) -> list[float]:
+        for i, value in enumerate(values):
+            if not isinstance(value, Real) or math.isnan(value) or not 0 <= value <= 1:
+                raise FitnessError(f"metric {name}: racing needs per-item values in [0, 1]; item {i} "
+                                   f"(racing order) is {value!r}")
+        return [float(v) for v in values]
+
     def _item_store(self, cache_key: str | None, split: str) -> dict[str, list[Any]]:
         if cache_key is None:
             return {}
@@ -129,16 +256,33 @@ class Fitness:
 
     def _score(self, model: nn.Module, tokenizer: Any, split: str, fraction: float,
                items: dict[str, list[Any]]) -> dict[str, float]:
+        return self._scored(model, tokenizer, split, items, self.metrics,
+                            lambda metric: metric.items_for(split, fraction))
+
+    def _score_counts(self, model: nn.Module, tokenizer: Any, split: str, items: dict[str, list[Any]],
+                      counts: dict[str, int]) -> dict[str, float]:
+        """The scores of the metrics in ``counts``, each on its first ``counts[name]`` items."""
+        return self._scored(model, tokenizer, split, items, counts, lambda metric: counts[metric.name])
+
+    def _scored(self, model: nn.Module, tokenizer: Any, split: str, items: dict[str, list[Any]],
+                names: Any, wanted: Callable[[Metric], int]) -> dict[str, float]:
         scores: dict[str, float] = {}
         with scoring(model):
             for name, metric in self.metrics.items():
+                if name not in names:
+                    continue
                 metric.prepare(model, tokenizer, split)
                 values = items.setdefault(name, [])
-                wanted = metric.items_for(split, fraction)
-                if len(values) < wanted:
-                    start, first = time.perf_counter(), len(values)
-                    values += metric.score(model, tokenizer, split, first, wanted)
-                    log.debug("%s/%s: items %d-%d scored in %.2f s", name, split, first, wanted - 1,
-                              time.perf_counter() - start)
-                scores.update(metric.aggregate(values[:wanted]))
+                count = wanted(metric)
+                if len(values) < count:
+                    start, first, tokens = time.perf_counter(), len(values), metric.tokens_scored
+                    values += metric.score(model, tokenizer, split, first, count)
+                    seconds = time.perf_counter() - start
+                    log.debug("%s/%s: items %d-%d scored in %.2f s", name, split, first, count - 1, seconds)
+                    for usage in self._meters:
+                        entry = usage.setdefault(name, Usage())
+                        entry.items += count - first
+                        entry.tokens += metric.tokens_scored - tokens
+                        entry.seconds += seconds
+                scores.update(metric.aggregate(values[:count]))
         return scores

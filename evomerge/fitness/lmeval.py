@@ -87,6 +87,7 @@ from evomerge.compat.lm_eval import (
 from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
 from evomerge.fitness.loglikelihood import lm_eval_input_tokens, score_loglikelihood, unavailable_reason
+from evomerge.fitness.racing import item_order
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,8 @@ class LmEvalMetric(Metric):
         by_doc: list[list[Any]] = [[] for _ in range(count)]
         for instance in task.instances:
             by_doc[instance.doc_id].append(instance)
+        if split == "search" and self.item_order_seed is not None:  # racing order (Metric.item_order_seed)
+            by_doc = [by_doc[i] for i in item_order(count, self.item_order_seed)]
         self._requests[split] = [sorted(group, key=lambda i: i.idx) for group in by_doc]
 
     def score(self, model: nn.Module, tokenizer: Any, split: str, start: int, stop: int) -> list[Any]:

@@ -8,7 +8,9 @@ materialize and fitness, the device and the worker, or why it failed, in three u
 attributes (``records.py``): ``candidate`` and ``plan`` before the candidate is merged,
 ``result`` when its trial ends. A candidate that
 raises, runs out of memory or scores NaN fails its own trial only; ``max_failures_in_a_row``
-failures stop the search. Ctrl-C stops after the current trial (``study.stop``).
+failures stop the search. Ctrl-C stops after the current trial (``study.stop``). With a fitness
+that races (``racing:``), a candidate is scored in growing chunks against the study's incumbent
+and a hopeless one ends as a pruned trial carrying its estimate (:meth:`Runner._race`).
 
 Many workers (processes, hosts) may run the same study at once: they coordinate through
 the storage only (``coordination.py``): the budget is shared, and a dead worker's trial is
@@ -31,6 +33,7 @@ import optuna
 import torch
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
@@ -40,12 +43,14 @@ from evomerge.engine.architecture import num_layers
 from evomerge.engine.plan import check_compatible
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness import Fitness, load_fitness
+from evomerge.fitness.fitness import Usage
+from evomerge.fitness.racing import Reference, in_item_order
 from evomerge.io.source import open_model, source_key, split_reference
 from evomerge.live.materializer import Materializer
 from evomerge.search.distributed.coordination import Budget, OverBudget, fail_dead_trials, worker_id
 from evomerge.search.distributed.storage import GRACE, STORAGE_ERRORS, lost, open_storage, storage_error
 from evomerge.search.experiment import Experiment
-from evomerge.search.records import CANDIDATE, PLAN, RESULT, trial_records
+from evomerge.search.records import CANDIDATE, PLAN, RESULT, encode_items, trial_records
 from evomerge.search.samplers import make_sampler
 from evomerge.search.spaces.loader import load_search_space
 from evomerge.search.spaces.space import SearchSpace
@@ -124,7 +129,7 @@ def open_search(experiment: Experiment, *, study_name: str | None = None, storag
     space = load_search_space(experiment.search_space, models=sources, base_model=base,
                               num_layers=num_layers(folders[experiment.models.base].config),
                               base_dir=Path.cwd(), source="search_space")
-    sampler = make_sampler(experiment.optimizer, space, fitness.directions)
+    sampler = make_sampler(experiment.optimizer, space, fitness.directions, consider_pruned=fitness.racing is not None)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if len(fitness.stages) > 1 else None
     url = storage or experiment.storage or experiment.default_storage
     backend = open_storage(url, heartbeat=heartbeat)
@@ -196,6 +201,7 @@ class Runner:
         if self.materializer.device.type == "cuda":
             self.device_name += f" ({torch.cuda.get_device_name(self.materializer.device)})"
         self.progress = progress
+        self._reference_cache: dict[int, Reference | None] = {}  # trial number -> its per-item values
 
     def run(self, n_trials: int | None, timeout: float | None) -> int:
         """Run until ``n_trials`` trials of the study have finished (counting earlier runs and
@@ -349,18 +355,75 @@ class Runner:
             torch.cuda.synchronize(self.materializer.device)
         materialized = time.perf_counter()
         result["time_materialize_s"] = round(materialized - started, 4)
+        fitness = search.fitness
+        with fitness.metered() as usage:
+            try:
+                scores = (self._race(trial, model, key, result) if fitness.racing is not None
+                          else self._stages(trial, model, key, result))
+            finally:
+                result["time_fitness_s"] = round(time.perf_counter() - materialized, 4)
+                result["scored"] = _scored_record(fitness, usage)
+        values = fitness.objectives(scores)
+        result.update(metrics=scores, items={name: encode_items(v) for name, v in fitness.item_values(key).items()})
+        if not all(math.isfinite(v) for v in values):
+            raise _Failed(f"non-finite fitness {scores}")
+        return values
+
+    def _stages(self, trial: optuna.Trial, model: Any, key: str, result: dict[str, Any]) -> dict[str, float]:
+        """The scores of the fitness's stages; a trial the median pruner stops raises TrialPruned."""
+        fitness = self.search.fitness
         scores: dict[str, float] = {}
-        for fraction, scores in search.fitness.iter_stages(model, self.materializer.tokenizer, cache_key=key):
-            values = search.fitness.objectives(scores)
+        for fraction, scores in fitness.iter_stages(model, self.materializer.tokenizer, cache_key=key):
+            values = fitness.objectives(scores)
             if fraction < 1 and len(values) == 1:
                 trial.report(values[0], step=round(fraction * 1000))
                 if trial.should_prune():
                     result["metrics"] = scores
                     raise optuna.TrialPruned()
-        result.update(time_fitness_s=round(time.perf_counter() - materialized, 4), metrics=scores)
-        if not all(math.isfinite(v) for v in values):
-            raise _Failed(f"non-finite fitness {scores}")
-        return values
+        return scores
+
+    def _race(self, trial: optuna.Trial, model: Any, key: str, result: dict[str, Any]) -> dict[str, float]:
+        """The scores of a candidate raced against the references (the incumbent, or the Pareto
+        front) of the study as read before this trial was asked. A candidate racing stops
+        records its estimate and raises TrialPruned: a pruned trial is never the best trial, and
+        the samplers learn from its estimate (``samplers.py``). In a single-objective study the
+        estimate is the trial's intermediate value at step = items scored (Optuna's API for a
+        pruned trial's value: ``CmaEsSampler(consider_pruned_trials=True)`` and TPE read it);
+        Optuna keeps no intermediate values in a multi-objective study, whose samplers leave
+        pruned trials out."""
+        fitness = self.search.fitness
+        references = self._references()
+        race = fitness.race(model, self.materializer.tokenizer, references, cache_key=key)
+        if race.decision is not None:
+            reference = race.decision.beaten_by if race.stopped else next(iter(race.decision.upper))
+            result["race"] = {"stopped": race.stopped, "estimate": race.estimate, "reference": reference,
+                              "upper": race.decision.upper[reference],
+                              "items": sum(race.items.values())}
+        if not race.stopped:
+            return race.scores
+        result["metrics"] = race.scores
+        if len(race.estimate) == 1:
+            trial.report(race.estimate[0], step=result["race"]["items"])
+        raise optuna.TrialPruned()
+
+    def _references(self) -> list[Reference]:
+        """What a candidate races against: the best completed trial of the study (as read before
+        this trial was asked) among those that recorded per-item values of every raced metric,
+        or, with several objectives, the Pareto front of those."""
+        fitness = self.search.fitness
+        raced, seed = fitness.gains.raced, fitness.racing.seed
+        usable = []
+        for trial in self.budget.trials:
+            if trial.state != TrialState.COMPLETE:
+                continue
+            if trial.number not in self._reference_cache:
+                records = trial_records(trial)
+                self._reference_cache[trial.number] = None if not raced <= set(records.items) else Reference(
+                    trial.number, {name: in_item_order(records.items[name], seed) for name in raced},
+                    records.metrics)
+            if self._reference_cache[trial.number] is not None:
+                usable.append(trial)
+        return [self._reference_cache[t.number] for t in best_of(usable, self.search.study.directions)]
 
 
 def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
@@ -372,6 +435,24 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
         return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
                                  log=distribution.log)
     return trial.suggest_categorical(name, distribution.choices)
+
+
+def _scored_record(fitness: Fitness, usage: dict[str, Usage]) -> dict[str, dict[str, float]]:
+    """The ``scored`` record of a trial from what its fitness scored (``records.py``)."""
+    return {name: {"items": usage.get(name, Usage()).items, "of": metric.num_items("search"),
+                   "tokens": usage.get(name, Usage()).tokens, "seconds": round(usage.get(name, Usage()).seconds, 4)}
+            for name, metric in fitness.metrics.items()}
+
+
+def best_of(trials: list[FrozenTrial], directions: list[StudyDirection]) -> list[FrozenTrial]:
+    """The best of completed ``trials`` (the first of equals), or with several objectives those no
+    other one dominates (better or equal in every objective, better in one), in trial order."""
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
+    keyed = [(t, [s * v for s, v in zip(signs, t.values)]) for t in trials]
+    if len(directions) == 1:
+        return [max(keyed, key=lambda pair: pair[1][0])[0]] if keyed else []
+    return [t for t, mine in keyed
+            if not any(all(o >= m for o, m in zip(other, mine)) and other != mine for _, other in keyed)]
 
 
 def _completed_with(trials: list[FrozenTrial], key: str) -> FrozenTrial | None:

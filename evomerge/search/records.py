@@ -14,7 +14,13 @@ as Optuna's samplers pack their state into few attributes:
   fitness; of the stages scored, for a pruned trial), ``time_materialize_s`` and
   ``time_fitness_s``, ``same_plan_as`` (the completed trial whose scores a repeated plan reused)
   and ``failure`` (why a failed trial failed, also when another worker failed it), each where it
-  applies.
+  applies; and what scoring it cost and found: ``scored`` (per metric: ``items`` scored of the
+  ``of`` a full evaluation scores, forward-pass ``tokens`` and ``seconds``), ``items`` (per
+  item-mean metric scored in full: its per-item values in the items' own order, a string of
+  ``0``/``1`` when every value is one of those, else a list of numbers; what racing compares
+  against and the replay reads) and ``race`` (a trial raced against references: ``stopped``,
+  ``items`` scored of the raced metrics, ``estimate``: the objective values on the items scored,
+  ``upper``: the upper bounds of its gains over ``reference`` at the last decision).
 
 ``warm_start`` (True on the space's known recipes) is an attribute of its own too: it is written
 with the enqueued trial, not by the loop. Studies written before the records were packed (one
@@ -23,7 +29,7 @@ user attribute per record, same names) read the same through :func:`trial_record
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +39,8 @@ CANDIDATE = "candidate"  # user attribute: the records written before the merge,
 PLAN = "plan"  # user attribute: the plan (YAML)
 RESULT = "result"  # user attribute: the records written when the trial ends
 CANDIDATE_KEYS = ("worker", "device", "seed", "plan_hash")
-RESULT_KEYS = ("metrics", "time_materialize_s", "time_fitness_s", "same_plan_as", "failure")
+RESULT_KEYS = ("metrics", "time_materialize_s", "time_fitness_s", "same_plan_as", "failure", "scored", "items",
+               "race")
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,25 @@ class TrialRecords:
     time_fitness_s: float | None = None
     same_plan_as: int | None = None
     failure: str | None = None
+    scored: dict[str, dict[str, float]] = field(default_factory=dict)
+    items: dict[str, list[float]] = field(default_factory=dict)
+    race: dict[str, Any] | None = None
     warm_start: bool = False
+
+    @property
+    def items_scored(self) -> int:
+        """Items scored for this trial, all metrics together."""
+        return int(sum(entry.get("items", 0) for entry in self.scored.values()))
+
+    @property
+    def tokens_scored(self) -> int:
+        """Forward-pass tokens scored for this trial, all metrics together."""
+        return int(sum(entry.get("tokens", 0) for entry in self.scored.values()))
+
+    @property
+    def raced_out(self) -> bool:
+        """Racing stopped this trial before its full evaluation."""
+        return bool(self.race and self.race.get("stopped"))
 
 
 def trial_records(trial: FrozenTrial | Any) -> TrialRecords:
@@ -65,7 +90,23 @@ def records_from(user_attrs: Mapping[str, Any]) -> TrialRecords:
     packed = {**_object(user_attrs.get(CANDIDATE)), **_object(user_attrs.get(RESULT))}
     values = {key: packed.get(key, user_attrs.get(key)) for key in (*CANDIDATE_KEYS, PLAN, *RESULT_KEYS)}
     values["metrics"] = dict(values["metrics"] or {})
+    values["scored"] = dict(values["scored"] or {})
+    values["items"] = {name: decode_items(v) for name, v in (values["items"] or {}).items()}
     return TrialRecords(**values, warm_start=bool(user_attrs.get("warm_start", False)))
+
+
+def encode_items(values: Sequence[float]) -> str | list[float]:
+    """Per-item values as the ``items`` record stores them: ``"0110..."`` when all are 0 or 1."""
+    if all(v in (0.0, 1.0) for v in values):
+        return "".join("1" if v else "0" for v in values)
+    return [float(v) for v in values]
+
+
+def decode_items(stored: str | Sequence[float]) -> list[float]:
+    """The inverse of :func:`encode_items`."""
+    if isinstance(stored, str):
+        return [1.0 if c == "1" else 0.0 for c in stored]
+    return [float(v) for v in stored]
 
 
 def with_failure(trial: FrozenTrial, reason: str) -> dict[str, Any]:

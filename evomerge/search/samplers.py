@@ -12,6 +12,17 @@ one of ``cma``'s stopping criteria (it has converged, or its fitness went flat),
 starts from a uniformly random point of ``[0, 1]^d`` (from the optimizer's seed) with twice
 the population, and the study goes on. Optuna's ``CmaEsSampler`` ignores restart strategies
 since Optuna 4.4, so ``cmaes`` refuses the option rather than silently running without them.
+
+Pruned trials (``consider_pruned``, which a search turns on when its fitness races: a trial that
+racing stopped is pruned, its estimate on the items it scored its last intermediate value, at
+step = items scored). ``cmaes`` passes ``consider_pruned_trials=True`` to Optuna's CmaEsSampler,
+which then takes such a trial, with its last intermediate value as its value, as a member of
+the generation it was sampled for: a generation completes with raced members and the evolution
+moves on their estimates. ``cma`` does the same (:class:`CmaPackageSampler`). ``tpe`` always
+uses pruned trials (ranked below every completed trial, by step reached, then value).
+``nsga2`` and ``random`` leave them out: NSGA-II fills a generation with completed trials only
+(a raced-out candidate was dominated for sure by a completed one, so it would not have been
+selected), and Optuna keeps no intermediate values in a multi-objective study.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError
@@ -33,8 +45,10 @@ from evomerge.search.spaces.space import SearchSpace
 log = logging.getLogger(__name__)
 
 
-def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``optimizer`` on ``space``, for a study in ``directions``.
+def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str], *,
+                 consider_pruned: bool = False) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``optimizer`` on ``space``, for a study in ``directions``; with
+    ``consider_pruned`` CMA-ES learns from pruned trials too (module docstring).
     Raises ConfigError for a combination the samplers do not run (module docstring)."""
     kind, seed = optimizer.sampler, optimizer.seed
     if len(directions) > 1 and kind in ("cmaes", "cma"):
@@ -47,15 +61,18 @@ def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]
         options = {"sigma0": optimizer.sigma0, "popsize": optimizer.popsize}
         with warnings.catch_warnings():  # sigma0: deprecated in Optuna 4.9, kept until 6 (pyproject: optuna<6)
             warnings.filterwarnings("ignore", message=".*sigma0", category=FutureWarning)
+            # consider_pruned_trials: experimental since Optuna 2.0, unchanged since
+            warnings.filterwarnings("ignore", message=".*consider_pruned_trials", category=ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(
                 seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed),
-                warn_independent_sampling=False, **{k: v for k, v in options.items() if v is not None})
+                warn_independent_sampling=False, consider_pruned_trials=consider_pruned,
+                **{k: v for k, v in options.items() if v is not None})
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=optimizer.popsize or 16, seed=seed)
     if kind == "cma":
-        return CmaPackageSampler(space, optimizer, directions[0])
+        return CmaPackageSampler(space, optimizer, directions[0], consider_pruned=consider_pruned)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -69,11 +86,12 @@ class CmaPackageSampler(optuna.samplers.BaseSampler):
     sees them: its own as they are told (``after_trial``), the others (earlier runs, other
     workers) before it next samples, in trial-number order, so a resumed study rebuilds its
     evolution. A completed trial is scored by its value, a failed one as worse than the worst so
-    far; pruned trials are left out. ``popsize`` results make a generation. With ``restarts: ipop``
+    far; a pruned one, with ``consider_pruned``, by its last intermediate value (racing's
+    estimate), else it is left out. ``popsize`` results make a generation. With ``restarts: ipop``
     a stopped evolution restarts as the module docstring says."""
 
-    def __init__(self, space: SearchSpace, optimizer: Optimizer, direction: str):
-        self.space, self.optimizer = space, optimizer
+    def __init__(self, space: SearchSpace, optimizer: Optimizer, direction: str, *, consider_pruned: bool = False):
+        self.space, self.optimizer, self.consider_pruned = space, optimizer, consider_pruned
         self.sign = -1.0 if direction == "maximize" else 1.0
         self.dimension = len(space.distributions())
         self.restarts = 0
@@ -108,16 +126,19 @@ class CmaPackageSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self._learn(trial.number, trial.params, state, values)
+        self._learn(trial, state, values)
 
     def sync(self, study: optuna.Study) -> None:
         """Learn from the study's finished trials not seen yet, in trial-number order."""
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            self._learn(trial.number, trial.params, trial.state, trial.values)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
+                                                               TrialState.PRUNED)):
+            self._learn(trial, trial.state, trial.values)
 
-    def _learn(self, number: int, params: dict[str, Any], state: TrialState,
-               values: Sequence[float] | None) -> None:
+    def _learn(self, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         """Record a result (a failure scores as the worst so far); a full generation updates CMA."""
+        if state == TrialState.PRUNED and self.consider_pruned and trial.intermediate_values:
+            state, values = TrialState.COMPLETE, [trial.intermediate_values[max(trial.intermediate_values)]]
+        number, params = trial.number, trial.params
         if number in self._seen or state not in (TrialState.COMPLETE, TrialState.FAIL) \
                 or set(params) != set(self.space.distributions()):
             return

@@ -8,7 +8,7 @@ import pytest
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from evomerge.compat.optuna import requeue, set_user_attr
+from evomerge.compat.optuna import cmaes_generation, requeue, set_user_attr
 
 
 @pytest.fixture(params=["sqlite", "memory"])
@@ -34,3 +34,13 @@ def test_requeue_puts_a_running_trial_back_and_ask_pops_it_again(study):
     assert [t.state for t in study.get_trials()] == [TrialState.WAITING]
     again = study.ask()
     assert again.number == first.number and again.suggest_float("x", 0, 1) == 0.5
+
+
+def test_cmaes_generation_is_the_generation_cmaes_sampled_a_trial_for(study):
+    study.sampler = optuna.samplers.CmaEsSampler(seed=0, popsize=3)
+    study.enqueue_trial({"x": 0.5, "y": 0.5})
+    for _ in range(8):
+        trial = study.ask()
+        study.tell(trial, (trial.suggest_float("x", 0, 1) - 0.3) ** 2 + trial.suggest_float("y", 0, 1))
+    generations = [cmaes_generation(t) for t in study.get_trials()]
+    assert generations == [None, 0, 0, 0, 1, 1, 1, 2]

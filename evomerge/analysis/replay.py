@@ -1,0 +1,155 @@
+"""Replaying racing on a finished study: what it would have scored, and which winners it would have lost.
+
+:func:`replay_racing` walks a study's trials in trial order as a racing search would have met
+them, using each trial's stored per-item values (``items`` records, written for every trial
+scored in full) instead of a model: a trial is raced, chunk by chunk
+(:meth:`~evomerge.fitness.racing.Racing.chunks`, the same item order as a racing search with
+that seed), against the best of the trials the replay has kept so far (several objectives:
+their Pareto front), with :func:`~evomerge.fitness.racing.decide`. A stopped trial is dropped;
+the others are kept. For each trial it records the items racing would have scored (raced
+metrics up to the stop, other optimized metrics in full, metrics of weight 0 only for the
+kept), the tokens (each metric's items × that trial's measured tokens per item of it: an
+estimate, the items being a random sample of the metric's), and whether the drop was a
+**false drop**: full evaluation would have made the trial the new incumbent (a gain over the
+replay's incumbent above 0; several objectives: no kept trial dominates it). Trials that were
+not scored in full (pruned, failed, a repeated plan) or recorded no per-item values are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.fitness import Fitness, Racing
+from evomerge.fitness.racing import Reference, decide, in_item_order
+from evomerge.search.driver import best_of
+from evomerge.search.records import TrialRecords, trial_records
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One trial of a replay: items and tokens racing would have scored and a full evaluation
+    scored, whether racing would have stopped it, and whether that dropped a would-be incumbent."""
+
+    number: int
+    items: int
+    full_items: int
+    tokens: float
+    full_tokens: float
+    stopped: bool
+    false_drop: bool
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The trials replayed (in order), the numbers of those skipped, and the settings."""
+
+    racing: Racing
+    trials: list[Replayed]
+    skipped: list[int]
+
+    @property
+    def false_drops(self) -> list[int]:
+        return [t.number for t in self.trials if t.false_drop]
+
+    def totals(self) -> dict[str, float]:
+        """Items and tokens with racing and in full, their ratios, and the trials stopped."""
+        items, full = sum(t.items for t in self.trials), sum(t.full_items for t in self.trials)
+        tokens, full_tokens = sum(t.tokens for t in self.trials), sum(t.full_tokens for t in self.trials)
+        return {"trials": len(self.trials), "stopped": sum(t.stopped for t in self.trials),
+                "false_drops": len(self.false_drops), "items": items, "full_items": full,
+                "items_ratio": full / items if items else 0.0, "tokens": tokens, "full_tokens": full_tokens,
+                "tokens_ratio": full_tokens / tokens if tokens else 0.0}
+
+    def summary(self) -> str:
+        """Two lines for a person."""
+        t = self.totals()
+        racing = self.racing
+        return (f"racing first={racing.first} growth={racing.growth} confidence={racing.confidence} "
+                f"seed={racing.seed}: {t['stopped']} of {t['trials']} trials stopped "
+                f"({len(self.skipped)} skipped), {t['false_drops']} false drops"
+                + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "") + "\n"
+                f"items {t['items']:,} of {t['full_items']:,} ({t['items_ratio']:.2f}x fewer), "
+                f"tokens {t['tokens']:,.0f} of {t['full_tokens']:,.0f} ({t['tokens_ratio']:.2f}x fewer)")
+
+
+def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness, racing: Racing,
+                  directions: Sequence[StudyDirection] | None = None) -> Replay:
+    """Replay ``racing`` over ``trials`` (a study's, or a list in trial order) whose objectives
+    are ``fitness``'s (module docstring). ``directions``: the study's (default: a study's own, else
+    the fitness's)."""
+    if isinstance(trials, optuna.Study):
+        directions = directions or trials.directions
+        trials = trials.get_trials(deepcopy=False)
+    directions = list(directions or [StudyDirection.MAXIMIZE if d == "maximize" else StudyDirection.MINIMIZE
+                                     for d in fitness.directions])
+    gains = fitness.gains
+    raced = sorted(gains.raced)
+    exact = [m.name for m in fitness.metrics.values() if m.weight != 0 and m.name not in gains.raced]
+    kept: list[FrozenTrial] = []
+    references: dict[int, Reference] = {}
+    replayed, skipped = [], []
+    for trial in sorted(trials, key=lambda t: t.number):
+        records = trial_records(trial)
+        if (trial.state != TrialState.COMPLETE or records.same_plan_as is not None
+                or not set(raced) <= set(records.items) or not set(exact) <= set(records.metrics)):
+            skipped.append(trial.number)
+            continue
+        items = {name: in_item_order(records.items[name], racing.seed) for name in raced}
+        reference_trials = best_of(kept, directions)
+        stop_at = None
+        if reference_trials:
+            sizes = {name: len(values) for name, values in items.items()}
+            for chunk in racing.chunks(sizes)[:-1]:
+                if decide(gains, {n: items[n][:k] for n, k in chunk.items()}, records.metrics,
+                          [references[t.number] for t in reference_trials], racing.confidence).stop:
+                    stop_at = chunk
+                    break
+        false_drop = stop_at is not None and _would_lead(trial, reference_trials, directions)
+        counts = _counts(fitness, records, stop_at, exact)
+        replayed.append(Replayed(trial.number, sum(counts.values()), sum(_full(records).values()),
+                                 _tokens(records, counts), _tokens(records, _full(records)), stop_at is not None,
+                                 false_drop))
+        if stop_at is None:
+            kept.append(trial)
+            references[trial.number] = Reference(trial.number, items, records.metrics)
+    return Replay(racing, replayed, skipped)
+
+
+def _full(records: TrialRecords) -> dict[str, int]:
+    return {name: int(entry.get("of", 0)) for name, entry in records.scored.items()} or {
+        name: len(values) for name, values in records.items.items()}
+
+
+def _counts(fitness: Fitness, records: TrialRecords, stop_at: dict[str, int] | None,
+            exact: list[str]) -> dict[str, int]:
+    """Items of each metric racing would have scored for a trial stopped at ``stop_at`` (None: kept)."""
+    full = _full(records)
+    if stop_at is None:
+        return full
+    return {**{name: full.get(name, 0) for name in exact}, **stop_at}
+
+
+def _tokens(records: TrialRecords, counts: dict[str, int]) -> float:
+    """Tokens of ``counts`` items, at the trial's measured tokens per item of each metric."""
+    total = 0.0
+    for name, count in counts.items():
+        entry = records.scored.get(name, {})
+        if entry.get("items"):
+            total += count * entry.get("tokens", 0) / entry["items"]
+    return total
+
+
+def _would_lead(trial: FrozenTrial, references: list[FrozenTrial], directions: Sequence[StudyDirection]) -> bool:
+    """Full evaluation makes ``trial`` the incumbent: better than the best of ``references``, or,
+    with several objectives, dominated by none of them."""
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
+    mine = [s * v for s, v in zip(signs, trial.values)]
+    theirs = [[s * v for s, v in zip(signs, r.values)] for r in references]
+    if len(directions) == 1:
+        return all(mine[0] > other[0] for other in theirs)
+    return not any(all(o >= m for o, m in zip(other, mine)) for other in theirs)

@@ -1,0 +1,245 @@
+"""Racing: score a candidate in growing chunks of a fixed item order; stop it once it cannot win.
+
+Setting. A candidate is compared with *references*: fully evaluated trials whose per-item values
+are known (in a single-objective search the incumbent, the best completed trial; in a
+multi-objective one the Pareto front). Items of every metric are scored in one seeded order,
+the same for every candidate (:func:`item_order`), so after ``n`` of a metric's ``N`` items the
+candidate and a reference are paired on the same items. The order is a uniformly random
+permutation of the items, so the items scored so far are a simple random sample, drawn without
+replacement, of all of them: that is what the bound below rests on.
+
+The gain. Each objective ``k`` is a linear form of the metrics' scores; its *gain* over a
+reference R is ``g_k = Σ_m b_km (μ_m − R_m)``, positive when the candidate is better
+(``b_km = w_m·s_m`` for ``weighted_sum``, ``s_m = ±1`` by the metric's direction; ``separate``:
+the objective's metric with its direction's sign). For a metric whose score is the mean of its
+per-item values in [0, 1] (``Metric.item_mean``: lm-eval's acc, exact_match, ...) the term
+``μ_m − R_m`` is ``D_m``, the mean over all ``N`` items of the paired differences
+``d_i = c_i − r_i`` (candidate minus reference, in [−1, 1]); it is what racing bounds. Any other
+optimized metric (perplexity, a callable) cannot be raced: it is scored in full before the first
+decision, and its exact term enters every bound. Metrics of weight 0 are not optimized: they are
+scored only for a candidate that survives.
+
+The bound. ``D_m`` is the mean of a finite population of ``N`` numbers, of which the first
+``n`` of a uniformly random order are seen. :func:`mean_upper_bound` is the betting confidence
+sequence for sampling without replacement of Waudby-Smith & Ramdas ("Confidence sequences for
+sampling without replacement", NeurIPS 2020): for a guessed mean ``m`` the capital
+``K_n(m) = Π_{i≤n} (1 − λ_i (x_i − μ_i(m)))``, with ``μ_i(m)`` the mean of the items not yet
+drawn were ``m`` the population mean, is a nonnegative martingale when ``m`` is the true mean,
+so by Ville's inequality it ever reaches ``1/α`` with probability at most ``α``. The upper
+bound is the largest ``m`` whose capital stays below ``1/α``. It holds at every ``n`` at once
+(*anytime valid*): looking after every chunk needs no correction for the number of looks. It
+uses the finite population (it shrinks to the exact mean at ``n = N``; ``μ_i(m)`` accounts
+for the items already drawn) and adapts to the variance of the differences (the bets ``λ_i``
+are a predictable plug-in of the running variance, at most ``0.75 / (1 − μ_i(m))`` so that
+every factor stays ≥ 1/4; each factor, hence the capital, grows with ``m``, which makes the
+bound a bisection), so a candidate that agrees with the reference on most items is bounded
+tightly. No normal approximation is made: the bound holds for any values in [0, 1] and any ``n``.
+
+Why paired differences rather than the candidate's own mean (the reference's items being known,
+``D_m`` = the known paired part on the items scored + the candidate's unknown mean on the rest −
+the reference's known mean on the rest): a bound on the candidate's own mean alone has half the
+range and stops a candidate that lost a skill a chunk earlier, but it can stop a candidate equal
+to the reference when the first items happen to be the reference's worst; the paired bound never
+stops a candidate that is level with or ahead of the reference on every item scored (the
+capital of the mean difference 0 then never grows), and it is tighter for candidates close to
+the reference, where a wrong stop costs most.
+
+The decision. With the bounds of all raced metrics against all references holding together,
+with probability at least ``confidence`` (a union bound: ``α = 1 − confidence`` is split evenly
+over the (reference, raced metric) pairs), the upper bound of each gain is
+``Σ_{b>0} b·UCB(D_m) + Σ_{b<0} b·LCB(D_m) + Σ_known b·(exact difference)``. A candidate is
+stopped when some reference beats it on every objective for sure: all upper bounds of its gains
+over that reference are below 0 (one objective: it cannot beat the incumbent). So a candidate
+that full evaluation would make the new incumbent (one objective: a positive gain; several: not
+dominated by any reference) is stopped with probability at most ``1 − confidence``. Ties are not
+stopped: a candidate equal to the reference on every item scored has an upper bound ≥ 0.
+
+Caveat: the order is fixed for the whole search, and the sampler that proposes candidates sees
+earlier candidates' estimates on its first items; the guarantee is the one of a candidate that
+does not depend on the order. The replay (:mod:`evomerge.analysis.replay`) measures how often
+racing would have dropped a winner on a finished study.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BET_CLIP = 0.75  # a bet λ_i is at most BET_CLIP / (1 − μ_i(m)): every capital factor stays ≥ 1/4
+_BISECTIONS = 60
+
+
+@dataclass(frozen=True)
+class Racing:
+    """Racing settings (the ``racing:`` block of a fitness definition).
+
+    ``first``: items of the first chunk, over all raced metrics together (each metric takes its
+    share: its items over all raced items, at least one); each next chunk ends ``growth`` times
+    further; the last ends at every item. ``confidence``: the chance that no candidate that full
+    evaluation would make the incumbent is stopped (module docstring). ``seed``: of the item order.
+    """
+
+    first: int = 32
+    growth: float = 2.0
+    confidence: float = 0.99
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.first < 1:
+            raise ValueError(f"racing.first must be at least 1, got {self.first}")
+        if not self.growth > 1:
+            raise ValueError(f"racing.growth must be above 1, got {self.growth}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"racing.confidence must be in (0, 1), got {self.confidence}")
+
+    def chunks(self, sizes: Mapping[str, int]) -> list[dict[str, int]]:
+        """Items scored of each metric (``sizes``: its items) at the end of each chunk, the last
+        chunk all of them; a chunk that would add no item is left out."""
+        total = sum(sizes.values())
+        ends, end = [], float(self.first)
+        while end < total:
+            ends.append(end)
+            end *= self.growth
+        chunks: list[dict[str, int]] = []
+        for end in ends:
+            chunk = {name: min(size, max(1, math.ceil(end * size / total - 1e-9))) for name, size in sizes.items()}
+            if not chunks or chunk != chunks[-1]:
+                chunks.append(chunk)
+        full = dict(sizes)
+        if not chunks or chunks[-1] != full:
+            chunks.append(full)
+        return chunks
+
+
+def item_order(size: int, seed: int) -> np.ndarray:
+    """The racing order of ``size`` items: position ``j`` scores item ``order[j]`` (a uniformly
+    random permutation from ``seed``, the same for every candidate and on every machine)."""
+    return np.random.default_rng([seed, size]).permutation(size)
+
+
+def in_item_order(values: Sequence[float], seed: int) -> np.ndarray:
+    """Values given in the items' own order, put in their racing order (:func:`item_order`)."""
+    array = np.asarray(values, dtype=float)
+    return array[item_order(array.size, seed)]
+
+
+def in_data_order(values: Sequence[float], seed: int) -> np.ndarray:
+    """The inverse of :func:`in_item_order`: values in racing order back in the items' own order."""
+    array = np.asarray(values, dtype=float)
+    out = np.empty_like(array)
+    out[item_order(array.size, seed)] = array
+    return out
+
+
+def mean_upper_bound(values: Sequence[float], population: int, alpha: float) -> float:
+    """An upper confidence bound on the mean of ``population`` numbers in [0, 1], of which
+    ``values`` are the first in a uniformly random order: the mean exceeds it at any size of
+    ``values`` with probability at most ``alpha`` (module docstring; anytime valid)."""
+    x = np.asarray(values, dtype=float)
+    n = x.size
+    if n > population:
+        raise ValueError(f"{n} values of a population of {population}")
+    if np.any((x < 0) | (x > 1)) or np.any(np.isnan(x)):
+        raise ValueError("values must lie in [0, 1]")
+    if n == 0:
+        return 1.0
+    sums = np.concatenate([[0.0], np.cumsum(x)])
+    low, high = sums[n] / population, (sums[n] + population - n) / population  # the feasible means
+    if n == population:
+        return float(low)
+    drawn = np.arange(n)  # items drawn before draw i (0-based i)
+    remaining = population - drawn
+    # predictable plug-in bets (Waudby-Smith & Ramdas, "Estimating means of bounded random variables by
+    # betting", 2023): from the draws before i only, so the capital stays a martingale
+    running_mean = (0.5 + sums[1:]) / (drawn + 2)
+    deviations = np.concatenate([[0.0], np.cumsum((x - running_mean) ** 2)])[:-1]
+    variance = (0.25 + deviations) / (drawn + 1)
+    target = np.log(1 / alpha)
+    plug_in = np.sqrt(2 * target / (variance * (drawn + 1) * np.log(drawn + 2)))
+
+    def log_capital(m: float) -> float:  # increasing in m (each factor is: see the module docstring)
+        remaining_mean = np.clip((population * m - sums[:-1]) / remaining, 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            bets = np.minimum(plug_in, BET_CLIP / (1 - remaining_mean))
+        return float(np.sum(np.log1p(-bets * (x - remaining_mean))))
+
+    if log_capital(high) < target:
+        return float(high)
+    if log_capital(low) >= target:
+        return float(low)
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if log_capital(middle) < target else (low, middle)
+    return float(high)
+
+
+def mean_lower_bound(values: Sequence[float], population: int, alpha: float) -> float:
+    """The lower counterpart of :func:`mean_upper_bound` (the same guarantee)."""
+    return 1.0 - mean_upper_bound(1.0 - np.asarray(values, dtype=float), population, alpha)
+
+
+def difference_bounds(candidate: Sequence[float], reference: Sequence[float], alpha: float) -> tuple[float, float]:
+    """(lower, upper) bounds, each at level ``alpha``, on the mean over all items of the paired
+    differences candidate − reference (values in [0, 1]): ``candidate`` holds the first items
+    in racing order, ``reference`` all of them."""
+    c = np.asarray(candidate, dtype=float)
+    x = (c - np.asarray(reference, dtype=float)[:c.size] + 1) / 2  # in [0, 1]
+    population = len(reference)
+    return 2 * mean_lower_bound(x, population, alpha) - 1, 2 * mean_upper_bound(x, population, alpha) - 1
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A fully evaluated trial a candidate races against: its per-item values of every raced
+    metric (in racing order) and its scores."""
+
+    number: int
+    items: Mapping[str, np.ndarray]
+    scores: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Gains:
+    """The objectives as gains over a reference: ``coefficients[k][m]`` is ``b_km`` of the
+    module docstring; ``raced``: the metrics bounded item by item (the others are exact)."""
+
+    coefficients: list[dict[str, float]]
+    raced: frozenset[str]
+
+    def exact(self, k: int, scores: Mapping[str, float], reference: Reference) -> float:
+        """The part of gain ``k`` from metrics that are not raced (exact)."""
+        return sum(b * (scores[m] - reference.scores[m]) for m, b in self.coefficients[k].items()
+                   if m not in self.raced)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """After a chunk: ``stop`` when a reference (``beaten_by``) beats the candidate on every
+    objective with the racing confidence; ``upper``: the upper bounds of the gains over each
+    reference (by trial number), one per objective."""
+
+    stop: bool
+    upper: dict[int, list[float]] = field(default_factory=dict)
+    beaten_by: int | None = None
+
+
+def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mapping[str, float],
+           references: Sequence[Reference], confidence: float) -> Decision:
+    """Whether to stop a candidate whose raced metrics' first items (racing order) are
+    ``candidate`` and whose other optimized metrics scored ``exact``, against ``references``."""
+    if not references:
+        return Decision(False)
+    raced = [m for m in gains.raced if any(c.get(m) for c in gains.coefficients)]
+    alpha = (1 - confidence) / max(1, len(raced) * len(references))
+    upper: dict[int, list[float]] = {}
+    for reference in references:
+        bounds = {m: difference_bounds(candidate[m], reference.items[m], alpha) for m in raced}
+        upper[reference.number] = [
+            gains.exact(k, exact, reference)
+            + sum(b * bounds[m][1 if b > 0 else 0] for m, b in coefficients.items() if m in gains.raced)
+            for k, coefficients in enumerate(gains.coefficients)]
+    beaten_by = next((number for number, bounds in upper.items() if all(u < 0 for u in bounds)), None)
+    return Decision(beaten_by is not None, upper, beaten_by)

@@ -1,0 +1,94 @@
+"""Replaying racing on a synthetic finished study (evomerge.analysis.replay and
+benchmarks/racing_replay.py): items and tokens it would have scored, and the false-drop count."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState, create_trial
+
+from evomerge.analysis.replay import replay_racing
+from evomerge.fitness import Fitness, Racing
+from evomerge.fitness.racing import in_data_order
+from evomerge.search.records import RESULT, encode_items
+from tests.fitness.test_racing import Exact, Items
+
+N = 64
+REPO = Path(__file__).resolve().parents[2]
+
+
+def result(a_in_racing_order: list[float], seed: int = 0, extra: float = 1.0) -> dict:
+    """A fully evaluated trial's result record, its items given in racing order (seed)."""
+    data = list(in_data_order(a_in_racing_order, seed))
+    return {"metrics": {"a": float(np.mean(data)), "extra": extra}, "items": {"a": encode_items(data)},
+            "scored": {"a": {"items": N, "of": N, "tokens": 5 * N, "seconds": 0.1},
+                       "extra": {"items": 1, "of": 1, "tokens": 100, "seconds": 0.5}}}
+
+
+def half() -> list[float]:
+    return [float(i % 2) for i in range(N)]
+
+
+def winner(late: bool) -> list[float]:
+    """Better than ``half`` in full (0.625); ``late``: with nothing right among its first 24 items
+    (an order a random permutation gives about once in 10^9), else with its right items spread."""
+    return [0.0] * 24 + [1.0] * 40 if late else [float(i % 8 < 5) for i in range(N)]
+
+
+def synthetic_study(late: bool = False) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    rows = [half(), [0.0] * N, [float(i % 8 == 0) for i in range(N)], winner(late), [1.0] * N]
+    for values in rows:
+        study.add_trial(create_trial(value=float(np.mean(values)), params={}, distributions={},
+                                     user_attrs={RESULT: result(values)}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={}, distributions={}))  # not replayable
+    return study
+
+
+def fitness() -> Fitness:
+    return Fitness([Items("a", {}), Exact("extra", {}, weight=0.0)])
+
+
+def test_replay_stops_the_hopeless_and_counts_items_and_tokens():
+    replay = replay_racing(synthetic_study(), fitness(), Racing(first=8, confidence=0.99))
+    assert replay.skipped == [5]
+    by_number = {t.number: t for t in replay.trials}
+    assert not by_number[0].stopped and by_number[0].items == N + 1  # nothing to race against: in full
+    assert by_number[1].stopped and by_number[1].items < N / 2 and by_number[1].tokens == 5 * by_number[1].items
+    assert by_number[1].full_items == N + 1 and by_number[1].full_tokens == 5 * N + 100  # weight 0: not scored
+    assert not by_number[3].stopped and not by_number[4].stopped and replay.false_drops == []
+    totals = replay.totals()
+    assert totals["stopped"] == sum(t.stopped for t in replay.trials) >= 2
+    assert totals["items_ratio"] > 1 and totals["tokens_ratio"] > 1
+    assert "0 false drops" in replay.summary()
+
+
+def test_replay_counts_a_false_drop():
+    """A winner whose first items are all wrong is dropped (the bound holds for random orders, and
+    this one is not): the replay counts it, as it would count a bound that failed."""
+    replay = replay_racing(synthetic_study(late=True), fitness(), Racing(first=8, confidence=0.99))
+    assert replay.false_drops == [3]  # it would have become the incumbent
+    assert "1 false drops (trials 3)" in replay.summary()
+    assert replay_racing(synthetic_study(late=True), fitness(), Racing(first=N)).false_drops == []  # no early look
+
+
+def test_replay_script_prints_and_writes_rows(tmp_path, monkeypatch, capsys):
+    """The script on a study in SQLite, its fitness replaced (the experiment's models are not needed)."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    source = synthetic_study()
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.add_trials(source.get_trials())
+    experiment = tmp_path / "e.yaml"
+    experiment.write_text("name: s\nmodels: {base: b, sources: [a]}\nsearch_space: ps_ties\nfitness: f.yaml\n"
+                          f"storage: {storage}\n")
+    module = runpy.run_path(str(REPO / "benchmarks" / "racing_replay.py"), run_name="replay")
+    monkeypatch.setitem(module["main"].__globals__, "load_fitness", lambda spec: fitness())
+    rows = module["main"]([str(experiment), "--first", "8", "--confidence", "0.99", "--confidence", "0.05",
+                           "--json", str(tmp_path / "rows.json")])
+    assert [r["confidence"] for r in rows] == [0.99, 0.05] and rows[0]["false_drops"] == 0
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert capsys.readouterr().out.count("false drops") == 2

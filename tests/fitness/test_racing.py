@@ -1,0 +1,286 @@
+"""Racing (evomerge.fitness.racing): the bound (closed forms, coverage, the properties a paired
+race must have), the chunk schedule, the decision, Fitness.race with a counting fake metric, and
+the racing: block of a fitness definition."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evomerge.errors import ConfigError, FitnessError
+from evomerge.fitness import Fitness, Metric, Racing, load_fitness
+from evomerge.fitness.racing import (Gains, Reference, decide, difference_bounds, in_data_order, in_item_order,
+                                     item_order, mean_lower_bound, mean_upper_bound)
+
+DATA = Path(__file__).parents[1] / "data" / "fitness"
+
+
+class Items(Metric):
+    """A fake item-mean metric: item i of a model is ``values[model][i]`` (the model is a key);
+    it takes the racing order when ``item_order_seed`` is set and counts 10 tokens an item."""
+
+    item_mean = True
+
+    def __init__(self, name: str, values: dict[str, list[float]], weight: float = 1.0, direction="maximize"):
+        super().__init__(name, direction, weight)
+        self.values, self.calls = values, []
+
+    def num_items(self, split: str) -> int:
+        return len(next(iter(self.values.values())))
+
+    def score(self, model, tokenizer, split, start, stop):
+        self.calls.append((start, stop))
+        self.tokens_scored += 10 * (stop - start)
+        values = self.values[model.key]
+        if self.item_order_seed is not None and split == "search":
+            values = in_item_order(values, self.item_order_seed)
+        return [float(v) for v in values[start:stop]]
+
+    def aggregate(self, values):
+        return {self.name: float(np.mean(values))}
+
+
+class Exact(Metric):
+    """A fake metric that is not an item mean (one item, a number per model)."""
+
+    def __init__(self, name: str, values: dict[str, float], weight: float = 1.0):
+        super().__init__(name, "maximize", weight)
+        self.values, self.calls = values, 0
+
+    def num_items(self, split):
+        return 1
+
+    def score(self, model, tokenizer, split, start, stop):
+        self.calls += 1
+        return [self.values[model.key]]
+
+    def aggregate(self, values):
+        return {self.name: values[0]}
+
+
+class Model:
+    """Stands in for a model: the fake metrics read ``key``; ``scoring`` needs eval()."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def eval(self):
+        return self
+
+
+def reference_of(fitness: Fitness, key: str, number: int = 0) -> Reference:
+    """A fully evaluated ``key`` as a reference, its per-item values put in racing order."""
+    scores = fitness.evaluate(Model(key), None, cache_key=key)
+    items = fitness.item_values(key)
+    return Reference(number, {n: in_item_order(v, fitness.racing.seed) for n, v in items.items()}, scores)
+
+
+# --------------------------------------------------------------------------- the bound
+
+def test_bound_closed_forms():
+    assert mean_upper_bound([], 10, 0.05) == 1.0
+    assert mean_upper_bound([0.3, 0.7, 0.2], 3, 0.05) == pytest.approx(0.4)  # every item seen: the mean
+    assert mean_upper_bound([1.0] * 5, 20, 0.01) == 1.0
+    # never above the mean with every unseen item at 1, never below the mean with them at 0
+    assert mean_upper_bound([0.0] * 10, 20, 0.5) <= 0.5 and mean_upper_bound([0.0] * 10, 20, 1e-9) == 0.5
+    # one draw of 0: the capital at m is 1 + λ·m, λ = min(plug-in √8, 0.75 / (1 - m)); the bound is where it is 1/α
+    m = mean_upper_bound([0.0], 1000, 0.5)
+    assert 1 + min(math.sqrt(2 * math.log(2) / (0.25 * math.log(2))), 0.75 / (1 - m)) * m == pytest.approx(2, abs=1e-9)
+    assert mean_lower_bound([1.0, 1.0], 2, 0.1) == 1.0
+    assert mean_lower_bound([0.2] * 8, 64, 0.05) < 0.2 < mean_upper_bound([0.2] * 8, 64, 0.05)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        mean_upper_bound([1.5], 3, 0.1)
+
+
+def test_bound_shrinks_with_the_items_seen_and_with_alpha():
+    rng = np.random.default_rng(0)
+    x = rng.random(200)
+    widths = [mean_upper_bound(x[:n], 200, 0.01) - mean_lower_bound(x[:n], 200, 0.01) for n in (10, 50, 150, 200)]
+    assert widths == sorted(widths, reverse=True) and widths[-1] == pytest.approx(0)
+    assert mean_upper_bound(x[:50], 200, 0.2) < mean_upper_bound(x[:50], 200, 0.01)
+
+
+@pytest.mark.parametrize("kind", ["binary", "uniform", "rare"])
+def test_bound_covers_the_mean_at_every_look_with_the_stated_confidence(kind):
+    """Anytime validity, measured: over random orders of fixed populations, the mean is above
+    the upper bound at any of the looks (all looks together) at most alpha of the time."""
+    rng = np.random.default_rng(1)
+    population = {"binary": (rng.random(128) < 0.4).astype(float), "uniform": rng.random(128),
+                  "rare": (rng.random(128) < 0.05).astype(float)}[kind]
+    alpha, runs, misses = 0.1, 400, 0
+    for _ in range(runs):
+        x = rng.permutation(population)
+        misses += any(mean_upper_bound(x[:n], 128, alpha) < population.mean() for n in (4, 8, 16, 32, 64, 100))
+    assert misses / runs <= alpha
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=4, max_size=40), st.data())
+def test_a_candidate_ahead_on_every_scored_item_is_never_stopped(reference, data):
+    n = data.draw(st.integers(1, len(reference)))
+    ahead = [data.draw(st.sampled_from([v for v in (0.0, 0.5, 1.0) if v >= r])) for r in reference[:n]]
+    low, high = difference_bounds(ahead, reference, 0.001)
+    assert high >= 0
+    gains = Gains([{"m": 1.0}], frozenset({"m"}))
+    assert not decide(gains, {"m": ahead}, {}, [Reference(0, {"m": np.array(reference)}, {"m": 0})], 0.999).stop
+    assert not decide(gains, {"m": reference[:n]}, {}, [Reference(0, {"m": np.array(reference)}, {"m": 0})],
+                      0.5).stop  # equal to the incumbent: never stopped, at any confidence
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=30), st.floats(1e-6, 0.5))
+def test_bounds_bracket_the_mean_of_the_seen_items_feasibly(values, alpha):
+    population = 2 * len(values)
+    x = np.asarray(values)
+    upper, lower = mean_upper_bound(x, population, alpha), mean_lower_bound(x, population, alpha)
+    assert x.sum() / population - 1e-9 <= lower <= upper <= (x.sum() + population - x.size) / population + 1e-9
+
+
+def test_item_order_is_a_seeded_permutation_and_undoes():
+    order = item_order(50, 3)
+    assert sorted(order) == list(range(50)) and list(order) == list(item_order(50, 3))
+    assert list(order) != list(item_order(50, 4))
+    values = np.arange(50.0)
+    assert list(in_data_order(in_item_order(values, 3), 3)) == list(values)
+
+
+# --------------------------------------------------------------------------- schedule and decision
+
+def test_chunks_grow_by_growth_and_split_in_proportion():
+    chunks = Racing(first=16, growth=2).chunks({"a": 100, "b": 300})
+    assert chunks == [{"a": 4, "b": 12}, {"a": 8, "b": 24}, {"a": 16, "b": 48}, {"a": 32, "b": 96},
+                      {"a": 64, "b": 192}, {"a": 100, "b": 300}]
+    assert Racing(first=500).chunks({"a": 100}) == [{"a": 100}]
+    assert Racing(first=1, growth=1.5).chunks({"a": 3, "b": 1})[0] == {"a": 1, "b": 1}  # at least one each
+
+
+@pytest.mark.parametrize("field,value,message", [("first", 0, "at least 1"), ("growth", 1.0, "above 1"),
+                                                 ("confidence", 1.0, r"in \(0, 1\)")])
+def test_racing_settings_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        Racing(**{field: value})
+
+
+def test_decide_combines_metrics_with_their_signs_and_exact_terms():
+    gains = Gains([{"a": 1.0, "b": -2.0, "ppl": 0.5}], frozenset({"a", "b"}))
+    reference = Reference(7, {"a": np.ones(40), "b": np.zeros(40)}, {"a": 1.0, "b": 0.0, "ppl": 3.0})
+    worse = {"a": [0.0] * 30, "b": [1.0] * 30}
+    decision = decide(gains, worse, {"ppl": 3.0}, [reference], 0.99)
+    assert decision.stop and decision.beaten_by == 7 and decision.upper[7][0] < 0
+    # a large enough exact gain (ppl's term: 0.5 × 20) makes up for it
+    assert not decide(gains, worse, {"ppl": 23.0}, [reference], 0.99).stop
+    assert not decide(gains, worse, {"ppl": 3.0}, [], 0.99).stop  # nothing to race against
+
+
+def test_several_objectives_stop_only_when_one_reference_dominates():
+    gains = Gains([{"a": 1.0}, {"b": 1.0}], frozenset({"a", "b"}))
+    good_a = Reference(1, {"a": np.ones(40), "b": np.zeros(40)}, {})
+    good_b = Reference(2, {"a": np.zeros(40), "b": np.ones(40)}, {})
+    mixed = {"a": [0.0] * 30, "b": [0.0] * 30}
+    assert decide(gains, mixed, {}, [good_a, good_b, Reference(3, {"a": np.ones(40), "b": np.ones(40)}, {})],
+                  0.99).beaten_by == 3
+    assert not decide(gains, mixed, {}, [good_a, good_b], 0.99).stop  # each is worse on one objective
+
+
+# --------------------------------------------------------------------------- Fitness.race
+
+def population(seed: int, p: float, n: int = 96) -> list[float]:
+    return list((np.random.default_rng(seed).random(n) < p).astype(float))
+
+
+def racing_fitness(**racing) -> tuple[Fitness, Items, Items, Exact]:
+    skills = {"best": population(0, 0.9), "bad": population(1, 0.1), "same": population(0, 0.9),
+              "better": [1.0] * 96}
+    a, b = Items("a", skills), Items("b", {k: v[::-1] for k, v in skills.items()})
+    extra = Exact("extra", {k: 1.0 for k in skills}, weight=0.0)
+    return Fitness([a, b, extra], racing=Racing(**{"first": 8, **racing})), a, b, extra
+
+
+def test_race_stops_a_hopeless_candidate_early_and_runs_a_winner_to_the_end():
+    fitness, a, b, extra = racing_fitness()
+    incumbent = reference_of(fitness, "best")
+    a.calls.clear()
+    with fitness.metered() as usage:
+        race = fitness.race(Model("bad"), None, [incumbent], cache_key="bad")
+    assert race.stopped and race.decision.beaten_by == 0 and race.items["a"] < 96
+    assert set(race.scores) == {"a", "b"} and extra.calls == 1  # weight 0: only the incumbent's full run
+    assert race.estimate == fitness.objectives(race.scores)
+    assert usage["a"].items == race.items["a"] and usage["a"].tokens == 10 * race.items["a"]
+    assert a.calls[0] == (0, 4) and all(x[1] == y[0] for x, y in zip(a.calls, a.calls[1:]))  # each item once
+    for key in ("better", "same"):
+        race = fitness.race(Model(key), None, [incumbent], cache_key=key)
+        assert not race.stopped and set(race.scores) == {"a", "b", "extra"} and race.items == {"a": 96, "b": 96}
+    assert fitness.race(Model("better"), None, [incumbent], cache_key="better").decision is None  # cached
+
+
+def test_race_without_references_or_with_mismatched_ones_scores_in_full():
+    fitness, *_ = racing_fitness()
+    assert not fitness.race(Model("bad"), None, []).stopped
+    wrong = Reference(0, {"a": np.ones(10), "b": np.ones(10)}, {"a": 1.0, "b": 1.0})
+    assert not fitness.race(Model("bad"), None, [wrong]).stopped
+
+
+def test_item_values_are_in_the_data_order_whatever_the_racing_order():
+    fitness, *_ = racing_fitness(seed=5)
+    fitness.evaluate(Model("bad"), None, cache_key="k")
+    assert fitness.item_values("k") == {"a": population(1, 0.1), "b": population(1, 0.1)[::-1]}
+    assert fitness.item_values("unknown") == {}
+
+
+def test_race_refuses_items_outside_the_unit_interval():
+    metric = Items("a", {"m": [2.0] * 20, "ref": [1.0] * 20})
+    fitness = Fitness([metric], racing=Racing(first=4))
+    with pytest.raises(FitnessError, match=r"racing needs per-item values in \[0, 1\]"):
+        fitness.race(Model("m"), None, [reference_of(fitness, "ref")])
+
+
+def test_racing_needs_an_item_mean_metric_and_no_stages():
+    with pytest.raises(ValueError, match="mean over items"):
+        Fitness([Exact("x", {})], racing=Racing())
+    with pytest.raises(ValueError, match="replaces stages"):
+        Fitness([Items("a", {"m": [1.0]})], racing=Racing(), stages=(0.5, 1.0))
+
+
+# --------------------------------------------------------------------------- the definition
+
+MC = {"type": "lm_eval", "task": "fit_mc", "metric": "acc"}
+
+
+def test_a_definition_turns_racing_on_and_orders_the_lm_eval_items(llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = load_fitness({"include_path": "tasks", "metrics": {"mc": MC}}, base_dir=DATA)
+    raced = load_fitness({"include_path": "tasks", "racing": {"first": 4, "seed": 2}, "metrics": {"mc": MC}},
+                         base_dir=DATA)
+    assert plain.racing is None and raced.racing == Racing(first=4, growth=2.0, confidence=0.99, seed=2)
+    assert raced.metrics["mc"].item_order_seed == 2 and plain.metrics["mc"].item_order_seed is None
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(llama[0]), AutoTokenizer.from_pretrained(llama[0])
+    assert raced.evaluate(model, tokenizer, cache_key="m") == plain.evaluate(model, tokenizer, cache_key="m")
+    assert raced.item_values("m") == plain.item_values("m")  # stored in the data's order either way
+    values = raced._items[("m", "search")]["mc"]  # scored in racing order
+    assert values == list(in_item_order(plain.item_values("m")["mc"], 2))
+
+
+@pytest.mark.parametrize("racing,message", [
+    ({"first": 0}, "racing.first: Input should be greater than 0"),
+    ({"growth": 1}, "racing.growth: Input should be greater than 1"),
+    ({"confidence": 1.5}, "racing.confidence: Input should be less than 1"),
+    ({"frist": 3}, "racing.frist: unknown field"),
+])
+def test_bad_racing_blocks_are_one_line_errors(racing, message):
+    with pytest.raises(ConfigError) as error:
+        load_fitness({"racing": racing, "metrics": {"mc": MC}, "include_path": "tasks"}, base_dir=DATA)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_racing_refuses_stages_and_a_fitness_without_item_means():
+    scores = {"type": "callable", "function": "scores.py:constant", "direction": "maximize"}
+    with pytest.raises(ConfigError, match="racing: racing replaces stages"):
+        load_fitness({"racing": {}, "stages": [0.5, 1.0], "metrics": {"x": scores}}, base_dir=DATA)
+    with pytest.raises(ConfigError, match="racing: racing needs an optimized metric whose score is a mean"):
+        load_fitness({"racing": {}, "metrics": {"x": scores}}, base_dir=DATA)
