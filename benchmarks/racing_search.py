@@ -1,0 +1,156 @@
+"""Racing against full evaluation: the same search twice, its held-out quality, tokens and time.
+
+For one experiment and optimizer seed, runs (or resumes) the search with full evaluation of every
+candidate and the same search with racing (the experiment's fitness plus a ``racing:`` block;
+evomerge.fitness.racing), then compares them:
+
+* **held-out**: each study's best trial scored on the test split (which neither search saw);
+  racing's best minus full evaluation's in mean skill, with the 95% paired bootstrap interval and
+  the sign test of :mod:`evomerge.analysis.paired`. "Within the interval" means the interval
+  reaches 0 or above: the racing search's best is not significantly worse;
+* **cost**: tokens and items scored over all trials (the trials' ``scored`` records: forward-pass
+  tokens, ``Metric.tokens_scored``), the trials' wall time (sum of their durations: materializing,
+  scoring, records) and trials per minute. Both searches use the same scorer (the fast
+  loglikelihood path unless the fitness turns it off), so the token ratio is racing's own saving;
+  ``--lm-eval-tokens`` also prints the tokens a full evaluation of one candidate feeds through
+  lm-eval's own path (the base model), for the saving of both together.
+
+Run it from the folder the experiment's relative model paths start from. A study that is already
+complete is only read (so the full-evaluation study of a finished ``evomerge demo`` can be given)::
+
+    python benchmarks/racing_search.py zoo_ps --seed 0 --full sqlite:///runs/demo/study.db \\
+        --raced sqlite:///runs/race/s0.db --first 32 --confidence 0.99 --json runs/race/s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from evomerge.analysis.heldout import search_materializer, skill_metrics
+from evomerge.analysis.paired import compare
+from evomerge.analysis.results import pick_trial
+from evomerge.engine.config import parse_config
+from evomerge.io import shipped
+from evomerge.search.driver import run_search
+from evomerge.search.experiment import Experiment, load_experiment
+from evomerge.search.records import trial_records
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", help="experiment name or YAML")
+    parser.add_argument("--seed", type=int, default=0, help="optimizer seed of both searches")
+    parser.add_argument("--full", required=True, help="storage URL of the full-evaluation study")
+    parser.add_argument("--raced", required=True, help="storage URL of the racing study")
+    parser.add_argument("--first", type=int, default=32, help="racing: items of the first chunk")
+    parser.add_argument("--growth", type=float, default=2.0, help="racing: chunk growth")
+    parser.add_argument("--confidence", type=float, default=0.99, help="racing: confidence")
+    parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the budget)")
+    parser.add_argument("--lm-eval-tokens", action="store_true",
+                        help="also count one full evaluation's tokens through lm-eval's own path")
+    parser.add_argument("--json", type=Path, default=None, help="write the row here too")
+    return parser.parse_args(argv)
+
+
+def with_racing(experiment: Experiment, racing: dict) -> Experiment:
+    """The experiment with its fitness definition (a file or a shipped name) plus ``racing``, its
+    relative paths (task folders, perplexity data) made absolute from the definition's folder."""
+    if isinstance(experiment.fitness, dict):
+        raise SystemExit("give the experiment's fitness as a file or a shipped name")
+    path = shipped.find("fitness", experiment.fitness)
+    data = yaml.safe_load(path.read_text())
+    folders = data.get("include_path", [])
+    data["include_path"] = [str(path.parent / p) for p in ([folders] if isinstance(folders, str) else folders)]
+    for metric in data["metrics"].values():
+        if metric.get("type") == "perplexity":
+            metric["data"] = {split: str(path.parent / file) for split, file in metric["data"].items()}
+    data["racing"] = racing
+    raced = copy.deepcopy(experiment)
+    raced.fitness = data
+    return raced
+
+
+def cost(study) -> dict:
+    """Trials, items and tokens scored, and the trials' wall time, of a finished study."""
+    trials = [t for t in study.trials if t.datetime_complete is not None]
+    records = [trial_records(t) for t in trials]
+    seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    return {"trials": len(trials), "raced_out": sum(r.raced_out for r in records),
+            "items": sum(r.items_scored for r in records), "tokens": sum(r.tokens_scored for r in records),
+            "seconds": round(seconds, 1), "trials_per_min": round(60 * len(trials) / seconds, 2)}
+
+
+def heldout(searches: dict) -> tuple[dict, dict]:
+    """Each study's best trial on the test split: its per-item values of the skill metrics and mean skill."""
+    any_search = next(iter(searches.values()))
+    materializer = search_materializer(any_search)
+    skills, items, scores = skill_metrics(any_search), {}, {}
+    for label, search in searches.items():
+        best = pick_trial(search.study)
+        records = trial_records(best)
+        config = parse_config(records.plan, f"<{label} trial {best.number}>")
+        model = materializer.apply(config, seed=any_search.experiment.seed if records.seed is None else records.seed)
+        values, per_item = search.fitness.evaluate_items(model, materializer.tokenizer, "test")
+        items[label] = {name: per_item[name] for name in skills}
+        scores[label] = {"trial": best.number, "search_value": best.value,
+                         "mean_skill": sum(values[n] for n in skills) / len(skills),
+                         **{n: values[n] for n in skills}}
+    return items, scores
+
+
+def lm_eval_tokens(search) -> dict:
+    """Tokens of one full search-split evaluation of the base, through the fast path and lm-eval's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(search.base).eval()
+    counts = {}
+    for fast in (True, False):
+        for metric in search.fitness.metrics.values():
+            if hasattr(metric, "fast_loglikelihood"):
+                metric.fast_loglikelihood = fast
+        before = sum(m.tokens_scored for m in search.fitness.metrics.values())
+        search.fitness.evaluate(model, search_materializer(search).tokenizer, "search")
+        counts["fast" if fast else "lm_eval"] = sum(m.tokens_scored for m in search.fitness.metrics.values()) - before
+    for metric in search.fitness.metrics.values():
+        if hasattr(metric, "fast_loglikelihood"):
+            metric.fast_loglikelihood = True
+    return counts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    experiment = load_experiment(args.experiment)
+    experiment.optimizer.seed = args.seed
+    racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence}
+    searches = {"full": run_search(experiment, storage=args.full, n_trials=args.trials, progress=False),
+                "raced": run_search(with_racing(experiment, racing), storage=args.raced, n_trials=args.trials,
+                                    progress=False)}
+    costs = {label: cost(search.study) for label, search in searches.items()}
+    items, scores = heldout(searches)
+    paired = compare(items["raced"], items["full"], labels=("raced", "full"))
+    row = {"experiment": args.experiment, "seed": args.seed, "racing": racing, "cost": costs, "heldout": scores,
+           "paired": paired.__dict__,
+           "token_ratio": round(costs["full"]["tokens"] / max(costs["raced"]["tokens"], 1), 2),
+           "speedup": round(costs["raced"]["trials_per_min"] / costs["full"]["trials_per_min"], 2),
+           "within": paired.high >= 0}
+    if args.lm_eval_tokens:
+        row["one_evaluation_tokens"] = lm_eval_tokens(searches["full"])
+    print(f"seed {args.seed}: full best trial {scores['full']['trial']} mean skill {scores['full']['mean_skill']:.3f}, "
+          f"raced best trial {scores['raced']['trial']} {scores['raced']['mean_skill']:.3f}; raced - full "
+          f"{paired.difference:+.3f} [{paired.low:+.3f}, {paired.high:+.3f}] p {paired.p_value:.2g}; tokens "
+          f"{costs['full']['tokens']:,} vs {costs['raced']['tokens']:,} ({row['token_ratio']}x fewer), "
+          f"trials/min {costs['full']['trials_per_min']} vs {costs['raced']['trials_per_min']} ({row['speedup']}x); "
+          f"raced out {costs['raced']['raced_out']} of {costs['raced']['trials']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+if __name__ == "__main__":
+    main()
