@@ -148,3 +148,11 @@ def host_budget() -> int:
 def gb(size: int) -> str:
     """``size`` bytes as ``'1.23 GB'``."""
     return f"{size / 1e9:.2f} GB"
+
+
+def human(size: int) -> str:
+    """``size`` bytes in the largest decimal unit it reaches, ``'12.3 MB'``, ``'1.23 GB'`` (B: exact)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(size) >= scale:
+            return f"{size / scale:.3g} {unit}" if size < 100 * scale else f"{size / scale:.0f} {unit}"
+    return f"{size} B"

@@ -61,8 +61,8 @@ from evomerge.live.memory import (
     TrimCacheMode,
     available_bytes,
     cached_kinds,
-    gb,
     host_budget,
+    human,
     memory_bound,
 )
 from evomerge.methods.sparsify import CACHE_KINDS
@@ -208,18 +208,18 @@ class TierPlan:
         """The plan in one paragraph (what the materializer logs when it loads)."""
         b = self.bound
         kept = ", ".join(CACHE_WORDS[k] for k in b.cached) or "none"
-        device = (f"device {gb(b.total)} of {gb(self.budget)} ({self.budget_source}): inputs {gb(b.resident)}"
-                  f" + staging {gb(b.staging)} + live {gb(b.live)} + scratch {gb(b.scratch)} + transient "
-                  f"{gb(b.transient)} + keys {gb(b.cache_free)} + caches {gb(b.caches)} (kept: {kept})")
+        device = (f"device {human(b.total)} of {human(self.budget)} ({self.budget_source}): inputs {human(b.resident)}"
+                  f" + staging {human(b.staging)} + live {human(b.live)} + scratch {human(b.scratch)} + transient "
+                  f"{human(b.transient)} + keys {human(b.cache_free)} + caches {human(b.caches)} (kept: {kept})")
         host = ("host: none (on cpu, host memory is the device tier)" if self.host_budget is None else
-                f"host {gb(self.host + self.host_staging)} of {gb(self.host_budget)} ({self.host_source}): "
-                f"inputs {gb(self.host)} pinned + staging {gb(self.host_staging)}")
-        models = "; ".join(
-            f"{self.labels[path]}: " + ", ".join(f"{n} tensors {gb(size)} {tier}" for tier, (n, size) in tiers.items())
+                f"host {human(self.host + self.host_staging)} of {human(self.host_budget)} ({self.host_source}): "
+                f"inputs {human(self.host)} pinned + staging {human(self.host_staging)}")
+        models = "; ".join(f"{self.labels[path]}: " + ", ".join(
+            f"{n} tensors {human(size)} {tier}" for tier, (n, size) in tiers.items())
             for path, tiers in self.by_model().items())
         moved, read = self.transfer()
-        text = (f"memory plan on {self.device} ({_name(self.dtype)} merges): {device}; {host}; "
-                f"{models}; per candidate reading every input: {gb(moved)} host→device, {gb(read)} from the files")
+        text = (f"memory plan on {self.device} ({_name(self.dtype)} merges): {device}; {host}; {models}; "
+                f"per candidate reading every input: {human(moved)} host→device, {human(read)} from the files")
         if self.resident_dtype is not None:
             text += (f"; inputs kept in {_name(self.resident_dtype)} (resident_dtype): "
                      "rounded once, so candidates differ from the full-precision inputs' by that rounding")
@@ -228,7 +228,7 @@ class TierPlan:
     def report(self) -> str:
         """The bound's terms and the plan per model, as lines (``evomerge inspect --plan-memory``)."""
         b = self.bound
-        lines = [f"device {self.device}, budget {gb(self.budget)} ({self.budget_source}); "
+        lines = [f"device {self.device}, budget {human(self.budget)} ({self.budget_source}); "
                  f"merges in {_name(self.dtype)}"
                  + (f", inputs kept in {_name(self.resident_dtype)}" if self.resident_dtype else ""),
                  "device memory:"]
@@ -236,17 +236,17 @@ class TierPlan:
                  ("scratch", b.scratch), ("transient", b.transient), ("cut keys", b.cache_free),
                  (f"caches ({', '.join(CACHE_WORDS[k] for k in b.cached) or 'none kept'})", b.caches),
                  ("total", b.total)]
-        lines += [f"  {label:<32} {gb(size):>12}" for label, size in terms]
+        lines += [f"  {label:<32} {human(size):>12}" for label, size in terms]
         if self.host_budget is not None:
-            lines += [f"host memory (budget {gb(self.host_budget)}, {self.host_source}):",
-                      f"  {'inputs (host tier, pinned)':<32} {gb(self.host):>12}",
-                      f"  {'staging (pinned)':<32} {gb(self.host_staging):>12}"]
+            lines += [f"host memory (budget {human(self.host_budget)}, {self.host_source}):",
+                      f"  {'inputs (host tier, pinned)':<32} {human(self.host):>12}",
+                      f"  {'staging (pinned)':<32} {human(self.host_staging):>12}"]
         lines.append(f"  {'model':<32} " + " ".join(f"{tier:>22}" for tier in TIERS))
         for path, tiers in self.by_model().items():
-            cells = [f"{tiers[t][0]:>5} t {gb(tiers[t][1]):>12}" if t in tiers else f"{'-':>22}" for t in TIERS]
+            cells = [f"{tiers[t][0]:>5} t {human(tiers[t][1]):>12}" if t in tiers else f"{'-':>22}" for t in TIERS]
             lines.append(f"  {self.labels[path]:<32} " + " ".join(f"{c:>22}" for c in cells))
         moved, read = self.transfer()
-        lines.append(f"per candidate reading every input: {gb(moved)} host→device, {gb(read)} from the files")
+        lines.append(f"per candidate reading every input: {human(moved)} host→device, {human(read)} from the files")
         return "\n".join([*lines, "", self.summary()])
 
 
@@ -293,14 +293,15 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
         cut, end = {"device": (n, n), "host": (0, n), "mmap": (0, 0)}[tier]
         needed = device_bound(cut, reserved).total
         if needed > budget:
-            raise EvomergeError(f"tier {tier} needs {gb(needed)} on {device} but {budget_source} is {gb(budget)}")
+            raise EvomergeError(f"tier {tier} needs {human(needed)} on {device} but {budget_source} is {human(budget)}")
     else:
         minimum = device_bound(0, ())
         if minimum.total > budget:
             raise EvomergeError(
-                f"{budget_source} {gb(budget)} is below the materializer's minimum {gb(minimum.total)} on {device} "
-                f"(live {gb(minimum.live)} + scratch {gb(minimum.scratch + minimum.keys + minimum.transient)} + "
-                f"staging {gb(minimum.staging)}, every input off the device)")
+                f"{budget_source} {human(budget)} is below the materializer's minimum {human(minimum.total)} "
+                f"on {device} "
+                f"(live {human(minimum.live)} + scratch {human(minimum.scratch + minimum.keys + minimum.transient)} + "
+                f"staging {human(minimum.staging)}, every input off the device)")
         if reserved:
             cached_kinds("on", lambda kinds: device_bound(0, kinds), budget)  # raises when the caches cannot fit
         cut = _last_fit(n, lambda i: device_bound(i, reserved).total <= budget)
@@ -317,12 +318,12 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
 
         if tier is None:
             if host_bytes(cut) > host_limit:
-                raise EvomergeError(f"{host_source} {gb(host_limit)} is below the {gb(host_bytes(cut))} of "
+                raise EvomergeError(f"{host_source} {human(host_limit)} is below the {human(host_bytes(cut))} of "
                                     "pinned buffers the files' tensors are read through")
             end = cut + _last_fit(n - cut, lambda j: host_bytes(cut + j) <= host_limit)
         elif host_bytes(end) > host_limit:
-            raise EvomergeError(f"tier {tier} needs {gb(host_bytes(end))} of host memory but {host_source} "
-                                f"is {gb(host_limit)}")
+            raise EvomergeError(f"tier {tier} needs {human(host_bytes(end))} of host memory but {host_source} "
+                                f"is {human(host_limit)}")
     tiers: tuple[Tier, ...] = ("device",) * cut + ("host",) * (end - cut) + ("mmap",) * (n - end)
     maxima: dict[Group, int] = {}
     for part, where in zip(parts, tiers):

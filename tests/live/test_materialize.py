@@ -265,9 +265,9 @@ def test_streaming_mode_equals_resident(family):
 def test_memory_bound_is_checked_before_loading(family, monkeypatch):
     base, *ft = family
     monkeypatch.setattr("evomerge.live.tiers.available_bytes", lambda device: 1000)
-    with pytest.raises(EvomergeError, match="the free memory of cpu 0.00 GB is below the materializer's minimum"):
+    with pytest.raises(EvomergeError, match="the free memory of cpu 1.00 kB is below the materializer's minimum"):
         Materializer(base, ft)
-    with pytest.raises(EvomergeError, match=r"^max_memory 0.00 GB is below the materializer's minimum .* GB on cpu "
+    with pytest.raises(EvomergeError, match=r"^max_memory 1.00 kB is below the materializer's minimum .* MB on cpu "
                                             r"\(live .* every input off the device\)$"):
         Materializer(base, ft, max_memory=1000)
 
