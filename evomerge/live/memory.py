@@ -151,8 +151,10 @@ def gb(size: int) -> str:
 
 
 def human(size: int) -> str:
-    """``size`` bytes in the largest decimal unit it reaches, ``'12.3 MB'``, ``'1.23 GB'`` (B: exact)."""
+    """``size`` bytes to three digits in the largest decimal unit it reaches: ``'1.20 MB'``,
+    ``'65.5 kB'``, ``'362 GB'`` (below 1 kB: ``'12 B'``)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(size) >= scale:
-            return f"{size / scale:.3g} {unit}" if size < 100 * scale else f"{size / scale:.0f} {unit}"
+            value = size / scale
+            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
     return f"{size} B"
