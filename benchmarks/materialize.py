@@ -45,6 +45,16 @@ Run from the repository root with the venv active::
     python benchmarks/materialize.py --device cuda --size tinyllama   # bfloat16 on CUDA
     python benchmarks/materialize.py --threads 1 --methods ties,dare_ties --trim-cache --mergekit-repeats 0
     python benchmarks/materialize.py --real runs/real --methods task_arithmetic,ties,dare_ties
+    python benchmarks/materialize.py --threads 1 --methods task_arithmetic,ties --mergekit-repeats 0 \
+        --tiers device,mmap --resident-dtype bfloat16
+
+``--tiers device,host,mmap``: after the main run, the same candidates on materializers with every
+input forced into one tier (:mod:`evomerge.live.tiers`: on the device, in pinned host memory (CUDA
+only), or read from the memory-mapped files per candidate), in the same run: per-candidate time,
+peak against each plan's bound, and the plan's transfer per candidate. ``--resident-dtype bfloat16``:
+the error of keeping the inputs in bfloat16 under float32 merges, per method: the max absolute and
+the relative (‖Δ‖/‖W‖ over all weights) error of the merged weights against full-precision inputs,
+and the change of a fitness (the mean next-token NLL of the live model on fixed random tokens).
 
 ``--real DIR``: the real-model example instead (``evomerge zoo --real``: SmolLM2-135M-Instruct and
 three LoRA adapters), measured three ways in one run: the materializer with the adapters kept
@@ -74,6 +84,7 @@ from merge_to_disk import ensure_family, warm_page_cache
 
 from evomerge import parse_config
 from evomerge.live.materializer import Materializer
+from evomerge.live.tiers import TIERS
 from evomerge.methods import get_method
 from evomerge.zoo.synthetic import SIZES
 
@@ -99,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed mergekit runs per method (0: mergekit not run)")
     parser.add_argument("--trim-cache", action="store_true",
                         help="also time the trimming methods cache-free (trim_cache=off) against the cached run")
+    parser.add_argument("--tiers", default="",
+                        help="also time the methods with every input in each of these tiers (device,host,mmap)")
+    parser.add_argument("--resident-dtype", choices=sorted(DTYPES), default=None,
+                        help="also measure the error of keeping the inputs in this dtype (e.g. bfloat16)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0, help="random-mask seed (fixed, as in a search)")
@@ -114,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    args.tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    if set(args.tiers) - set(TIERS):
+        parser.error(f"--tiers: choose from {','.join(TIERS)}")
     if args.repeats < 1 or args.mergekit_repeats < 0:
         parser.error("--repeats must be at least 1, --mergekit-repeats at least 0")
     args.device = torch.device(args.device)
@@ -243,8 +261,8 @@ def bench_evomerge(materializer: Materializer, methods: list[str], models: list[
         row.peak = memory.peak()
         sparsify = get_method(method).sparsify
         built.update(sparsify.caches if sparsify else ())
-        row.bound = (bound.resident + bound.live + bound.scratch + bound.transient + bound.cache_free
-                     + bound.per_cache * len(built & set(bound.cached)))
+        row.bound = (bound.resident + bound.staging + bound.live + bound.scratch + bound.transient
+                     + bound.cache_free + bound.per_cache * len(built & set(bound.cached)))
         row.loads.append(load())
         print(f"  evomerge {method:<16} first {row.first:7.2f} s, then "
               f"{' '.join(f'{s:.3f}' for s in row.applies)} s  (load {row.loads[-1]:.1f})", flush=True)
@@ -400,6 +418,61 @@ def main_real(args: argparse.Namespace) -> int:
     return 1 if any(row.error for row in tables["LoRA-native"].values()) else 0
 
 
+def bench_tiers(models: list[Path], layers: int, args: argparse.Namespace) -> str:
+    """The methods on one materializer per forced tier (``--tiers``): the table."""
+    table = [("tier", "method", "first apply s", "apply s", "peak GB", "bound GB", "host GB",
+              "host→device GB/cand.", "files GB/cand.", "load")]
+    for tier in args.tiers:
+        if tier == "host" and args.device.type != "cuda":
+            print(f"  tier host: skipped on {args.device} (host memory is the device tier)")
+            continue
+        memory = PeakMemory(args.device)
+        materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype], tier=tier)
+        plan = materializer.memory_plan
+        print(f"  tier {tier}: {plan.summary()}")
+        moved, read = plan.transfer()
+        for method, row in bench_evomerge(materializer, args.methods, models, layers, args, memory).items():
+            table.append((tier, method, f"{row.first:.2f}", f"{statistics.median(row.applies):.3f}",
+                          f"{row.peak / 1e9:.2f}", f"{row.bound / 1e9:.2f}",
+                          f"{(plan.host + plan.host_staging) / 1e9:.2f}", f"{moved / 1e9:.2f}", f"{read / 1e9:.2f}",
+                          f"{row.loads[-1]:.1f}"))
+        del materializer
+    return render(table)
+
+
+def fitness_nll(model: torch.nn.Module, device: torch.device) -> float:
+    """The mean next-token NLL of ``model`` on 4 × 128 fixed random tokens (a fitness the rounding moves)."""
+    tokens = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float(model(tokens.to(device), labels=tokens.to(device)).loss)
+
+
+def bench_resident_dtype(models: list[Path], layers: int, args: argparse.Namespace) -> str:
+    """The error of ``--resident-dtype`` residency against full-precision inputs, per method: the table."""
+    low_dtype = DTYPES[args.resident_dtype]
+    outcomes: dict[str, list] = {}
+    for resident in (None, low_dtype):
+        materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype],
+                                    resident_dtype=resident)
+        for method in args.methods:
+            config = parse_config(yaml.safe_dump(candidate(method, models, layers, 1, args.dtype)))
+            materializer.apply(config, seed=args.seed)
+            weights = {name: tensor.detach().to("cpu", torch.float64, copy=True)
+                       for name, tensor in materializer.state_dict().items()}
+            outcomes.setdefault(method, []).append((weights, fitness_nll(materializer.model, args.device)))
+        del materializer
+    table = [("method", "max |Δw|", "‖Δw‖/‖w‖", "max |Δw|/max |w|", "NLL full", f"NLL {args.resident_dtype}",
+              "|ΔNLL|")]
+    for method, ((exact, nll), (low, low_nll)) in outcomes.items():
+        worst = max(float((low[n] - w).abs().max()) for n, w in exact.items())
+        largest = max(float(w.abs().max()) for w in exact.values())
+        norm = sum(float((low[n] - w).square().sum()) for n, w in exact.items()) ** 0.5
+        total = sum(float(w.square().sum()) for w in exact.values()) ** 0.5
+        table.append((method, f"{worst:.3g}", f"{norm / total:.3g}", f"{worst / largest:.3g}", f"{nll:.5f}",
+                      f"{low_nll:.5f}", f"{abs(low_nll - nll):.2g}"))
+    return render(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -432,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  cache-free materializer: bound {free.bound.total / 1e9:.2f} GB")
         free_rows = bench_evomerge(free, trimming, models, layers, args, memory)
         del free
+    tier_table = bench_tiers(models, layers, args) if args.tiers else None
+    error_table = bench_resident_dtype(models, layers, args) if args.resident_dtype else None
     bench_mergekit(rows, models, layers, args)
     print()
     print(f"apply = median of {args.repeats} candidates after the first; mergekit = median of "
@@ -445,6 +520,16 @@ def main(argv: list[str] | None = None) -> int:
         print("cache vs cache-free (trim_cache on / off, this run): apply = median per candidate; "
               "ratio = cache-free / cached")
         print(format_trim_table(rows, free_rows))
+    if tier_table:
+        print()
+        print("forced tiers (this run): apply = median per candidate; peak against the plan's bound (device memory); "
+              "host = pinned host memory; transfer = what a candidate reading every input moves")
+        print(tier_table)
+    if error_table:
+        print()
+        print(f"resident_dtype {args.resident_dtype} vs full-precision inputs ({args.dtype} merges, candidate 1 of "
+              f"each method): merged-weight error and fitness (mean NLL on fixed random tokens) change")
+        print(error_table)
     return 1 if any(row.error for row in rows.values()) else 0
 
 

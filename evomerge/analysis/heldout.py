@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
 from evomerge.analysis.paired import Paired, compare
-from evomerge.engine.config import MergeConfig, parse_config, torch_dtype
+from evomerge.engine.config import MergeConfig, parse_config
 from evomerge.live.materializer import Materializer
 from evomerge.search.driver import Search
 from evomerge.search.records import trial_records
@@ -65,9 +65,8 @@ class Candidate:
 
 def search_materializer(search: Search, *, progress: bool = False) -> Materializer:
     """A materializer over the search's models, device and dtype."""
-    return Materializer(search.base, search.sources, device=search.device,
-                        dtype=torch_dtype(search.experiment.dtype), progress=progress,
-                        trim_cache=search.experiment.trim_cache)
+    return Materializer(search.base, search.sources, device=search.device, progress=progress,
+                        **search.experiment.materializer_options())
 
 
 def candidates(search: Search, trials: Sequence[FrozenTrial]) -> list[Candidate]:

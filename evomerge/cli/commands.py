@@ -17,18 +17,29 @@ log = logging.getLogger("evomerge")
 
 
 @click.command(name="inspect")
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--plan-memory", "experiment", type=click.Path(path_type=Path), default=None,
+              help="Instead: print the materializer's memory plan for this experiment (its models, device, dtype, "
+                   "max_memory, max_host_memory, resident_dtype, trim_cache), from the files' headers only.")
 @click.option("--sample", type=click.IntRange(min=1), default=None,
               help="Read at most N elements per tensor (its first rows); default: every element.")
 @click.option("--strict", is_flag=True, help="Exit 2 when a source does not look fine-tuned from the base.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def inspect(models: tuple[Path, ...], sample: int | None, strict: bool, as_json: bool, quiet: bool) -> None:
+def inspect(models: tuple[Path, ...], experiment: Path | None, sample: int | None, strict: bool, as_json: bool,
+            quiet: bool) -> None:
     """Check that MODELS (the base first, then the sources) can be merged: architecture, shapes,
-    vocabularies, and task-vector statistics (relative norm, cosines, sign conflicts per layer)."""
+    vocabularies, and task-vector statistics (relative norm, cosines, sign conflicts per layer).
+    With --plan-memory EXPERIMENT: where the materializer of that experiment's search would keep
+    each model's tensors (device, host memory, the files), and the memory bound's terms."""
     from evomerge.engine.inspect import format_report, inspect_models
 
     setup_logging(quiet, False)
+    if experiment is not None:
+        if models:
+            raise EvomergeError("inspect --plan-memory: give the experiment only, not MODELS")
+        click.echo(memory_plan(experiment).report())
+        return
     if len(models) < 2:
         raise EvomergeError("inspect: give the base model and at least one source")
     report = inspect_models(models[0], models[1:], sample=sample, progress=not quiet)
@@ -36,6 +47,22 @@ def inspect(models: tuple[Path, ...], sample: int | None, strict: bool, as_json:
     unrelated = [s.path for s in report.flagged if s.verdict == "unrelated"]
     if strict and unrelated:
         raise EvomergeError(f"{unrelated[0]} does not look fine-tuned from {report.base}")
+
+
+def memory_plan(path: Path):
+    """The :class:`~evomerge.live.tiers.TierPlan` of the experiment at ``path`` (nothing is loaded)."""
+    import torch
+
+    from evomerge.engine.execute import resolve_device
+    from evomerge.io.source import source_key
+    from evomerge.live.tiers import open_inputs, plan_tiers
+    from evomerge.search.experiment import load_experiment
+
+    experiment = load_experiment(path)
+    # a CUDA experiment can be planned without the GPU when it sets max_memory
+    device = resolve_device("auto") if experiment.device == "auto" else torch.device(experiment.device)
+    folders = open_inputs(experiment.models.base, experiment.models.sources)
+    return plan_tiers(folders, source_key(experiment.models.base), device=device, **experiment.materializer_options())
 
 
 @click.command()

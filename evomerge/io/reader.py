@@ -20,6 +20,11 @@ from safetensors import safe_open
 from evomerge.errors import ModelError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# the dtype names of the safetensors header (its format's spec)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -125,6 +130,16 @@ class ModelFolder:
         if isinstance(handle, dict):
             return tuple(handle[name].shape)
         return tuple(handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a tensor (for safetensors, from the file's header: nothing is read)."""
+        handle = self._open(self._files[name])
+        if isinstance(handle, dict):
+            return handle[name].dtype
+        stored = handle.get_slice(name).get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise ModelError(f"{self._files[name]}: {name}: unsupported dtype {stored}")
+        return SAFETENSORS_DTYPES[stored]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, loaded (for small models and comparisons)."""

@@ -1,7 +1,8 @@
 """The fast in-memory materializer: merge candidates written in place into one live model.
 
 A search evaluates hundreds of candidates over the same models. :class:`Materializer`
-loads the base and the sources once, keeps them resident on the compute device and owns
+loads the base and the sources once, keeps them resident (on the compute device, or where its
+memory plan puts them) and owns
 one live ``transformers`` model; :meth:`Materializer.apply` executes any plan the merge
 engine accepts (the same :func:`~evomerge.engine.execute.execute_op` the engine runs, so the
 weights are bit-identical to ``evomerge merge``) and writes each merged tensor into the
@@ -14,19 +15,26 @@ whose kind is not kept runs cache-free with the same result. Kernel temporaries 
 one reusable workspace, so after the first candidate a candidate allocates nothing of the model's size. The memory this
 takes is bounded by :mod:`evomerge.live.memory`'s formula, checked before loading.
 
+Where the inputs live is planned before loading (:mod:`evomerge.live.tiers`, logged as one
+paragraph): each tensor of the base and the sources, and each LoRA factor, on the device, in
+(pinned) host memory or left in the memory-mapped files, filling the device first within
+``max_memory`` (default: its free memory), then host memory within ``max_host_memory``; the
+inputs off the device are brought in per op through staging buffers, on CUDA overlapping the
+previous op's kernels (:mod:`evomerge.live.inputs`). Candidates are bit-identical whatever the
+tiers. ``resident_dtype`` (e.g. bfloat16 under float32 merges) keeps the inputs in a narrower
+dtype, rounded once, and casts each to the merge dtype per op: candidates then differ from the
+full-precision ones by that rounding (the plan says so).
+
 Layer stacking (passthrough slices, repeated layers, data-flow plans) does not copy:
 each output position is a layer module whose parameters *are* the resident tensors of
-the source layer, and ``input_scale`` becomes a forward pre-hook. Depth may change from
-one candidate to the next.
+the source layer (when they are on the device in the merge dtype), and ``input_scale``
+becomes a forward pre-hook. Depth may change from one candidate to the next.
 
-Resident means resident: the tensors are copied out of the memory-mapped files (on CPU
-in the same dtype, ``.to()`` would return the mapped file pages themselves, which the
-kernel may evict and re-read from disk, and whose first-touch faults would land in the
-first candidates). The live model is what ``from_pretrained`` returns; if that maps the
-base's file lazily, the first candidate's in-place writes copy those pages.
+The live model is what ``from_pretrained`` returns; if that maps the base's file lazily,
+the first candidate's in-place writes copy those pages.
 
 A LoRA adapter source (:mod:`evomerge.io.adapter`) stays low-rank: its factors A, B and
-scale per adapted weight are resident (in ``promote(dtype, float32)``), its other tensors
+scale per adapted weight are its inputs (kept in ``promote(dtype, float32)``), its other tensors
 are the base's own, and each op forms the adapted weight ``W + scale·B@A`` in a scratch
 buffer of its own (one per adapter input of the op) with the same formula the merge
 engine's adapter view uses (:func:`~evomerge.io.adapter.lora_dense`), so candidates stay
@@ -37,8 +45,6 @@ K adapters of the base cost K·r·(in+out) per adapted weight instead of K full 
 The full sources are kept as they are, not as task vectors: the engine subtracts in the
 working dtype and non-task-arithmetic methods (slerp, linear, model stock) need the
 sources themselves, so this keeps every method exact for the same memory.
-With ``max_memory`` smaller than the resident bound, nothing is kept resident: each
-candidate streams its inputs from the memory-mapped files (``live + scratch`` memory).
 
 The live model's vocabulary is fixed once, when the materializer is built: the base's own
 rows and tokenizer, or with ``tokenizer`` (a ``tokenizer_source`` value or a ``tokenizer:``
@@ -75,12 +81,14 @@ from evomerge.engine.plan import (
     output_vocabulary,
 )
 from evomerge.engine.tokenizer import Vocabulary, build_vocabulary
-from evomerge.errors import ConfigError, EvomergeError, ModelError
+from evomerge.errors import ConfigError, ModelError
 from evomerge.io.adapter import AdapterFolder, LoraFactors, is_adapter, lora_dense
 from evomerge.io.reader import ModelFolder
-from evomerge.io.source import open_model, source_key, split_reference
+from evomerge.io.source import source_key, split_reference
 from evomerge.live.caches import CACHE_NAMES, CacheStore
-from evomerge.live.memory import MemoryBound, TrimCacheMode, available_bytes, cached_kinds, gb, memory_bound
+from evomerge.live.inputs import TieredInputs
+from evomerge.live.memory import TrimCacheMode
+from evomerge.live.tiers import Key, Tier, open_inputs, plan_tiers
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
 from evomerge.methods.sparsify import CACHE_KINDS, Caches
 
@@ -88,13 +96,18 @@ log = logging.getLogger(__name__)
 
 
 class Materializer:
-    """Base + sources resident on ``device``; :meth:`apply` turns a plan into the live model.
+    """Base + sources held for ``device``; :meth:`apply` turns a plan into the live model.
 
-    ``dtype`` (default: the base's) is the dtype models are kept and merged in; a config
+    ``dtype`` (default: the base's) is the dtype models are merged in; a config
     whose ``dtype``/``out_dtype`` names another one is refused, so every candidate equals
-    ``evomerge merge`` of the same config with ``dtype: <this dtype>``. ``trim_cache``
+    ``evomerge merge`` of the same config with ``dtype: <this dtype>``. Memory
+    (:mod:`evomerge.live.tiers`): ``max_memory`` bytes on the device (default: its free memory)
+    and ``max_host_memory`` in host memory (CUDA; default: available less a margin) are filled
+    with the inputs, device first; ``tier`` forces every input into one tier (``device``,
+    ``host``, ``mmap``: the files, per candidate); ``resident_dtype`` keeps them in that narrower
+    dtype (rounded once; not bit-identical to full-precision inputs). ``trim_cache``
     chooses the per-source caches (positions, ranks, random words): ``auto`` keeps the kinds
-    that fit in ``max_memory`` (or the device's free memory), ``on`` all of them (refused
+    that fit in what the inputs leave on the device, ``on`` all of them (refused
     when they do not fit), ``off`` none; trims of the kinds not kept run cache-free
     (:mod:`evomerge.methods.select`), with the same result (:func:`~evomerge.live.memory.cached_kinds`). ``tokenizer``:
     the live model's output vocabulary (``"base"``, ``"union"``, a model path or a
@@ -103,13 +116,14 @@ class Materializer:
 
     def __init__(self, base: str | Path, sources: Sequence[str | Path], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 max_memory: int | None = None, trim_cache: TrimCacheMode = "auto",
-                 progress: bool = False, tokenizer: str | TokenizerSettings | None = None):
+                 max_memory: int | None = None, max_host_memory: int | None = None,
+                 resident_dtype: torch.dtype | None = None, tier: Tier | None = None,
+                 trim_cache: TrimCacheMode = "auto", progress: bool = False,
+                 tokenizer: str | TokenizerSettings | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if split_reference(base)[1] is not None or is_adapter(base):
             raise ModelError(f"{base}: the materializer's base must be a model folder, not an adapter")
-        opened: dict[Path, ModelFolder] = {}
-        self.folders = {source_key(p): open_model(p, base, opened=opened) for p in (base, *sources)}
+        self.folders = open_inputs(base, sources)
         check_compatible({str(p): folder for p, folder in self.folders.items()})
         self.base_path = source_key(base)
         for folder in self.folders.values():
@@ -118,35 +132,22 @@ class Materializer:
                                  f"materializer's base {self.base_path}")
         check_sources(self.folders[self.base_path], [f for p, f in self.folders.items() if p != self.base_path])
         base_folder = self.folders[self.base_path]
-        self.dtype = dtype or next(t.dtype for t in map(base_folder.tensor, base_folder.names())
-                                   if t.is_floating_point())
-        def bound(cached: Sequence[str]) -> MemoryBound:
-            return memory_bound(base_folder, self.folders.values(), self.dtype, cached=cached)
-        self.bound = bound(())
-        available = max_memory if max_memory is not None else available_bytes(self.device)
-        self.streaming = self.bound.total > available
-        if self.streaming and max_memory is None:
-            raise EvomergeError(
-                f"the materializer needs {gb(self.bound.total)} on "
-                f"{self.device} (resident {gb(self.bound.resident)} + live {gb(self.bound.live)}"
-                f" + scratch {gb(self.bound.scratch + self.bound.keys + self.bound.transient)}) but {gb(available)} is "
-                f"available; pass max_memory to stream inputs from disk")
-        if self.streaming and self.bound.streaming > available:
-            raise EvomergeError(f"max_memory {gb(available)} is below the streaming bound "
-                                f"{gb(self.bound.streaming)} (live model + scratch)")
-        if self.streaming and trim_cache == "on":
-            raise EvomergeError("trim_cache: on needs the inputs resident; max_memory streams them")
-        if not self.streaming:
-            self.bound = bound(cached_kinds(trim_cache, bound, available))
+        self.dtype = dtype or next(stored for stored in map(base_folder.dtype, base_folder.names())
+                                   if stored.is_floating_point)
+        self.memory_plan = plan_tiers(self.folders, self.base_path, device=self.device, dtype=self.dtype,
+                                      resident_dtype=resident_dtype, max_memory=max_memory,
+                                      max_host_memory=max_host_memory, trim_cache=trim_cache, tier=tier)
+        self.bound = self.memory_plan.bound
+        log.info("%s", self.memory_plan.summary())
         uncached = [CACHE_NAMES[kind] for kind in CACHE_KINDS if kind not in self.bound.cached]
         if uncached and trim_cache == "auto":
             log.info("trims without cached %s (over the memory budget): cache-free, same results",
                      ", ".join(uncached))
         self.progress = progress
-        self._lowrank: dict[Path, dict[str, LoraFactors]] = {}  # adapter sources: factors on the device
         self._adapter_scratch: list[torch.Tensor] = []  # per adapter input of an op: its formed weight
-        self._product = torch.empty(0, device=self.device)  # scale·B@A, in promote(dtype, float32)
-        self._resident = {} if self.streaming else self._load_resident(progress)
+        compute = torch.promote_types(self.dtype, torch.float32)
+        self._product = torch.empty(0, dtype=compute, device=self.device)  # scale·B@A
+        self.inputs = TieredInputs(self.memory_plan, self.folders, progress=progress)
         self.caches = CacheStore(self.device, self.bound.cached)
         self.vocabulary = self._live_vocabulary(tokenizer)
         self._vocabularies: dict[tuple, Vocabulary | None] = {}
@@ -154,31 +155,6 @@ class Materializer:
         self._prepare_layers()
 
     # -- loading ---------------------------------------------------------------------------
-
-    def _to_device(self, tensor: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
-        """``tensor`` on the device in the working dtype; ``copy``: in memory of its own (on
-        CPU in the same dtype, ``.to`` returns the memory-mapped file's pages themselves)."""
-        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype, copy=copy)
-
-    def _load_resident(self, progress: bool) -> dict[Path, dict[str, nn.Parameter]]:
-        resident: dict[Path, dict[str, nn.Parameter]] = {}
-        compute = torch.promote_types(self.dtype, torch.float32)
-        total = sum(len(f.names()) for f in self.folders.values() if not isinstance(f, AdapterFolder))
-        with tqdm(total=total, desc="loading models", unit="tensor", disable=not progress) as bar:
-            for path, folder in self.folders.items():
-                if isinstance(folder, AdapterFolder):  # after the base: folders start with it
-                    resident[path] = resident[self.base_path]
-                    self._lowrank[path] = {name: dataclasses.replace(
-                        f, a=f.a.to(self.device, compute, copy=True), b=f.b.to(self.device, compute, copy=True))
-                        for name, f in folder.factors.items()}
-                    continue
-                resident[path] = {}
-                for name in folder.names():
-                    tensor = self._to_device(folder.tensor(name), copy=True)
-                    resident[path][name] = nn.Parameter(tensor, requires_grad=False)
-                    bar.update()
-        return resident
 
     def _live_vocabulary(self, tokenizer: str | TokenizerSettings | None) -> Vocabulary | None:
         if tokenizer is None:
@@ -272,10 +248,12 @@ class Materializer:
         if building:
             log.info("first %s candidate: caching the task vectors' %s (once; later candidates reuse them)",
                      plan.method.name, building)
+        needs = [self._needs(op, plan, paths) for op in plan.ops]
         with torch.no_grad():
-            for op in tqdm(plan.ops, desc=f"caching {building}", unit="tensor", leave=False,
-                           disable=not (building and self.progress)):
-                self._apply_op(op, plan, paths, layers)
+            for op, parts in tqdm(zip(plan.ops, self.inputs.stream(needs)), total=len(plan.ops),
+                                  desc=f"caching {building}", unit="tensor", leave=False,
+                                  disable=not (building and self.progress)):
+                self._apply_op(op, plan, paths, layers, parts)
         for layer, scale in zip(layers, plan.layer_scales):
             set_input_scale(layer, scale)
         self._set_layers(layers, plan)
@@ -321,51 +299,72 @@ class Materializer:
         return self._owned[position]
 
     def _apply_op(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
-                  layers: list[nn.Module]) -> None:
+                  layers: list[nn.Module], parts: dict[Key, torch.Tensor]) -> None:
         if op.layer is None:
-            self._compute_into(op, plan, paths, self._live[op.name])
+            self._compute_into(op, plan, paths, self._live[op.name], parts)
             return
         first_layer_name = self._module_names[with_layer(op.name, plan.family, 0)]
         local = first_layer_name[len(self._layer_path) + 1:].split(".", 1)[1]
         reference = self._reference(op, plan, paths)
         if reference is None:
             reference = self._owned_slots(op.layer, layer_index(op.inputs[0][1], plan.family))[local]
-            self._compute_into(op, plan, paths, reference)
+            self._compute_into(op, plan, paths, reference, parts)
         set_parameter(layers[op.layer], local, reference)
 
-    def _reference(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]):
-        """The resident tensor itself when the op is an unscaled pass-through of one input."""
-        if (self.streaming or plan.method.name != "passthrough" or op.crop_rows is not None
+    def _reference(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]) -> nn.Parameter | None:
+        """The resident tensor itself when the op is an unscaled pass-through of one input that the
+        device tier holds in the merge dtype."""
+        if (plan.method.name != "passthrough" or op.crop_rows is not None
                 or op.vocab is not None or op.per_input[0]["scale"] is not None):
             return None
         model, name = op.inputs[0]
-        if name in self._lowrank.get(paths[model], {}):
-            return None  # formed in scratch, not resident
-        return self._resident[paths[model]][name]
+        if self._factors(paths[model], name) is not None:
+            return None  # formed in scratch
+        return self.inputs.resident(self._dense_key(paths[model], name))
 
-    def _input(self, path: Path, name: str, slot: int) -> torch.Tensor:
-        """Input ``slot`` of an op: a resident tensor, or an adapter's weight formed in scratch."""
-        if self.streaming:
-            return self._to_device(self.folders[path].tensor(name, self.dtype))
-        factors = self._lowrank.get(path, {}).get(name)
+    def _factors(self, path: Path, name: str) -> LoraFactors | None:
+        """The LoRA factors of ``name`` when ``path`` is an adapter that adapts it."""
+        folder = self.folders[path]
+        return folder.factors.get(name) if isinstance(folder, AdapterFolder) else None
+
+    def _dense_key(self, path: Path, name: str) -> Key:
+        """The dense input that holds ``name`` of ``path`` (an adapter's: its base's)."""
+        return (self.base_path if isinstance(self.folders[path], AdapterFolder) else path, name, "")
+
+    def _needs(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]) -> list[Key]:
+        """The input parts ``op`` reads (none when its layer takes a resident tensor as it is)."""
+        if op.layer is not None and self._reference(op, plan, paths) is not None:
+            return []
+        keys = []
+        for model, name in op.inputs:
+            path = paths[model]
+            keys.append(self._dense_key(path, name))
+            if self._factors(path, name) is not None:
+                keys += [(path, name, "a"), (path, name, "b")]
+        return list(dict.fromkeys(keys))
+
+    def _input(self, path: Path, name: str, slot: int, parts: dict[Key, torch.Tensor]) -> torch.Tensor:
+        """Input ``slot`` of an op: a brought part, or an adapter's weight formed in scratch."""
+        weight = parts[self._dense_key(path, name)]
+        factors = self._factors(path, name)
         if factors is None:
-            return self._resident[path][name]
-        base = self._resident[self.base_path][name]
+            return weight
+        factors = dataclasses.replace(factors, a=parts[(path, name, "a")], b=parts[(path, name, "b")])
         while len(self._adapter_scratch) <= slot:
             self._adapter_scratch.append(torch.empty(0, dtype=self.dtype, device=self.device))
-        if self._adapter_scratch[slot].numel() < base.numel():
-            self._adapter_scratch[slot] = torch.empty(base.numel(), dtype=self.dtype, device=self.device)
+        if self._adapter_scratch[slot].numel() < weight.numel():
+            self._adapter_scratch[slot] = torch.empty(weight.numel(), dtype=self.dtype, device=self.device)
         rows, columns = factors.b.shape[0], factors.a.shape[1]
         if self._product.numel() < rows * columns:
-            self._product = torch.empty(rows * columns, dtype=factors.a.dtype, device=self.device)
-        out = self._adapter_scratch[slot][:base.numel()].view(base.shape)
-        return lora_dense(base, factors, self.dtype, out=out,
+            self._product = torch.empty(rows * columns, dtype=self._product.dtype, device=self.device)
+        out = self._adapter_scratch[slot][:weight.numel()].view(weight.shape)
+        return lora_dense(weight, factors, self.dtype, out=out,
                           product=self._product[:rows * columns].view(rows, columns))
 
     def _compute_into(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
-                      target: torch.Tensor) -> None:
+                      target: torch.Tensor, parts: dict[Key, torch.Tensor]) -> None:
         """Merge ``op`` into ``target`` in place (kernels write into it directly when they can)."""
-        tensors = [self._input(paths[model], name, slot) for slot, (model, name) in enumerate(op.inputs)]
+        tensors = [self._input(paths[model], name, slot, parts) for slot, (model, name) in enumerate(op.inputs)]
         rows = op.vocab.size if op.vocab is not None else op.crop_rows or tensors[0].shape[0]
         shape = (rows, *tensors[0].shape[1:]) if tensors[0].dim() else tensors[0].shape
         if shape != target.shape:

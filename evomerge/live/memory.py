@@ -1,11 +1,15 @@
-"""The materializer's memory bound, and the memory available on its device.
+"""The materializer's memory bound, and the memory available on its device and in host memory.
 
-Memory (bytes, ``dtype`` size ``s``, ``N`` parameters per model, ``K`` sources of which ``L``
-are LoRA adapters, ``T`` the largest tensor's element count, ``D`` the deepest plan's extra
-layers, ``c = max(s, 4)`` the size of ``promote(dtype, float32)``)::
+Memory on the device (bytes, ``dtype`` size ``s``, ``N`` parameters per model, ``K`` sources of
+which ``L`` are LoRA adapters, ``T`` the largest tensor's element count, ``D`` the deepest plan's
+extra layers, ``c = max(s, 4)`` the size of ``promote(dtype, float32)``)::
 
-    resident  = (K − L + 1) · N · s          base and full sources
+    resident  = Σ the inputs in the device tier  (:mod:`evomerge.live.tiers`); every input there:
+                (K − L + 1) · N · s'           base and full sources (s' = resident_dtype's size, else s)
               + Σ_adapters Σ_weights r·(in + out) · c      adapters: their factors A, B only
+    staging   = the buffers that bring the other inputs to the device, and cast low-precision
+                ones to ``dtype`` (:mod:`evomerge.live.tiers`: 0 with every input on the device in
+                ``dtype``)
     live      = N · s  (+ D layers)          the live model's own parameters
     per cache = K · N · 4                    each cache kind kept: int32 magnitude positions
                                              (TIES, breadcrumbs), float32 DELLA ranks,
@@ -19,9 +23,12 @@ layers, ``c = max(s, 4)`` the size of ``promote(dtype, float32)``)::
               + L · T · s + T · c            (scratch) with adapters: each adapter input's weight formed
                                              per tensor (W + scale·B@A), and the product B@A
 
+Host memory (CUDA only; on CPU host and device memory are one) holds the host tier's inputs
+(pinned) and the pinned buffers the files' tensors are read into (:class:`~evomerge.live.tiers.TierPlan`).
+
 Which cache kinds are kept is the materializer's ``trim_cache`` setting (:func:`cached_kinds`):
-``on`` all, ``off`` none, ``auto`` (default) as many as fit in the memory available, in the
-order positions, words, ranks; a trim whose kind is not kept runs cache-free, with the same
+``on`` all, ``off`` none, ``auto`` (default) as many as fit in the memory the inputs leave, in
+the order positions, words, ranks; a trim whose kind is not kept runs cache-free, with the same
 result (:mod:`evomerge.methods.select`). A kept cache exists once a method that uses it has
 run; it is built on that method's first candidate, one tensor at a time. DELLA also
 allocates its float32 keep probabilities per tensor. The caches are dense for adapters too
@@ -50,6 +57,7 @@ class MemoryBound:
     """Bytes the materializer needs on its device (see the module docstring)."""
 
     resident: int
+    staging: int
     live: int
     per_cache: int
     cached: tuple[str, ...]  # the cache kinds kept (of CACHE_KINDS)
@@ -69,31 +77,30 @@ class MemoryBound:
 
     @property
     def total(self) -> int:
-        return self.resident + self.live + self.caches + self.transient + self.scratch + self.cache_free
+        return self.resident + self.staging + self.live + self.caches + self.transient + self.scratch + self.cache_free
 
     @property
-    def streaming(self) -> int:
-        """What streaming the inputs from disk needs (no cache is kept then): the live model,
-        the workspace, the cuts' keys and the per-tensor transient."""
-        return self.live + self.scratch + self.keys + self.transient
+    def fixed(self) -> int:
+        """What does not depend on the tiers or the caches: the live model, the workspace and the
+        per-tensor transient."""
+        return self.live + self.scratch + self.transient
 
 
 TrimCacheMode = Literal["auto", "on", "off"]
 
 
 def memory_bound(base: ModelFolder, models: Iterable[ModelFolder], dtype: torch.dtype, *,
-                 cached: Sequence[str]) -> MemoryBound:
-    """The bound for ``base`` and ``models`` (base and sources, all loaded) in ``dtype``
-    with the trim cache kinds ``cached`` kept (the others count 0, their trims run cache-free)."""
+                 cached: Sequence[str] = (), resident: int = 0, staging: int = 0) -> MemoryBound:
+    """The bound for ``base`` and ``models`` (base and sources) in ``dtype`` with the trim cache
+    kinds ``cached`` kept (the others count 0, their trims run cache-free), ``resident`` bytes
+    of inputs on the device and ``staging`` bytes of buffers (both from the tier plan)."""
     models = list(models)
     numel = [int(torch.Size(base.shape(n)).numel()) for n in base.names()]
     sources = len(models) - 1
     adapters = [f for f in models if isinstance(f, AdapterFolder)]
-    full = [f for f in models if not isinstance(f, AdapterFolder)]
     compute = max(dtype.itemsize, 4)
     return MemoryBound(
-        resident=sum(sum(int(torch.Size(f.shape(n)).numel()) for n in f.names()) for f in full) * dtype.itemsize
-        + sum(f.adapter.num_parameters() for f in adapters) * compute,
+        resident=resident, staging=staging,
         live=sum(numel) * dtype.itemsize,
         per_cache=sources * sum(numel) * CACHE_ITEMSIZE,
         cached=tuple(cached),
@@ -122,6 +129,9 @@ def cached_kinds(mode: TrimCacheMode, bound: Callable[[Sequence[str]], MemoryBou
     return kept
 
 
+HOST_MARGIN = 0.1  # of the system's memory, left to the rest of the process and the machine
+
+
 def available_bytes(device: torch.device) -> int:
     """Free memory on ``device`` (CUDA: free device memory; CPU: available system memory)."""
     if device.type == "cuda":
@@ -129,6 +139,22 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def host_budget() -> int:
+    """The default host-memory budget: available system memory less :data:`HOST_MARGIN` of the total."""
+    memory = psutil.virtual_memory()
+    return max(memory.available - int(HOST_MARGIN * memory.total), 0)
+
+
 def gb(size: int) -> str:
     """``size`` bytes as ``'1.23 GB'``."""
     return f"{size / 1e9:.2f} GB"
+
+
+def human(size: int) -> str:
+    """``size`` bytes to three digits in the largest decimal unit it reaches: ``'1.20 MB'``,
+    ``'65.5 kB'``, ``'362 GB'`` (below 1 kB: ``'12 B'``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(size) >= scale:
+            value = size / scale
+            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+    return f"{size} B"

@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge import __version__
-from evomerge.engine.config import MergeConfig, torch_dtype
+from evomerge.engine.config import MergeConfig
 from evomerge.engine.architecture import num_layers
 from evomerge.engine.plan import check_compatible
 from evomerge.errors import ConfigError, EvomergeError
@@ -158,7 +158,7 @@ def _signature(experiment: Experiment, space: SearchSpace, fitness: Fitness) -> 
     return {"space": sorted(space.distributions()), "objectives": fitness.metric_names,
             "directions": fitness.directions,
             "models": [Path(p).name for p in (experiment.models.base, *experiment.models.sources)],
-            "seed": experiment.seed, "dtype": experiment.dtype}
+            "seed": experiment.seed, "dtype": experiment.dtype, "resident_dtype": experiment.resident_dtype}
 
 
 def _check_study(study: optuna.Study, experiment: Experiment, space: SearchSpace, fitness: Fitness) -> None:
@@ -193,10 +193,9 @@ class Runner:
     def __init__(self, search: Search, *, progress: bool = True):
         self.search = search
         experiment = search.experiment
-        self.materializer = Materializer(search.base, search.sources, device=search.device,
-                                         dtype=torch_dtype(experiment.dtype), progress=progress,
-                                         trim_cache=experiment.trim_cache,
-                                         tokenizer=search.space.spec.tokenizer_source)  # fixed per search
+        self.materializer = Materializer(search.base, search.sources, device=search.device, progress=progress,
+                                         tokenizer=search.space.spec.tokenizer_source,  # fixed per search
+                                         **experiment.materializer_options())
         self.device_name = str(self.materializer.device)
         if self.materializer.device.type == "cuda":
             self.device_name += f" ({torch.cuda.get_device_name(self.materializer.device)})"

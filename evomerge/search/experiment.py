@@ -21,6 +21,9 @@
     dtype: float32                       # the dtype candidates are merged and scored in
     seed: 0                              # DARE/DELLA mask seed of every candidate
     trim_cache: auto                     # auto | on | off: per-source trim caches (same results)
+    max_memory: null                     # device bytes for the materializer (e.g. 40GB); default: free memory
+    max_host_memory: null                # pinned host bytes for inputs off the GPU; default: available − 10%
+    resident_dtype: null                 # e.g. bfloat16: inputs kept rounded to it (not bit-identical)
 
 The experiment itself is a file or the name of one shipped with the package
 (``evomerge search zoo_ps``; names: :mod:`evomerge.io.shipped`), and so are a string
@@ -33,17 +36,38 @@ median pruner, and stopped early when it falls behind.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from evomerge.engine.config import DTYPES, field_path, read_file, read_mapping, validation_failure, yaml_line
+from evomerge.engine.config import (
+    DTYPES,
+    field_path,
+    read_file,
+    read_mapping,
+    torch_dtype,
+    validation_failure,
+    yaml_line,
+)
 from evomerge.errors import ConfigError
 from evomerge.io import shipped
 
 Sampler = Literal["cmaes", "cma", "tpe", "nsga2", "random"]
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(size: int | str | None) -> int | None:
+    """``40GB``, ``1.5 GiB``, ``123`` (bytes) → bytes; None stays None. Raises ValueError."""
+    if size is None or isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", size)
+    if match is None or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"expected bytes or a size such as 40GB or 1.5GiB, got {size!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 class _Strict(BaseModel):
@@ -90,13 +114,27 @@ class Experiment(_Strict):
     seed: int = 0
     # the materializer's per-source trim caches: auto (those that fit), on (all), off (cache-free)
     trim_cache: Literal["auto", "on", "off"] = "auto"
+    # the materializer's memory plan (evomerge inspect --plan-memory shows it): budgets in bytes
+    max_memory: int | None = None
+    max_host_memory: int | None = None
+    resident_dtype: str | None = None
 
-    @field_validator("dtype")
+    @field_validator("dtype", "resident_dtype")
     @classmethod
-    def _known_dtype(cls, dtype: str) -> str:
-        if dtype not in DTYPES:
+    def _known_dtype(cls, dtype: str | None) -> str | None:
+        if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"expected one of {', '.join(DTYPES)}")
         return dtype
+
+    @field_validator("max_memory", "max_host_memory", mode="before")
+    @classmethod
+    def _size(cls, size: int | str | None) -> int | None:
+        return parse_bytes(size)
+
+    def materializer_options(self) -> dict[str, Any]:
+        """The :class:`~evomerge.live.materializer.Materializer` keywords this experiment sets."""
+        return {"dtype": torch_dtype(self.dtype), "trim_cache": self.trim_cache, "max_memory": self.max_memory,
+                "max_host_memory": self.max_host_memory, "resident_dtype": torch_dtype(self.resident_dtype)}
 
     @property
     def default_storage(self) -> str:

@@ -82,11 +82,11 @@ def test_low_rank_equals_the_merge_engine(llama):
 def test_adapters_stay_low_rank(llama):
     family, lowrank, dense = llama
     base = lowrank.base_path
-    for path in lowrank.folders:
-        if path != base:
-            assert lowrank._resident[path] is lowrank._resident[base]  # no dense copy: the base's own tensors
-            assert lowrank._lowrank[path]
-    factors = sum(f.a.numel() + f.b.numel() for fs in lowrank._lowrank.values() for f in fs.values())
+    kept = lowrank.inputs.kept
+    for path in lowrank.folders:  # no dense copy: the base's own tensors, and the factors
+        roles = {role for (owner, _, role) in kept if owner == path}
+        assert roles == ({""} if path == base else {"a", "b"})
+    factors = sum(t.numel() for (_, _, role), t in kept.items() if role)
     n = lowrank.folders[base].num_parameters()
     assert lowrank.bound.resident == n * 4 + factors * 4
     assert dense.bound.resident == 4 * n * 4
@@ -99,14 +99,11 @@ def test_adapters_stay_low_rank(llama):
 
 def test_the_live_model_runs_and_sources_are_untouched(llama):
     family, lowrank, _ = llama
-    before = {path: {n: (f.a.clone(), f.b.clone()) for n, f in fs.items()} for path, fs in lowrank._lowrank.items()}
-    base = {n: t.clone() for n, t in lowrank._resident[lowrank.base_path].items()}
+    before = {key: t.clone() for key, t in lowrank.inputs.kept.items()}
     for method in ("stacked", "ties", "slerp"):
         lowrank.apply(as_config(candidate(method, family.base, family.adapters, random.Random(7))))
         assert lowrank.model(torch.randint(0, 256, (1, 8))).logits.isfinite().all()
-    assert all(torch.equal(t, base[n]) for n, t in lowrank._resident[lowrank.base_path].items())
-    for path, fs in lowrank._lowrank.items():
-        assert all(torch.equal(f.a, before[path][n][0]) and torch.equal(f.b, before[path][n][1]) for n, f in fs.items())
+    assert all(torch.equal(t, before[key]) for key, t in lowrank.inputs.kept.items())
 
 
 def test_mixed_full_and_adapter_sources_and_plus_form(lora_family, family_factory):
@@ -121,9 +118,9 @@ def test_mixed_full_and_adapter_sources_and_plus_form(lora_family, family_factor
 
 def test_streaming_and_uncached_equal_resident(lora_family, llama):
     family, lowrank, _ = llama
-    streaming = Materializer(family.base, family.adapters, max_memory=lowrank.bound.streaming + 1)
+    streaming = Materializer(family.base, family.adapters, tier="mmap")
     uncached = Materializer(family.base, family.adapters, trim_cache="off")
-    assert streaming.streaming
+    assert set(streaming.memory_plan.tiers) == {"mmap"} and not streaming.inputs.kept
     for step, method in enumerate(["ties", "dare_ties", "stacked"]):
         config = as_config(candidate(method, family.base, family.adapters, random.Random(50 + step)))
         lowrank.apply(config)

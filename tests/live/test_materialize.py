@@ -111,14 +111,14 @@ def test_successive_applies_do_not_leak_state(materializer, family):
 def test_source_models_are_never_written(family):
     base, *ft = family
     materializer = Materializer(base, ft)
-    before = {path: {n: t.clone() for n, t in tensors.items()}
-              for path, tensors in materializer._resident.items()}
+    before = {key: t.clone() for key, t in materializer.inputs.kept.items()}
     configs = all_configs(base, ft)
     for name in ["repeated", "ties", "data_flow", "passthrough", "deeper", "slerp"]:
         materializer.apply(as_config(configs[name]))
         materializer.model(torch.randint(0, 256, (1, 8)))
-    for path, tensors in materializer._resident.items():
-        assert all(torch.equal(tensors[n], before[path][n]) for n in tensors), path
+    assert len(before) == len(materializer.memory_plan.parts)
+    for key, tensor in materializer.inputs.kept.items():
+        assert torch.equal(tensor, before[key]), key
 
 
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "slerp", "deeper", "repeated", "data_flow"])
@@ -246,16 +246,16 @@ def test_random_words_are_cached_per_seed(materializer, family):
 
 
 def test_resident_tensors_are_copies_not_file_maps(materializer):
-    for path, tensors in materializer._resident.items():
-        folder = materializer.folders[path]
-        assert all(t.data_ptr() != folder.tensor(name).data_ptr() for name, t in tensors.items()), path
+    for (path, name, _), tensor in materializer.inputs.kept.items():
+        assert tensor.data_ptr() != materializer.folders[path].tensor(name).data_ptr(), (path, name)
 
 
 def test_streaming_mode_equals_resident(family):
     base, *ft = family
     resident = Materializer(base, ft)
-    streaming = Materializer(base, ft, max_memory=resident.bound.streaming + 1)
-    assert streaming.streaming and not resident.streaming and not streaming._resident
+    streaming = Materializer(base, ft, tier="mmap")
+    assert set(streaming.memory_plan.tiers) == {"mmap"} and not streaming.inputs.kept
+    assert set(resident.memory_plan.tiers) == {"device"}
     configs = all_configs(base, ft)
     for name in ["ties", "dare_ties", "model_stock", "repeated", "data_flow"]:
         config = as_config(configs[name])
@@ -264,10 +264,11 @@ def test_streaming_mode_equals_resident(family):
 
 def test_memory_bound_is_checked_before_loading(family, monkeypatch):
     base, *ft = family
-    monkeypatch.setattr("evomerge.live.materializer.available_bytes", lambda device: 1000)
-    with pytest.raises(EvomergeError, match="the materializer needs .* GB .*pass max_memory"):
+    monkeypatch.setattr("evomerge.live.tiers.available_bytes", lambda device: 1000)
+    with pytest.raises(EvomergeError, match="the free memory of cpu 1.00 kB is below the materializer's minimum"):
         Materializer(base, ft)
-    with pytest.raises(EvomergeError, match="max_memory .* is below the streaming bound"):
+    with pytest.raises(EvomergeError, match=r"^max_memory 1.00 kB is below the materializer's minimum .* MB on cpu "
+                                            r"\(live .* every input off the device\)$"):
         Materializer(base, ft, max_memory=1000)
 
 
@@ -402,7 +403,7 @@ def test_a_tight_bound_trims_cache_free_with_the_cached_results(family):
     assert everything.cached == ("position", "words", "rank") and everything.cache_free == 0
     free_total = everything.total - everything.caches + everything.keys
     tight = Materializer(base, ft, max_memory=free_total + everything.per_cache // 2)
-    assert not tight.streaming and tight.bound.cached == () and tight.bound.total == free_total
+    assert set(tight.memory_plan.tiers) == {"device"} and tight.bound.cached == () and tight.bound.total == free_total
     assert everything.total - tight.bound.total == 3 * everything.per_cache - everything.keys
     one = Materializer(base, ft, max_memory=free_total - everything.keys + everything.per_cache)
     assert one.bound.cached == ("position",)
@@ -421,7 +422,12 @@ def test_a_tight_bound_trims_cache_free_with_the_cached_results(family):
 
 
 def test_trim_cache_on_is_refused_when_it_does_not_fit(family):
+    """``on`` reserves the caches first: a budget short of them moves inputs off the device; one
+    short of them with every input off the device is refused."""
     base, *ft = family
-    everything = Materializer(base, ft).bound
+    everything = Materializer(base, ft, trim_cache="on").bound
+    spilled = Materializer(base, ft, trim_cache="on", max_memory=everything.total - 1)
+    assert spilled.bound.cached == everything.cached and "mmap" in spilled.memory_plan.tiers
+    least = Materializer(base, ft, trim_cache="on", tier="mmap").bound.total
     with pytest.raises(EvomergeError, match="trim_cache: on needs"):
-        Materializer(base, ft, trim_cache="on", max_memory=everything.total - 1)
+        Materializer(base, ft, trim_cache="on", max_memory=least - 1)
