@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first", type=int, default=32, help="racing: items of the first chunk")
     parser.add_argument("--growth", type=float, default=2.0, help="racing: chunk growth")
     parser.add_argument("--confidence", type=float, default=0.99, help="racing: confidence")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="racing search only: score at most this many search items of every lm-eval metric")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the budget)")
     parser.add_argument("--lm-eval-tokens", action="store_true",
                         help="also count one full evaluation's tokens through lm-eval's own path")
@@ -57,9 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def with_racing(experiment: Experiment, racing: dict) -> Experiment:
-    """The experiment with its fitness definition (a file or a shipped name) plus ``racing``, its
-    relative paths (task folders, perplexity data) made absolute from the definition's folder."""
+def with_racing(experiment: Experiment, racing: dict, limit: int | None = None) -> Experiment:
+    """The experiment with its fitness definition (a file or a shipped name) plus ``racing`` (and
+    ``limit`` on every lm-eval metric, when given), its relative paths (task folders, perplexity
+    data) made absolute from the definition's folder."""
     if isinstance(experiment.fitness, dict):
         raise SystemExit("give the experiment's fitness as a file or a shipped name")
     path = shipped.find("fitness", experiment.fitness)
@@ -69,6 +72,8 @@ def with_racing(experiment: Experiment, racing: dict) -> Experiment:
     for metric in data["metrics"].values():
         if metric.get("type") == "perplexity":
             metric["data"] = {split: str(path.parent / file) for split, file in metric["data"].items()}
+        if metric.get("type") == "lm_eval" and limit is not None:
+            metric["limit"] = limit
     data["racing"] = racing
     raced = copy.deepcopy(experiment)
     raced.fitness = data
@@ -128,12 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
     experiment.optimizer.seed = args.seed
     racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence}
     searches = {"full": run_search(experiment, storage=args.full, n_trials=args.trials, progress=False),
-                "raced": run_search(with_racing(experiment, racing), storage=args.raced, n_trials=args.trials,
-                                    progress=False)}
+                "raced": run_search(with_racing(experiment, racing, args.limit), storage=args.raced,
+                                    n_trials=args.trials, progress=False)}
     costs = {label: cost(search.study) for label, search in searches.items()}
     items, scores = heldout(searches)
     paired = compare(items["raced"], items["full"], labels=("raced", "full"))
-    row = {"experiment": args.experiment, "seed": args.seed, "racing": racing, "cost": costs, "heldout": scores,
+    row = {"experiment": args.experiment, "seed": args.seed, "racing": racing, "limit": args.limit, "cost": costs,
+           "heldout": scores,
            "paired": paired.__dict__,
            "token_ratio": round(costs["full"]["tokens"] / max(costs["raced"]["tokens"], 1), 2),
            "speedup": round(costs["raced"]["trials_per_min"] / costs["full"]["trials_per_min"], 2),
