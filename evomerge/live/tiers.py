@@ -300,8 +300,9 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
             raise EvomergeError(
                 f"{budget_source} {human(budget)} is below the materializer's minimum {human(minimum.total)} "
                 f"on {device} "
-                f"(live {human(minimum.live)} + scratch {human(minimum.scratch + minimum.keys + minimum.transient)} + "
-                f"staging {human(minimum.staging)}, every input off the device)")
+                f"(live {human(minimum.live)} + scratch {human(minimum.scratch)} + transient "
+                f"{human(minimum.transient)} + cut keys {human(minimum.cache_free)} + staging "
+                f"{human(minimum.staging)}, every input off the device)")
         if reserved:
             cached_kinds("on", lambda kinds: device_bound(0, kinds), budget)  # raises when the caches cannot fit
         cut = _last_fit(n, lambda i: device_bound(i, reserved).total <= budget)
