@@ -96,6 +96,11 @@ CPU_BF16 = {"task_arithmetic": 1.4, "ties": 1.8, "ties cache-free": 1.8, "ties f
 # GPU kernels: the method's time as a multiple of a one-model copy (benchmarks.md "× copy": the
 # passes over memory the kernels make), the copy being 2·N·s bytes at the device's bandwidth
 COPY_MULTIPLE = {"task_arithmetic": 6.8, "ties": 22.3, "ties cache-free": 22.3 * 2.34}
+# resident_dtype narrower than the merge dtype: every input is cast per op, bf16 → fp32 reads 2 and
+# writes 4 bytes an element, 0.75 of a float32 copy's 8; CPU: a one-model float32 copy of the 124.7M
+# family takes 0.040 s (benchmarks.md, materializer table)
+CAST_COPIES = 0.75
+CPU_COPY_SECONDS = 0.040
 
 
 def tensors(shape: dict, split: bool = False) -> list[tuple[str, list[int]]]:
@@ -208,22 +213,24 @@ def project(plan: TierPlan, machine: Machine, params: int, sources: int) -> dict
     NVMe. CUDA: the stages are pipelined (copy stream, two buffer sets), so a candidate takes its
     slowest stage: the kernels (COPY_MULTIPLE × a one-model copy at the device's bandwidth), the
     host→device copies (PCIE) or the files read into pinned buffers. CPU: the 124.7M family's
-    one-thread seconds scaled (module constants) plus the files read (synchronous)."""
+    one-thread seconds scaled (module constants) plus the files read (synchronous). Both add the
+    per-op casts of ``resident_dtype`` inputs (CAST_COPIES one-model copies per input model)."""
     moved, read = plan.transfer()
     cached = read <= page_cache_room(plan, machine)
     disk = (read / PAGE_CACHED,) * 2 if cached else (read / NVME[1], read / NVME[0])
     scale = (sources + 1) / 4  # models read per element, against the measured base + 3 sources
     out: dict[str, Range | None] = {}
+    casts = CAST_COPIES * (sources + 1) if plan.resident_dtype is not None else 0.0  # in one-model copies
     for method in CPU_SECONDS:
         if plan.device.type == "cuda":
             if method == "ties first":
                 continue
             copy = 2 * params * plan.dtype.itemsize
-            kernels = [COPY_MULTIPLE[method] * scale * copy / bw for bw in reversed(machine.bandwidth)]
+            kernels = [(COPY_MULTIPLE[method] * scale + casts) * copy / bw for bw in reversed(machine.bandwidth)]
             out[method] = tuple(max(k, moved / PCIE, d) for k, d in zip(kernels, disk))  # type: ignore[assignment]
         else:
             ratio = CPU_BF16[method] if plan.dtype.itemsize == 2 else 1.0
-            kernels = CPU_SECONDS[method] / CPU_PARAMS * params * scale * ratio
+            kernels = (CPU_SECONDS[method] * scale * ratio + casts * CPU_COPY_SECONDS) / CPU_PARAMS * params
             out[method] = (kernels + disk[0], kernels + disk[1])
     if "position" not in plan.bound.cached:
         out["ties"] = out["ties first"] = None
