@@ -221,8 +221,11 @@ class TierPlan:
         text = (f"memory plan on {self.device} ({_name(self.dtype)} merges): {device}; {host}; {models}; "
                 f"per candidate reading every input: {human(moved)} host→device, {human(read)} from the files")
         if self.resident_dtype is not None:
-            text += (f"; inputs kept in {_name(self.resident_dtype)} (resident_dtype): "
-                     "rounded once, so candidates differ from the full-precision inputs' by that rounding")
+            exact = all(p.stored == self.resident_dtype for p in self.parts
+                        if not p.role and p.stored.is_floating_point)
+            text += (f"; inputs kept in {_name(self.resident_dtype)} (resident_dtype): " +
+                     ("as the files store them, so candidates are the full-precision inputs' (no rounding)" if exact
+                      else "rounded once, so candidates differ from the full-precision inputs' by that rounding"))
         return text + "."
 
     def report(self) -> str:

@@ -168,6 +168,15 @@ def test_inspect_plan_memory_prints_the_plan_without_loading(family, tmp_path, m
     assert plan.summary() in out and set(plan.tiers) == {"device", "host"}
 
 
+def test_bf16_residency_of_bf16_files_is_said_exact(family_factory):
+    """resident_dtype bfloat16 over files that store bfloat16 rounds nothing, and the plan says so."""
+    base, *ft = [str(p) for p in family_factory("llama", torch.bfloat16)]
+    plan = plan_tiers(open_inputs(base, ft), source_key(base), device=torch.device("cpu"), dtype=torch.float32,
+                      resident_dtype=torch.bfloat16, max_memory=10**9)
+    assert plan.summary().endswith("as the files store them, so candidates are the full-precision inputs' "
+                                   "(no rounding).")
+
+
 def test_the_materializer_logs_its_plan(family, caplog):
     base, *ft = family
     with caplog.at_level("INFO", logger="evomerge.live.materializer"):
