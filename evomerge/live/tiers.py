@@ -221,8 +221,11 @@ class TierPlan:
         text = (f"memory plan on {self.device} ({_name(self.dtype)} merges): {device}; {host}; {models}; "
                 f"per candidate reading every input: {human(moved)} host→device, {human(read)} from the files")
         if self.resident_dtype is not None:
-            text += (f"; inputs kept in {_name(self.resident_dtype)} (resident_dtype): "
-                     "rounded once, so candidates differ from the full-precision inputs' by that rounding")
+            exact = all(p.stored == self.resident_dtype for p in self.parts
+                        if not p.role and p.stored.is_floating_point)
+            text += (f"; inputs kept in {_name(self.resident_dtype)} (resident_dtype): " +
+                     ("as the files store them, so candidates are the full-precision inputs' (no rounding)" if exact
+                      else "rounded once, so candidates differ from the full-precision inputs' by that rounding"))
         return text + "."
 
     def report(self) -> str:
@@ -300,8 +303,9 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
             raise EvomergeError(
                 f"{budget_source} {human(budget)} is below the materializer's minimum {human(minimum.total)} "
                 f"on {device} "
-                f"(live {human(minimum.live)} + scratch {human(minimum.scratch + minimum.keys + minimum.transient)} + "
-                f"staging {human(minimum.staging)}, every input off the device)")
+                f"(live {human(minimum.live)} + scratch {human(minimum.scratch)} + transient "
+                f"{human(minimum.transient)} + cut keys {human(minimum.cache_free)} + staging "
+                f"{human(minimum.staging)}, every input off the device)")
         if reserved:
             cached_kinds("on", lambda kinds: device_bound(0, kinds), budget)  # raises when the caches cannot fit
         cut = _last_fit(n, lambda i: device_bound(i, reserved).total <= budget)

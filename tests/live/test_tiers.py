@@ -9,6 +9,7 @@ kernel gets the same values from every tier (the tiers only move bytes), so equa
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from evomerge import EvomergeError
 from evomerge.cli.main import main
 from evomerge.io.source import source_key
 from evomerge.live.materializer import Materializer
+from evomerge.live.memory import human
 from evomerge.live.tiers import Part, open_inputs, plan_tiers, route
 from evomerge.search.driver import run_search
 from evomerge.search.experiment import parse_experiment
@@ -120,6 +122,14 @@ def test_cuda_plans_count_pinned_and_device_staging(family):
     with pytest.raises(EvomergeError, match="^max_host_memory 1.00 kB is below the .* of pinned buffers"):
         plan_tiers(folders, source_key(base), device=cuda, dtype=torch.float32, max_memory=plan.bound.total,
                    max_host_memory=1000, trim_cache="off")
+    least = plan_tiers(folders, source_key(base), device=cuda, dtype=torch.float32, tier="mmap",
+                       max_memory=10**9, max_host_memory=10**9, trim_cache="off").bound  # every input off the device
+    terms = (f"live {human(least.live)} + scratch {human(least.scratch)} + transient {human(least.transient)} + "
+             f"cut keys {human(least.cache_free)} + staging {human(least.staging)}, every input off the device")
+    with pytest.raises(EvomergeError, match=f"^max_memory .* below the materializer's minimum {human(least.total)} "
+                                            f"on cuda \\({re.escape(terms)}\\)$"):
+        plan_tiers(folders, source_key(base), device=cuda, dtype=torch.float32, max_memory=least.total - 1,
+                   max_host_memory=10**9)
     with pytest.raises(EvomergeError, match="^tier host needs a CUDA device"):
         Materializer(base, ft, tier="host")
     with pytest.raises(EvomergeError, match="^tier device needs .* on cpu but max_memory is 1.00 MB$"):
@@ -156,6 +166,15 @@ def test_inspect_plan_memory_prints_the_plan_without_loading(family, tmp_path, m
     plan = plan_tiers(open_inputs(base, ft), source_key(base), device=torch.device("cuda"), dtype=torch.float32,
                       resident_dtype=torch.bfloat16, max_memory=3 * 10**6, max_host_memory=12 * 10**5)
     assert plan.summary() in out and set(plan.tiers) == {"device", "host"}
+
+
+def test_bf16_residency_of_bf16_files_is_said_exact(family_factory):
+    """resident_dtype bfloat16 over files that store bfloat16 rounds nothing, and the plan says so."""
+    base, *ft = [str(p) for p in family_factory("llama", torch.bfloat16)]
+    plan = plan_tiers(open_inputs(base, ft), source_key(base), device=torch.device("cpu"), dtype=torch.float32,
+                      resident_dtype=torch.bfloat16, max_memory=10**9)
+    assert plan.summary().endswith("as the files store them, so candidates are the full-precision inputs' "
+                                   "(no rounding).")
 
 
 def test_the_materializer_logs_its_plan(family, caplog):
