@@ -181,14 +181,20 @@ def bench_perplexity(model, tokenizer, args, work: Path) -> list[tuple]:
 # --------------------------------------------------------------------------- lm-eval
 
 
-def write_task(folder: Path, items: int, gen_tokens: int) -> list[dict]:
-    rng = random.Random(1)
+def write_additions(folder: Path, items: int, seed: int, prefix: str = "") -> list[dict]:
+    """``items`` addition prompts written as both splits, ``{prefix}search.jsonl`` and ``{prefix}test.jsonl``."""
+    rng = random.Random(seed)
     rows = []
     for _ in range(items):
         a, b = rng.randint(0, 40), rng.randint(0, 40)
         rows.append({"prompt": f"{a} + {b} =", "answer": f" {a + b}"})
     for split in ("search", "test"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / f"{prefix}{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def write_task(folder: Path, items: int, gen_tokens: int) -> list[dict]:
+    rows = write_additions(folder, items, seed=1)
     task = {"task": "bench_add", "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"search": "search.jsonl", "test": "test.jsonl"}},
             "validation_split": "search", "test_split": "test", "output_type": "generate_until",
@@ -256,13 +262,7 @@ PREAMBLE = "Add the two numbers.\n3 + 4 = 7\n12 + 30 = 42\n25 + 17 = 42\n"
 
 
 def write_loglikelihood_task(folder: Path, items: int) -> None:
-    rng = random.Random(2)
-    rows = []
-    for _ in range(items):
-        a, b = rng.randint(0, 40), rng.randint(0, 40)
-        rows.append({"prompt": f"{a} + {b} =", "answer": f" {a + b}"})
-    for split in ("search", "test"):
-        (folder / f"ll_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_additions(folder, items, seed=2, prefix="ll_")
     task = {"task": "bench_add_ll", "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"search": str(folder / "ll_search.jsonl"),
                                               "test": str(folder / "ll_test.jsonl")}},

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from evomerge.compat.lm_eval import encode_loglikelihood_requests, score_continuations_as_given
 from evomerge.fitness import load_fitness
@@ -31,6 +30,7 @@ from evomerge.fitness.loglikelihood import (
     unavailable_reason,
 )
 from evomerge.io import shipped
+from tests.chat_tokenizers import chatml_tokenizer
 
 TOLERANCE = 1e-4
 DATA = Path(__file__).parents[1] / "data" / "fitness"
@@ -43,15 +43,7 @@ CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + SYSTE
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """The zoo's tokenizer with ChatML tokens and a template whose system turn every prompt shares."""
-    from evomerge.zoo.corpus import general_text
-    from evomerge.zoo.tokenizer import train_tokenizer
-
-    tokenizer = train_tokenizer([general_text(random.Random(0), 40)], 400)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    folder = tmp_path_factory.mktemp("fast-ll-tokenizer")
-    tokenizer.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return chatml_tokenizer(tmp_path_factory.mktemp("fast-ll-tokenizer"), CHATML)
 
 
 def build(architecture: str, tokenizer) -> torch.nn.Module:

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.fitness import load_fitness
 from evomerge.io import shipped
+from tests.chat_tokenizers import chatml_tokenizer
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -25,15 +25,7 @@ GENERATION_PROMPT = "<|im_start|>assistant\n"
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
     """The zoo's tokenizer with ChatML's special tokens and template, saved and loaded back."""
-    from evomerge.zoo.corpus import general_text
-    from evomerge.zoo.tokenizer import train_tokenizer
-
-    tokenizer = train_tokenizer([general_text(random.Random(0), 40)], 400)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    folder = tmp_path_factory.mktemp("chatml-tokenizer")
-    tokenizer.save_pretrained(folder)
-    loaded = AutoTokenizer.from_pretrained(folder)
+    loaded = chatml_tokenizer(tmp_path_factory.mktemp("chatml-tokenizer"), CHATML)
     assert loaded.chat_template == CHATML and loaded.convert_tokens_to_ids("<|im_end|>") >= 400
     return loaded
 
