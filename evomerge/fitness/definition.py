@@ -77,7 +77,7 @@ class RacingSpec(_Strict):
     first: PositiveInt = 32  # items of the first chunk, all raced metrics together
     growth: float = Field(2.0, gt=1)  # each chunk ends this many times further than the previous
     confidence: float = Field(0.99, gt=0, lt=1)  # chance that no would-be incumbent is stopped
-    seed: int = 0  # of the item order
+    seed: NonNegativeInt = 0  # of the item order
 
 
 class FitnessSpec(_Strict):

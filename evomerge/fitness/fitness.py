@@ -235,8 +235,8 @@ class Fitness:
         self._meters.append(usage)
         try:
             yield usage
-        finally:
-            self._meters.remove(usage)
+        finally:  # by identity: two open meters may hold equal dicts
+            self._meters = [meter for meter in self._meters if meter is not usage]
 
     def _unit_values(self, name: str, values: list[Any]) -> list[float]:
         for i, value in enumerate(values):

@@ -17,8 +17,9 @@ allows 1e-4); in bfloat16 by more, as any two batchings of bfloat16 do.
 
 * *Shared prefix.* The longest token prefix common to every input of the call (a chat template's
   system prompt and turn markers, fixed few-shot examples) runs once; each batch reuses its keys
-  and values (a fresh ``DynamicCache`` per batch built from the prefix's tensors, expanded to the
-  batch without a copy; a forward extends the cache it is given). Each input keeps at least its
+  and values (a fresh ``DynamicCache`` per batch built from the prefix's tensors expanded to the
+  batch, which the cache copies: batch × prefix keys and values per layer; a forward extends the
+  cache it is given). Each input keeps at least its
   scored positions out of the prefix (the first scored logit is the last context token's).
   Suffixes are right-padded after it: position ids continue from the prefix's length and, as in
   HFLM, no attention mask is needed (a padding token comes after every real one). Used only when
@@ -223,6 +224,8 @@ def _reason(model: nn.Module) -> str | None:
         with torch.no_grad():
             states = _prefix_states(model, (0,), device) if plain else None
             logprobs = _batch_logprobs(model, [(0, 0, 0)], {(0, 0, 0): 2}, int(plain), states, device, None)
+    except torch.OutOfMemoryError:
+        raise  # transient: not a property of the model, so not remembered as one
     except Exception as error:  # a forward that does not take these arguments as transformers does
         return f"a probe forward with logits_to_keep as a position mask failed: {type(error).__name__}: {error}"
     if logprobs.shape[0] != 2:

@@ -94,6 +94,8 @@ class Racing:
             raise ValueError(f"racing.growth must be above 1, got {self.growth}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"racing.confidence must be in (0, 1), got {self.confidence}")
+        if self.seed < 0:
+            raise ValueError(f"racing.seed must be at least 0, got {self.seed}")
 
     def chunks(self, sizes: Mapping[str, int]) -> list[dict[str, int]]:
         """Items scored of each metric (``sizes``: its items) at the end of each chunk, the last

@@ -83,9 +83,11 @@ class TieredInputs:
             current = ahead.popleft()
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(self._copied[index % self._sets])
-            yield current
-            if self.cuda:
-                self._read[index % self._sets].record(torch.cuda.current_stream(self.device))
+            try:
+                yield current
+            finally:  # also when the caller stops early (zip, an error): the next reuse must wait
+                if self.cuda:
+                    self._read[index % self._sets].record(torch.cuda.current_stream(self.device))
 
     def _bring(self, need: Sequence[Key], buffer_set: int) -> dict[Key, torch.Tensor]:
         """Issue the copies of ``need``'s parts into buffer set ``buffer_set``; their tensors."""

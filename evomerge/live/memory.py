@@ -79,18 +79,12 @@ class MemoryBound:
     def total(self) -> int:
         return self.resident + self.staging + self.live + self.caches + self.transient + self.scratch + self.cache_free
 
-    @property
-    def fixed(self) -> int:
-        """What does not depend on the tiers or the caches: the live model, the workspace and the
-        per-tensor transient."""
-        return self.live + self.scratch + self.transient
-
 
 TrimCacheMode = Literal["auto", "on", "off"]
 
 
 def memory_bound(base: ModelFolder, models: Iterable[ModelFolder], dtype: torch.dtype, *,
-                 cached: Sequence[str] = (), resident: int = 0, staging: int = 0) -> MemoryBound:
+                 cached: Sequence[str], resident: int, staging: int) -> MemoryBound:
     """The bound for ``base`` and ``models`` (base and sources) in ``dtype`` with the trim cache
     kinds ``cached`` kept (the others count 0, their trims run cache-free), ``resident`` bytes
     of inputs on the device and ``staging`` bytes of buffers (both from the tier plan)."""

@@ -60,10 +60,16 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_bytes(size: int | str | None) -> int | None:
-    """``40GB``, ``1.5 GiB``, ``123`` (bytes) → bytes; None stays None. Raises ValueError."""
-    if size is None or isinstance(size, int):
-        return size
+def parse_bytes(size: int | float | str | None) -> int | None:
+    """``40GB``, ``1.5 GiB``, ``123`` or ``4.0e10`` (bytes) → bytes; None stays None. Raises ValueError."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, float, str)):
+        raise ValueError(f"expected bytes or a size such as 40GB or 1.5GiB, got {size!r}")
+    if isinstance(size, (int, float)):
+        if not 0 < size < float("inf"):
+            raise ValueError(f"expected a positive number of bytes, got {size!r}")
+        return int(size)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", size)
     if match is None or match.group(2).upper() not in _UNITS:
         raise ValueError(f"expected bytes or a size such as 40GB or 1.5GiB, got {size!r}")

@@ -38,6 +38,7 @@ from evomerge.io.adapter import AdapterFolder, is_adapter
 from evomerge.io.source import open_model, split_reference
 from evomerge.io.writer import write_text_atomic
 from evomerge.live.memory import MemoryBound, available_bytes, gb, memory_bound
+from evomerge.live.tiers import input_parts
 from evomerge.methods.sparsify import CACHE_KINDS
 from evomerge.search.experiment import parse_experiment
 
@@ -98,8 +99,10 @@ def inspect_for_init(base: str, sources: list[str], device: str = "auto") -> Mod
     positions = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
                       if isinstance(config.get(k), int)), None)
     resolved, available = _device(device)
+    inputs = {Path(base): base_folder, **{Path(s): f for s, f in zip(sources, folders)}}
+    resident = sum(part.kept_bytes for part in input_parts(inputs, Path(base), dtype))  # every input on the device
     bounds = {caches: memory_bound(base_folder, [base_folder, *folders], dtype,
-                                   cached=CACHE_KINDS if caches else ())
+                                   cached=CACHE_KINDS if caches else (), resident=resident, staging=0)
               for caches in (True, False)}
     return ModelInfo(base=str(base), sources=[str(s) for s in sources],
                      adapters=[isinstance(f, AdapterFolder) for f in folders], architecture=report.architecture,
@@ -297,8 +300,9 @@ def plan_experiment(info: ModelInfo, output: Path, name: str | None = None) -> P
                   f" (base + {k_sources - n_adapters} full sources resident, the live model, "
                   f"{'trim caches, ' if method == 'ties' else ''}scratch).")
         if needed > available:
-            warning = (f"the materializer needs {gb(needed)} but {gb(available)} is available on "
-                       f"{info.device}: the search will refuse to start; use a larger device or fewer sources")
+            warning = (f"the materializer needs {gb(needed)} with every input resident but {gb(available)} is "
+                       f"available on {info.device}: the search keeps some inputs in host memory or the files "
+                       f"(slower per candidate; evomerge inspect --plan-memory shows the plan)")
             warnings.append(warning)
             memory += f"\n# warning: {warning}."
     lines += [

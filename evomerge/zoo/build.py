@@ -86,11 +86,13 @@ def build_zoo(out_dir: str | Path, recipe: Recipe | None = None, *, rebuild: boo
 
     The shipped zoo is copied when it is this recipe's (module doc), unless ``rebuild``; else the
     zoo is trained. ``rebuild`` also replaces an up-to-date zoo in ``out_dir``. An existing zoo
-    with another recipe is replaced; any other non-empty folder is refused unless ``force``.
+    with another recipe is replaced; any other non-empty folder is refused unless ``force``
+    (which implies ``rebuild``).
     """
     recipe = recipe or Recipe()
     out_dir = Path(out_dir).absolute()
-    manifest = up_to_date(out_dir, recipe.hash(), rebuild=rebuild or force, force=force)
+    rebuild = rebuild or force
+    manifest = up_to_date(out_dir, recipe.hash(), rebuild=rebuild, force=force)
     if manifest:
         return manifest
     source = shipped_zoo()

@@ -271,6 +271,7 @@ def test_a_definition_turns_racing_on_and_orders_the_lm_eval_items(llama):
     ({"growth": 1}, "racing.growth: Input should be greater than 1"),
     ({"confidence": 1.5}, "racing.confidence: Input should be less than 1"),
     ({"frist": 3}, "racing.frist: unknown field"),
+    ({"seed": -1}, "racing.seed: Input should be greater than or equal to 0"),
 ])
 def test_bad_racing_blocks_are_one_line_errors(racing, message):
     with pytest.raises(ConfigError) as error:

@@ -181,3 +181,19 @@ def test_fitness_loader_never_crashes(data):
             if isinstance(metric, dict) and metric.get("type") == "lm_eval":
                 metric["type"] = "perplexity"
     one_line_or_object(load_fitness, data)
+
+
+@pytest.mark.parametrize("size, expected", [(4.0e10, 40_000_000_000), (123, 123), ("1.5GiB", 3 * 2**29),
+                                            ("40GB", 40 * 10**9), (None, None)])
+def test_memory_budgets_read_bytes_and_sizes(size, expected):
+    from evomerge.search.experiment import parse_bytes
+
+    assert parse_bytes(size) == expected
+
+
+@pytest.mark.parametrize("size", [True, -3, 0, "lots", [1]])
+def test_a_bad_memory_budget_is_a_value_error(size):
+    from evomerge.search.experiment import parse_bytes
+
+    with pytest.raises(ValueError, match="expected"):
+        parse_bytes(size)

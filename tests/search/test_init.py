@@ -114,3 +114,13 @@ def test_layer_granularity_keeps_the_gene_count_moderate(depth, per_layer, expec
 
 def test_popsize_is_cma_es_default():
     assert [popsize_for(n) for n in (1, 10, 24, 100)] == [4, 10, 13, 17]
+
+
+def test_the_bound_counts_every_input_resident_as_the_materializer_plans_it(llama):
+    from evomerge.live.materializer import Materializer
+    from evomerge.search.init import inspect_for_init
+
+    info = inspect_for_init(str(llama[0]), [str(p) for p in llama[1:]], device="cpu")
+    plan = Materializer(llama[0], list(llama[1:]), trim_cache="off").memory_plan.bound  # all fit: all on the device
+    assert info.bounds[False].resident == plan.resident > 0
+    assert info.bounds[False].total == plan.total

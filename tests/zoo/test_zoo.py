@@ -236,3 +236,20 @@ def test_hidden_anchor_is_zero_for_the_base_and_ignores_other_rows_and_padding(z
         padded = torch.cat([ids, torch.full((3, 4), pad)], dim=1)  # right padding: causal, so earlier states are equal
         hidden = tuned(input_ids=padded, output_hidden_states=True).hidden_states
         torch.testing.assert_close(anchor(padded, hidden), distance)
+
+
+def test_a_plain_build_copies_the_shipped_zoo_and_rebuild_or_force_train(zoo, tmp_path, monkeypatch):
+    import evomerge.zoo.build as build
+
+    out, manifest = zoo
+    monkeypatch.setattr(build, "shipped_zoo", lambda: out)  # as if the mini recipe's zoo shipped
+
+    def training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(build, "_build", training)
+    recipe = Recipe().override(**MINI)
+    assert build_zoo(tmp_path / "copied", recipe, progress=False) == manifest
+    for flags in ({"rebuild": True}, {"force": True}):
+        with pytest.raises(AssertionError, match="trained"):
+            build_zoo(tmp_path / "trained", recipe, progress=False, **flags)
