@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first", type=int, default=32, help="racing: items of the first chunk")
     parser.add_argument("--growth", type=float, default=2.0, help="racing: chunk growth")
     parser.add_argument("--confidence", type=float, default=0.99, help="racing: confidence")
+    parser.add_argument("--screen", type=int, default=0,
+                        help="racing: screening on the items the last SCREEN fully scored trials disagree on (0: off)")
     parser.add_argument("--limit", type=int, default=None,
                         help="racing search only: score at most this many search items of every lm-eval metric")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the budget)")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     experiment = load_experiment(args.experiment)
     experiment.optimizer.seed = args.seed
-    racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence}
+    racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence, "screen": args.screen}
     searches = {"full": run_search(experiment, storage=args.full, n_trials=args.trials, progress=False),
                 "raced": run_search(with_racing(experiment, racing, args.limit), storage=args.raced,
                                     n_trials=args.trials, progress=False)}

@@ -13,6 +13,8 @@ estimate, the items being a random sample of the metric's), and whether the drop
 **false drop**: full evaluation would have made the trial the new incumbent (a gain over the
 replay's incumbent above 0; several objectives: no kept trial dominates it). Trials that were
 not scored in full (pruned, failed, a repeated plan) or recorded no per-item values are skipped.
+With ``racing.screen``, a trial is raced on the items the last ``screen`` kept trials and the
+references do not all agree on, as a screening search would (:mod:`evomerge.fitness.racing`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.fitness import Fitness, Racing
-from evomerge.fitness.racing import Reference, decide, in_item_order
+from evomerge.fitness.racing import Reference, decide, in_item_order, screen
 from evomerge.search.driver import best_of
 from evomerge.search.records import TrialRecords, trial_records
 
@@ -70,7 +72,7 @@ class Replay:
         t = self.totals()
         racing = self.racing
         return (f"racing first={racing.first} growth={racing.growth} confidence={racing.confidence} "
-                f"seed={racing.seed}: {t['stopped']} of {t['trials']} trials stopped "
+                f"seed={racing.seed} screen={racing.screen}: {t['stopped']} of {t['trials']} trials stopped "
                 f"({len(self.skipped)} skipped), {t['false_drops']} false drops"
                 + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "") + "\n"
                 f"items {t['items']:,} of {t['full_items']:,} ({t['items_ratio']:.2f}x fewer), "
@@ -101,8 +103,17 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
             continue
         items = {name: in_item_order(records.items[name], racing.seed) for name in raced}
         reference_trials = best_of(kept, directions)
+        pool = [references[t.number] for t in kept[-racing.screen:]] if racing.screen else []
+        pool = pool if len(pool) == racing.screen else []  # screening starts with a full pool
         stop_at = None
-        if reference_trials:
+        if reference_trials and pool:  # screening: the informative items, in screening order
+            plan = screen(gains, [references[t.number] for t in reference_trials], pool, racing)
+            for chunk in plan.chunks:
+                if decide(plan.gains, {n: items[n][plan.positions[n][:k]] for n, k in chunk.items()},
+                          records.metrics, plan.references, racing.confidence).stop:
+                    stop_at = {name: chunk.get(name, 0) for name in raced}
+                    break
+        elif reference_trials:
             sizes = {name: len(values) for name, values in items.items()}
             for chunk in racing.chunks(sizes)[:-1]:
                 if decide(gains, {n: items[n][:k] for n, k in chunk.items()}, records.metrics,

@@ -13,6 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator, Literal
 
 import torch
@@ -35,11 +36,12 @@ class Metric(ABC):
     #: (every token fed to the model, a shared prompt prefix once per call); a fitness reports
     #: the count's growth per candidate.
     tokens_scored: int = 0
-    #: When set, an item-mean metric scores the items of its search split in the racing order
-    #: ``evomerge.fitness.racing.item_order(num_items, seed)`` (position j: item order[j]), the
-    #: same for every model, so that the first items are a uniformly random sample of all; a
-    #: fitness with racing sets it on the metrics it races. None: the data's own order.
-    item_order_seed: int | None = None
+    #: When set, an item-mean metric scores the items of its search split in this order
+    #: (position j: the data's item ``item_order[j]``), the same for every model: a fitness with
+    #: racing sets it on the metrics it races (``evomerge.fitness.racing``: the racing order,
+    #: whose first items are a uniformly random sample of all, or screening's). None: the data's
+    #: own order.
+    item_order: Sequence[int] | None = None
 
     def __init__(self, name: str, direction: Direction, weight: float):
         self.name, self.direction, self.weight = name, direction, weight

@@ -78,6 +78,7 @@ class RacingSpec(_Strict):
     growth: float = Field(2.0, gt=1)  # each chunk ends this many times further than the previous
     confidence: float = Field(0.99, gt=0, lt=1)  # chance that no would-be incumbent is stopped
     seed: NonNegativeInt = 0  # of the item order
+    screen: NonNegativeInt = 0  # screening: the last trials that decide the informative items (0: off)
 
 
 class FitnessSpec(_Strict):

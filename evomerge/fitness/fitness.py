@@ -35,12 +35,13 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from torch import nn
 
 from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Direction, Metric, scoring
 from evomerge.fitness.cache import ScoreCache
-from evomerge.fitness.racing import Decision, Gains, Racing, Reference, decide, in_data_order
+from evomerge.fitness.racing import Decision, Gains, Racing, Reference, decide, item_order, screen
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,15 @@ class Race:
     """The outcome of :meth:`Fitness.race`: ``scores`` of every metric when the candidate ran to
     the end, else (``stopped``) of the optimized metrics on the items scored, whose objective
     values are ``estimate``; ``decision``: the last decision taken (None when none was);
-    ``items``: the items of each raced metric scored."""
+    ``items``: the items of each raced metric scored; ``informative``: with screening, the
+    informative items of all raced metrics (None without)."""
 
     scores: dict[str, float]
     stopped: bool
     estimate: list[float]
     decision: Decision | None
     items: dict[str, int]
+    informative: int | None = None
 
 
 class Fitness:
@@ -89,9 +92,6 @@ class Fitness:
             if not any(m.item_mean for m in self._optimized):
                 raise ValueError("racing needs an optimized metric whose score is a mean over items "
                                  "(lm-eval acc, exact_match, ...); none is")
-            for metric in self._optimized:
-                if metric.item_mean:  # scored in racing order from now on (Metric.item_order_seed)
-                    metric.item_order_seed = racing.seed
         self._cache = ScoreCache(fingerprint, cache_file)
         self._items: OrderedDict[tuple[str, str], dict[str, list[Any]]] = OrderedDict()
         self._meters: list[dict[str, Usage]] = []
@@ -177,43 +177,94 @@ class Fitness:
             yield fraction, self._score(model, tokenizer, split, fraction, items)
 
     def race(self, model: nn.Module, tokenizer: Any, references: Sequence[Reference], *,
-             cache_key: str | None = None) -> Race:
+             pool: Sequence[Reference] = (), cache_key: str | None = None) -> Race:
         """Score ``model`` on the search split in the chunks of :attr:`racing`, stopping as soon
         as a reference beats it for sure (:func:`~evomerge.fitness.racing.decide`).
 
         The optimized metrics that are not item means are scored in full first (their terms are
         exact); metrics of weight 0 only for a candidate that survives. ``references`` hold the
         raced metrics' per-item values in racing order; one whose item counts differ from this
-        fitness's is ignored. Without references the candidate is scored in full. A survivor's
-        scores are cached under ``cache_key`` as :meth:`evaluate`'s, and a cached candidate is
-        not scored again. Raises FitnessError when a raced metric's item is not a number in [0, 1].
+        fitness's is ignored. Without references the candidate is scored in full. With
+        ``racing.screen`` and a ``pool`` (the last fully scored trials, as references), the
+        candidate is raced on the items ``pool`` and ``references`` do not all agree on
+        (screening: :mod:`~evomerge.fitness.racing`). A survivor's scores are cached under
+        ``cache_key`` as :meth:`evaluate`'s, and a cached candidate is not scored again. Raises
+        FitnessError when a raced metric's item is not a number in [0, 1].
         """
         if self.racing is None:
             raise ValueError("this fitness has no racing settings")
         gains = self.gains
         with scoring(model):
             for metric in self.metrics.values():
-                metric.prepare(model, tokenizer, "search")
+                self._prepare(metric, model, tokenizer, "search")
         sizes = {name: self.metrics[name].num_items("search") for name in sorted(gains.raced)}
         if cache_key is not None and (cached := self._cache.get(cache_key, "search", 1.0)) is not None:
             return Race(cached, False, self.objectives(cached), None, sizes)
         items = self._item_store(cache_key, "search")
-        references = [r for r in references if all(len(r.items.get(name, ())) == n for name, n in sizes.items())]
-        decision = None
+        references, pool = ([r for r in group if all(len(r.items.get(name, ())) == n for name, n in sizes.items())]
+                            for group in (references, pool))
+        decision, informative = None, None
         if references:
             exact = self._score_counts(model, tokenizer, "search", items,
                                        {m.name: m.num_items("search") for m in self._optimized
                                         if m.name not in gains.raced})
-            for chunk in self.racing.chunks(sizes)[:-1]:
-                scores = {**exact, **self._score_counts(model, tokenizer, "search", items, chunk)}
-                decision = decide(gains, {name: self._unit_values(name, items[name][:n]) for name, n in chunk.items()},
-                                  exact, references, self.racing.confidence)
-                if decision.stop:
-                    return Race(scores, True, self.objectives(scores), decision, chunk)
+            if self.racing.screen and pool:
+                screened = self._screen(model, tokenizer, gains, exact, references, pool, items)
+                if screened.stopped:
+                    return screened
+                decision, informative = screened.decision, screened.informative
+            else:
+                for chunk in self.racing.chunks(sizes)[:-1]:
+                    scores = {**exact, **self._score_counts(model, tokenizer, "search", items, chunk)}
+                    decision = decide(gains, {name: self._unit_values(name, items[name][:n])
+                                              for name, n in chunk.items()},
+                                      exact, references, self.racing.confidence)
+                    if decision.stop:
+                        return Race(scores, True, self.objectives(scores), decision, chunk)
         scores = self._score(model, tokenizer, "search", 1.0, items)
         if cache_key is not None:
             self._cache.put(cache_key, "search", 1.0, scores)
-        return Race(scores, False, self.objectives(scores), decision, sizes)
+        return Race(scores, False, self.objectives(scores), decision, sizes, informative)
+
+    def _screen(self, model: nn.Module, tokenizer: Any, gains: Gains, exact: dict[str, float],
+                references: Sequence[Reference], pool: Sequence[Reference], items: dict[str, list[Any]]) -> Race:
+        """Racing on the informative items (screening): a stopped candidate's :class:`Race`, whose
+        scores take the beating reference's values for the items not scored; a survivor's values
+        of every raced metric's items, all scored, end in ``items`` (racing order) and its
+        returned Race carries only the last decision."""
+        names = sorted(gains.raced)
+        plan = screen(gains, references, pool, self.racing)
+        values: dict[str, list[Any]] = {name: [] for name in names}
+        decision = None
+        try:
+            for name in names:  # the metric scores in screening order while it is raced
+                self.metrics[name].item_order = self._racing_order(self.metrics[name])[plan.positions[name]]
+            for chunk in plan.chunks:
+                for name, n in chunk.items():
+                    self._extend(self.metrics[name], model, tokenizer, "search", values[name], n)
+                decision = decide(plan.gains, {name: self._unit_values(name, values[name][:n])
+                                               for name, n in chunk.items()},
+                                  exact, plan.references, self.racing.confidence)
+                if decision.stop:
+                    reference = next(r for r in references if r.number == decision.beaten_by)
+                    scores = dict(exact)
+                    for name in names:  # the items not scored: the reference's values
+                        rest = np.asarray(reference.items[name])[plan.positions[name][len(values[name]):]]
+                        scores.update(self.metrics[name].aggregate([*values[name], *rest.tolist()]))
+                    return Race(scores, True, self.objectives(scores), decision,
+                                {name: len(values[name]) for name in names}, sum(plan.counts.values()))
+            for name in names:
+                self._extend(self.metrics[name], model, tokenizer, "search", values[name], len(plan.positions[name]))
+        finally:
+            for name in names:
+                self.metrics[name].item_order = self._racing_order(self.metrics[name])
+        for name in names:  # back in racing order, for the item store and the records
+            ordered: list[Any] = [None] * len(plan.positions[name])
+            for position, value in zip(plan.positions[name], values[name]):
+                ordered[position] = value
+            items[name] = ordered
+        return Race({}, False, [], decision, {name: len(plan.positions[name]) for name in names},
+                    sum(plan.counts.values()))
 
     def item_values(self, cache_key: str, split: str = "search") -> dict[str, list[float]]:
         """The per-item values of candidate ``cache_key`` on ``split`` kept from its scoring, in
@@ -224,8 +275,10 @@ class Fitness:
         for name, values in store.items():
             metric = self.metrics[name]
             if metric.item_mean and len(values) == metric.num_items(split) and None not in values:
-                seed = metric.item_order_seed if split == "search" else None
-                out[name] = [float(v) for v in (values if seed is None else in_data_order(values, seed))]
+                order = metric.item_order if split == "search" else None
+                if order is not None:  # racing order undone
+                    values = [values[j] for j in np.argsort(order)]
+                out[name] = [float(v) for v in values]
         return out
 
     @contextmanager
@@ -271,18 +324,34 @@ class Fitness:
             for name, metric in self.metrics.items():
                 if name not in names:
                     continue
-                metric.prepare(model, tokenizer, split)
+                self._prepare(metric, model, tokenizer, split)
                 values = items.setdefault(name, [])
                 count = wanted(metric)
-                if len(values) < count:
-                    start, first, tokens = time.perf_counter(), len(values), metric.tokens_scored
-                    values += metric.score(model, tokenizer, split, first, count)
-                    seconds = time.perf_counter() - start
-                    log.debug("%s/%s: items %d-%d scored in %.2f s", name, split, first, count - 1, seconds)
-                    for usage in self._meters:
-                        entry = usage.setdefault(name, Usage())
-                        entry.items += count - first
-                        entry.tokens += metric.tokens_scored - tokens
-                        entry.seconds += seconds
+                self._extend(metric, model, tokenizer, split, values, count)
                 scores.update(metric.aggregate(values[:count]))
         return scores
+
+    def _prepare(self, metric: Metric, model: nn.Module, tokenizer: Any, split: str) -> None:
+        """``metric.prepare``, then, with racing, a raced metric's racing order (Metric.item_order)."""
+        metric.prepare(model, tokenizer, split)
+        if self.racing is not None and metric.item_order is None and metric.item_mean and metric.weight != 0:
+            metric.item_order = self._racing_order(metric)
+
+    def _racing_order(self, metric: Metric) -> np.ndarray:
+        return item_order(metric.num_items("search"), self.racing.seed)
+
+    def _extend(self, metric: Metric, model: nn.Module, tokenizer: Any, split: str, values: list[Any],
+                count: int) -> None:
+        """Score ``metric``'s next items (in its order) until ``values`` holds ``count``, metered."""
+        if len(values) >= count:
+            return
+        start, first, tokens = time.perf_counter(), len(values), metric.tokens_scored
+        with scoring(model):
+            values += metric.score(model, tokenizer, split, first, count)
+        seconds = time.perf_counter() - start
+        log.debug("%s/%s: items %d-%d scored in %.2f s", metric.name, split, first, count - 1, seconds)
+        for usage in self._meters:
+            entry = usage.setdefault(metric.name, Usage())
+            entry.items += count - first
+            entry.tokens += metric.tokens_scored - tokens
+            entry.seconds += seconds

@@ -87,7 +87,6 @@ from evomerge.compat.lm_eval import (
 from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
 from evomerge.fitness.loglikelihood import lm_eval_input_tokens, score_loglikelihood, unavailable_reason
-from evomerge.fitness.racing import item_order
 
 log = logging.getLogger(__name__)
 
@@ -292,14 +291,14 @@ class LmEvalMetric(Metric):
         by_doc: list[list[Any]] = [[] for _ in range(count)]
         for instance in task.instances:
             by_doc[instance.doc_id].append(instance)
-        if split == "search" and self.item_order_seed is not None:  # racing order (Metric.item_order_seed)
-            by_doc = [by_doc[i] for i in item_order(count, self.item_order_seed)]
         self._requests[split] = [sorted(group, key=lambda i: i.idx) for group in by_doc]
 
     def score(self, model: nn.Module, tokenizer: Any, split: str, start: int, stop: int) -> list[Any]:
         task, lm = self.tasks[split], self._lm(model, tokenizer)
-        docs = [[dataclasses.replace(i, resps=[], filtered_resps={}) for i in group]
-                for group in self._requests[split][start:stop]]
+        groups = self._requests[split]
+        order = self.item_order if split == "search" and self.item_order is not None else range(len(groups))
+        docs = [[dataclasses.replace(i, resps=[], filtered_resps={}) for i in groups[order[j]]]
+                for j in range(start, stop)]
         by_type = defaultdict(list)
         for instance in (i for group in docs for i in group):
             by_type[instance.request_type].extend([instance] * instance.repeats)

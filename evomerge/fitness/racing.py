@@ -54,6 +54,20 @@ that full evaluation would make the new incumbent (one objective: a positive gai
 dominated by any reference) is stopped with probability at most ``1 − confidence``. Ties are not
 stopped: a candidate equal to the reference on every item scored has an upper bound ≥ 0.
 
+Screening (``screen: W``, off by default). In a search that has converged, most items get the
+same value from every candidate (all right, or all wrong), and no paired bound can tell near-equal
+candidates apart after a fraction of the items. With screening, the items on which the last ``W``
+fully scored trials and the references all agree are *assumed* to be the same for the candidate
+too: it is raced on the other items, the *informative* ones (:func:`screen_positions`), in their
+racing order, as a population of its own (the gains' coefficients scaled by the informative share,
+:func:`screened`), and the last decision comes when they are all scored, with the exact gain
+under that assumption: a candidate worse than a reference on the informative items is stopped
+there. A candidate that survives is scored on every item, and its values join the pool the next
+informative items are found from, so an item the search starts to change becomes informative.
+The guarantee above then holds only under the assumption; what it costs in winners lost is what
+the replay (:mod:`evomerge.analysis.replay`) counts. A stopped candidate's estimate takes the
+reference's values for the items it did not score.
+
 Caveat: the order is fixed for the whole search, and the sampler that proposes candidates sees
 earlier candidates' estimates on its first items; the guarantee is the one of a candidate that
 does not depend on the order. The replay (:mod:`evomerge.analysis.replay`) measures how often
@@ -80,12 +94,15 @@ class Racing:
     share: its items over all raced items, at least one); each next chunk ends ``growth`` times
     further; the last ends at every item. ``confidence``: the chance that no candidate that full
     evaluation would make the incumbent is stopped (module docstring). ``seed``: of the item order.
+    ``screen``: the trials, besides the references, that decide which items are informative
+    (screening, module docstring; 0: off).
     """
 
     first: int = 32
     growth: float = 2.0
     confidence: float = 0.99
     seed: int = 0
+    screen: int = 0
 
     def __post_init__(self) -> None:
         if self.first < 1:
@@ -96,6 +113,8 @@ class Racing:
             raise ValueError(f"racing.confidence must be in (0, 1), got {self.confidence}")
         if self.seed < 0:
             raise ValueError(f"racing.seed must be at least 0, got {self.seed}")
+        if self.screen < 0:
+            raise ValueError(f"racing.screen must be at least 0 (0: off), got {self.screen}")
 
     def chunks(self, sizes: Mapping[str, int]) -> list[dict[str, int]]:
         """Items scored of each metric (``sizes``: its items) at the end of each chunk, the last
@@ -245,3 +264,38 @@ def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mappin
             for k, coefficients in enumerate(gains.coefficients)]
     beaten_by = next((number for number, bounds in upper.items() if all(u < 0 for u in bounds)), None)
     return Decision(beaten_by is not None, upper, beaten_by)
+
+
+@dataclass(frozen=True)
+class Screen:
+    """A candidate's race under screening (module docstring): ``positions[m]``, metric ``m``'s
+    racing positions in screening order (the informative items first, in racing order, then the
+    others); ``counts[m]``, its informative items; ``gains`` and ``references`` restricted to the
+    informative items (a metric without one leaves the race: its difference is 0 for sure); and
+    the ``chunks`` of informative items after which to decide, the last all of them."""
+
+    positions: dict[str, np.ndarray]
+    counts: dict[str, int]
+    gains: Gains
+    references: list[Reference]
+    chunks: list[dict[str, int]]
+
+
+def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Reference], racing: Racing) -> Screen:
+    """The screening of a candidate raced against ``references``, the informative items being
+    those the trials of ``references`` and ``pool`` do not all agree on. Each raced metric's
+    coefficient is scaled by its informative share ``counts[m] / N_m``."""
+    trials = [*references, *pool]
+    positions, counts = {}, {}
+    for name in sorted(gains.raced):
+        values = np.stack([np.asarray(t.items[name], dtype=float) for t in trials])
+        informative = np.any(values != values[0], axis=0)
+        positions[name] = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
+        counts[name] = int(informative.sum())
+    raced = frozenset(m for m in gains.raced if counts[m] > 0)
+    coefficients = [{m: b * (counts[m] / len(positions[m]) if m in gains.raced else 1.0) for m, b in k.items()
+                     if m not in gains.raced or m in raced} for k in gains.coefficients]
+    restricted = [Reference(r.number, {m: np.asarray(r.items[m])[positions[m][:counts[m]]] for m in raced},
+                            r.scores) for r in references]
+    return Screen(positions, counts, Gains(coefficients, raced), restricted,
+                  racing.chunks({m: counts[m] for m in sorted(raced)}))

@@ -391,13 +391,15 @@ class Runner:
         Optuna keeps no intermediate values in a multi-objective study, whose samplers leave
         pruned trials out."""
         fitness = self.search.fitness
-        references = self._references()
-        race = fitness.race(model, self.materializer.tokenizer, references, cache_key=key)
+        references, pool = self._references()
+        race = fitness.race(model, self.materializer.tokenizer, references, pool=pool, cache_key=key)
         if race.decision is not None:
             reference = race.decision.beaten_by if race.stopped else next(iter(race.decision.upper))
             result["race"] = {"stopped": race.stopped, "estimate": race.estimate, "reference": reference,
                               "upper": race.decision.upper[reference],
                               "items": sum(race.items.values())}
+            if race.informative is not None:
+                result["race"]["informative"] = race.informative
         if not race.stopped:
             return race.scores
         result["metrics"] = race.scores
@@ -405,10 +407,11 @@ class Runner:
             trial.report(race.estimate[0], step=result["race"]["items"])
         raise optuna.TrialPruned()
 
-    def _references(self) -> list[Reference]:
+    def _references(self) -> tuple[list[Reference], list[Reference]]:
         """What a candidate races against: the best completed trial of the study (as read before
         this trial was asked) among those that recorded per-item values of every raced metric,
-        or, with several objectives, the Pareto front of those."""
+        or, with several objectives, the Pareto front of those; and the screening pool, the last
+        ``racing.screen`` of those trials by number (none without screening)."""
         fitness = self.search.fitness
         raced, seed = fitness.gains.raced, fitness.racing.seed
         usable = []
@@ -422,7 +425,11 @@ class Runner:
                     records.metrics)
             if self._reference_cache[trial.number] is not None:
                 usable.append(trial)
-        return [self._reference_cache[t.number] for t in best_of(usable, self.search.study.directions)]
+        screen = fitness.racing.screen
+        pool = sorted(usable, key=lambda t: t.number)[-screen:] if screen else []
+        pool = pool if len(pool) == screen else []  # screening starts with a full pool
+        return ([self._reference_cache[t.number] for t in best_of(usable, self.search.study.directions)],
+                [self._reference_cache[t.number] for t in pool])
 
 
 def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:

@@ -22,7 +22,7 @@ DATA = Path(__file__).parents[1] / "data" / "fitness"
 
 class Items(Metric):
     """A fake item-mean metric: item i of a model is ``values[model][i]`` (the model is a key);
-    it takes the racing order when ``item_order_seed`` is set and counts 10 tokens an item."""
+    it takes its ``item_order`` (racing's) when one is set and counts 10 tokens an item."""
 
     item_mean = True
 
@@ -36,9 +36,9 @@ class Items(Metric):
     def score(self, model, tokenizer, split, start, stop):
         self.calls.append((start, stop))
         self.tokens_scored += 10 * (stop - start)
-        values = self.values[model.key]
-        if self.item_order_seed is not None and split == "search":
-            values = in_item_order(values, self.item_order_seed)
+        values = np.asarray(self.values[model.key], dtype=float)
+        if self.item_order is not None and split == "search":
+            values = values[np.asarray(self.item_order)]
         return [float(v) for v in values[start:stop]]
 
     def aggregate(self, values):
@@ -258,9 +258,10 @@ def test_a_definition_turns_racing_on_and_orders_the_lm_eval_items(llama):
     raced = load_fitness({"include_path": "tasks", "racing": {"first": 4, "seed": 2}, "metrics": {"mc": MC}},
                          base_dir=DATA)
     assert plain.racing is None and raced.racing == Racing(first=4, growth=2.0, confidence=0.99, seed=2)
-    assert raced.metrics["mc"].item_order_seed == 2 and plain.metrics["mc"].item_order_seed is None
     model, tokenizer = AutoModelForCausalLM.from_pretrained(llama[0]), AutoTokenizer.from_pretrained(llama[0])
     assert raced.evaluate(model, tokenizer, cache_key="m") == plain.evaluate(model, tokenizer, cache_key="m")
+    mc = raced.metrics["mc"]
+    assert list(mc.item_order) == list(item_order(mc.num_items("search"), 2)) and plain.metrics["mc"].item_order is None
     assert raced.item_values("m") == plain.item_values("m")  # stored in the data's order either way
     values = raced._items[("m", "search")]["mc"]  # scored in racing order
     assert values == list(in_item_order(plain.item_values("m")["mc"], 2))

@@ -16,7 +16,6 @@ from evomerge.analysis.report import trials_frame
 from evomerge.cli.main import main
 from evomerge.compat.optuna import cmaes_generation
 from evomerge.fitness import Fitness, Metric, Racing
-from evomerge.fitness.racing import in_item_order
 from evomerge.search.driver import Runner, open_search
 from evomerge.search.experiment import parse_experiment
 from evomerge.search.records import trial_records
@@ -51,8 +50,8 @@ class Skill(Metric):
         moved = np.concatenate([(weights[n].detach() - self.base[n]).flatten().numpy() for n in self.names])
         cosine = moved @ self.direction_vector / (np.linalg.norm(moved) * np.linalg.norm(self.direction_vector) + 1e-12)
         values = ((cosine + 1) / 2 > self.thresholds).astype(float)
-        if self.item_order_seed is not None:
-            values = in_item_order(values, self.item_order_seed)
+        if self.item_order is not None and split == "search":
+            values = values[np.asarray(self.item_order)]
         self.tokens_scored += 7 * (stop - start)
         return list(values[start:stop])
 
