@@ -76,6 +76,19 @@ def test_replay_counts_a_false_drop():
     assert replay_racing(synthetic_study(late=True), fitness(), Racing(first=N)).false_drops == []  # no early look
 
 
+def test_replay_screens_once_its_pool_is_full_and_counts_what_the_assumption_costs():
+    """screen=2: from the third trial on, a trial is raced on the items the last two kept trials
+    disagree on (half's and zeros': the odd positions). ``winner`` is behind ``half`` there and
+    ahead on the items both got wrong: screening drops it, and the replay counts the false drop."""
+    replay = replay_racing(synthetic_study(), fitness(), Racing(first=N, screen=2))
+    by_number = {t.number: t for t in replay.trials}
+    assert not by_number[0].stopped and not by_number[1].stopped  # the pool fills first
+    assert by_number[2].stopped and by_number[2].items == N // 2 and by_number[2].tokens == 5 * N // 2
+    assert by_number[3].stopped and replay.false_drops == [3]
+    assert not by_number[4].stopped and by_number[4].items == N + 1  # level on the informative items: in full
+    assert replay_racing(synthetic_study(), fitness(), Racing(first=N)).totals()["stopped"] == 0  # no early look
+
+
 def test_replay_script_prints_and_writes_rows(tmp_path, monkeypatch, capsys):
     """The script on a study in SQLite, its fitness replaced (the experiment's models are not needed)."""
     storage = f"sqlite:///{tmp_path}/s.db"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from evomerge.errors import ConfigError, FitnessError
 from evomerge.fitness import Fitness, Metric, Racing, load_fitness
 from evomerge.fitness.racing import (Gains, Reference, decide, difference_bounds, in_data_order, in_item_order,
-                                     item_order, mean_lower_bound, mean_upper_bound)
+                                     item_order, mean_lower_bound, mean_upper_bound, screen)
 
 DATA = Path(__file__).parents[1] / "data" / "fitness"
 
@@ -230,6 +230,61 @@ def test_item_values_are_in_the_data_order_whatever_the_racing_order():
     fitness.evaluate(Model("bad"), None, cache_key="k")
     assert fitness.item_values("k") == {"a": population(1, 0.1), "b": population(1, 0.1)[::-1]}
     assert fitness.item_values("unknown") == {}
+
+
+# --------------------------------------------------------------------------- screening
+
+def test_screen_orders_the_informative_items_first_and_scales_their_gains():
+    gains = Gains([{"a": 1.0, "b": 2.0, "x": 0.5}], frozenset({"a", "b"}))
+    a_ref, a_other = np.array([1.0, 0, 1, 1, 0, 0]), np.array([1.0, 1, 1, 0, 0, 0])
+    incumbent = Reference(7, {"a": a_ref, "b": np.ones(4)}, {})
+    other = Reference(3, {"a": a_other, "b": np.ones(4)}, {})
+    plan = screen(gains, [incumbent], [other], Racing(first=2))
+    assert plan.counts == {"a": 2, "b": 0}
+    assert list(plan.positions["a"]) == [1, 3, 0, 2, 4, 5] and list(plan.positions["b"]) == [0, 1, 2, 3]
+    # a's coefficient times its informative share; b agrees everywhere and leaves the race; x is exact
+    assert plan.gains.coefficients == [{"a": pytest.approx(1 / 3), "x": 0.5}] and plan.gains.raced == {"a"}
+    assert [list(r.items["a"]) for r in plan.references] == [[0.0, 1.0]] and plan.references[0].number == 7
+    assert plan.chunks == [{"a": 2}]  # every informative item before the last decision
+
+
+def screening_fitness(screen_trials: int = 2):
+    """Fitness ``a`` (one metric, 8 items) with screening; the pool's trials agree on items 4-7."""
+    keys = {"incumbent": [1, 0, 1, 0, 1, 1, 0, 0], "pool": [0, 1, 1, 0, 1, 1, 0, 0],
+            "worse": [0, 0, 1, 0, 0, 0, 0, 0], "better": [1, 1, 1, 1, 0, 0, 0, 0]}
+    a = Items("a", {k: [float(v) for v in values] for k, values in keys.items()})
+    extra = Exact("extra", {k: 1.0 for k in keys}, weight=0.0)
+    fitness = Fitness([a, extra], racing=Racing(first=1, confidence=0.5, seed=3, screen=screen_trials))
+    return fitness, a, extra
+
+
+def test_screening_races_on_the_informative_items_and_completes_the_estimate_with_the_reference():
+    fitness, a, extra = screening_fitness()
+    incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
+    extra.calls = 0
+    with fitness.metered() as usage:
+        race = fitness.race(Model("worse"), None, [incumbent], pool=[pool, incumbent], cache_key="worse")
+    # informative: items 0, 1 (incumbent 1 0, pool 0 1); "worse" has 0 0 there: one item behind
+    assert race.stopped and race.informative == 2 and race.items == {"a": 2} and usage["a"].items == 2
+    assert extra.calls == 0  # weight 0: not scored for a stopped candidate
+    # the estimate: "worse" on items 0-1, the incumbent's values on the others (items 2-7: 1 0 1 1 0 0)
+    assert race.scores["a"] == pytest.approx((0 + 0 + 1 + 0 + 1 + 1 + 0 + 0) / 8)
+    assert fitness.metrics["a"].item_order is not None  # the racing order is back after the race
+    assert list(fitness.metrics["a"].item_order) == list(item_order(8, 3))
+
+    race = fitness.race(Model("better"), None, [incumbent], pool=[pool, incumbent], cache_key="better")
+    assert not race.stopped and race.informative == 2 and race.items == {"a": 8}
+    assert race.scores == {"a": 0.5, "extra": 1.0}
+    assert fitness.item_values("better") == {"a": [1.0, 1, 1, 1, 0, 0, 0, 0]}  # every item, the data's order
+    # the same candidate without screening (no pool): plain racing, the same full scores
+    assert fitness.race(Model("better"), None, [incumbent], cache_key="b2").scores == race.scores
+
+
+def test_a_candidate_level_on_the_informative_items_is_scored_in_full():
+    fitness, a, _ = screening_fitness()
+    incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
+    race = fitness.race(Model("pool"), None, [incumbent], pool=[pool, incumbent], cache_key="again")
+    assert not race.stopped and race.items == {"a": 8}  # level with the incumbent: a tie is never stopped
 
 
 def test_race_refuses_items_outside_the_unit_interval():

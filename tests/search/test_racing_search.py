@@ -60,7 +60,7 @@ class Skill(Metric):
 
 
 def racing_search(family, tmp_path, *, sampler="cmaes", objective="weighted_sum", n_trials=16, first=8,
-                  confidence=0.99, name="t"):
+                  confidence=0.99, name="t", screen=0):
     """An experiment on ``family`` whose fitness is replaced by Skill metrics (toward the first
     source; with ``separate``, also toward the second), with racing."""
     data = experiment_dict(family, tmp_path, sampler=sampler, n_trials=n_trials, name=name)
@@ -73,7 +73,7 @@ def racing_search(family, tmp_path, *, sampler="cmaes", objective="weighted_sum"
     metrics = [Skill("skill", family[0], family[1])]
     if objective == "separate":
         metrics.append(Skill("other", family[0], family[2]))
-    racing = Racing(first=first, confidence=confidence)
+    racing = Racing(first=first, confidence=confidence, screen=screen)
     search.fitness = Fitness(metrics, objective=objective, racing=racing)
     search.study.sampler = make_sampler(search.experiment.optimizer, search.space, search.fitness.directions,
                                         consider_pruned=True)
@@ -121,6 +121,27 @@ def test_a_racing_search_stops_hopeless_candidates_and_records_what_it_scored(ll
     replay = replay_racing(search.study, search.fitness, Racing(first=8))  # only the complete trials replay
     assert replay.skipped == [t.number for t in pruned] and len(replay.trials) == len(complete)
     assert replay.false_drops == []
+
+
+def test_a_screening_search_races_on_the_informative_items_once_its_pool_is_full(llama, tmp_path):
+    search = racing_search(llama, tmp_path, n_trials=24, screen=4)
+    assert Runner(search, progress=False).run(24, None) == 24
+    trials = sorted(search.study.get_trials(), key=lambda t: t.number)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    screened = [t for t in trials if trial_records(t).race and "informative" in trial_records(t).race]
+    assert screened, "no trial was screened"
+    assert {trial_records(t).raced_out for t in screened} == {True, False}  # some stopped, some scored in full
+    for trial in screened:  # each raced after four complete trials, on at most the informative items
+        records = trial_records(trial)
+        assert sum(t.number < trial.number for t in complete) >= 4
+        assert records.race["informative"] <= ITEMS
+        if records.raced_out:
+            assert records.race["items"] <= records.race["informative"] and not records.items
+        else:
+            assert records.race["items"] == ITEMS and len(records.items["skill"]) == ITEMS
+    assert all("informative" not in (trial_records(t).race or {}) for t in trials
+               if sum(c.number < t.number for c in complete) < 4)
+    assert search.study.best_trial.state == TrialState.COMPLETE
 
 
 def test_resume_races_against_the_incumbent_stored_in_the_study(llama, tmp_path):
