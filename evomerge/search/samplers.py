@@ -38,6 +38,7 @@ from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.compat.optuna import CmaEsSampler
 from evomerge.errors import ConfigError
 from evomerge.search.experiment import Optimizer
 from evomerge.search.spaces.space import SearchSpace
@@ -63,7 +64,7 @@ def make_sampler(optimizer: Optimizer, space: SearchSpace, directions: list[str]
             warnings.filterwarnings("ignore", message=".*sigma0", category=FutureWarning)
             # consider_pruned_trials: experimental since Optuna 2.0, unchanged since
             warnings.filterwarnings("ignore", message=".*consider_pruned_trials", category=ExperimentalWarning)
-            return optuna.samplers.CmaEsSampler(
+            return CmaEsSampler(
                 seed=seed, independent_sampler=optuna.samplers.RandomSampler(seed=seed),
                 warn_independent_sampling=False, consider_pruned_trials=consider_pruned,
                 **{k: v for k, v in options.items() if v is not None})
