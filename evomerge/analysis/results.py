@@ -94,6 +94,13 @@ def cost_lines(records: list[TrialRecords]) -> list[str]:
         lines.append(f"racing: {len(stopped)} of {len(raced)} raced trials stopped early; {sum(skipped.values()):,} "
                      f"items not scored ({sum(skipped.values()) / full:.0%} of a full evaluation of every trial), "
                      f"~{saved:.1f} s saved (est.: per metric, items not scored × seconds per item)")
+        screened = [r for r in raced if "informative" in r.race]
+        if screened:
+            informative = sorted(r.race["informative"] for r in screened)
+            lines.append(f"screening: {len(screened)} trials raced on the informative items only (median "
+                         f"{informative[len(informative) // 2]:,}), {sum(r.raced_out for r in screened)} of them "
+                         "stopped; the rest assumed equal to the references' (an assumption: "
+                         "benchmarks/racing_replay.py counts the winners it would drop)")
     return lines
 
 
@@ -112,8 +119,9 @@ def summarize(study: optuna.Study) -> str:
     elif complete:
         lines.append("pareto front: " + ", ".join(f"trial {t.number} {[round(v, 4) for v in t.values]}"
                                                   for t in study.best_trials))
-    if complete:
-        records = [trial_records(t) for t in complete]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if finished:  # raced-out (pruned) trials took time too
+        records = [trial_records(t) for t in finished]
         materialize = sum(r.time_materialize_s or 0 for r in records)
         spent = materialize + sum(r.time_fitness_s or 0 for r in records)
         lines.append(f"time: {spent:.1f} s in trials ({materialize:.1f} s materializing)")

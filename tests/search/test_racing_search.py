@@ -142,6 +142,11 @@ def test_a_screening_search_races_on_the_informative_items_once_its_pool_is_full
     assert all("informative" not in (trial_records(t).race or {}) for t in trials
                if sum(c.number < t.number for c in complete) < 4)
     assert search.study.best_trial.state == TrialState.COMPLETE
+    status = CliRunner().invoke(main, ["status", "--study", "t", "--storage", f"sqlite:///{tmp_path}/study.db"])
+    informative = sorted(trial_records(t).race["informative"] for t in screened)[len(screened) // 2]
+    stopped = sum(trial_records(t).raced_out for t in screened)
+    assert status.exit_code == 0 and (f"screening: {len(screened)} trials raced on the informative items only "
+                                      f"(median {informative}), {stopped} of them stopped") in status.output
 
 
 def test_resume_races_against_the_incumbent_stored_in_the_study(llama, tmp_path):
