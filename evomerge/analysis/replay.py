@@ -44,6 +44,7 @@ class Replayed:
     full_tokens: float
     stopped: bool
     false_drop: bool
+    lead: float | None = None  # a false drop's lead over the replay's incumbent (one objective)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,19 @@ class Replay:
     def false_drops(self) -> list[int]:
         return [t.number for t in self.trials if t.false_drop]
 
+    @property
+    def largest_lead(self) -> float | None:
+        """The largest lead a dropped winner had over the replay's incumbent (one objective)."""
+        leads = [t.lead for t in self.trials if t.false_drop and t.lead is not None]
+        return max(leads) if leads else None
+
     def totals(self) -> dict[str, float]:
         """Items and tokens with racing and in full, their ratios, and the trials stopped."""
         items, full = sum(t.items for t in self.trials), sum(t.full_items for t in self.trials)
         tokens, full_tokens = sum(t.tokens for t in self.trials), sum(t.full_tokens for t in self.trials)
         return {"trials": len(self.trials), "stopped": sum(t.stopped for t in self.trials),
-                "false_drops": len(self.false_drops), "items": items, "full_items": full,
+                "false_drops": len(self.false_drops), "largest_lead": self.largest_lead,
+                "items": items, "full_items": full,
                 "items_ratio": full / items if items else 0.0, "tokens": tokens, "full_tokens": full_tokens,
                 "tokens_ratio": full_tokens / tokens if tokens else 0.0}
 
@@ -74,7 +82,9 @@ class Replay:
         return (f"racing first={racing.first} growth={racing.growth} confidence={racing.confidence} "
                 f"seed={racing.seed} screen={racing.screen}: {t['stopped']} of {t['trials']} trials stopped "
                 f"({len(self.skipped)} skipped), {t['false_drops']} false drops"
-                + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "") + "\n"
+                + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "")
+                + (f", the largest leading the incumbent by {self.largest_lead:.4g}" if self.largest_lead else "")
+                + "\n"
                 f"items {t['items']:,} of {t['full_items']:,} ({t['items_ratio']:.2f}x fewer), "
                 f"tokens {t['tokens']:,.0f} of {t['full_tokens']:,.0f} ({t['tokens_ratio']:.2f}x fewer)")
 
@@ -121,10 +131,14 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
                     stop_at = chunk
                     break
         false_drop = stop_at is not None and _would_lead(trial, reference_trials, directions)
+        lead = None
+        if false_drop and len(directions) == 1:
+            sign = 1.0 if directions[0] == StudyDirection.MAXIMIZE else -1.0
+            lead = sign * (trial.values[0] - reference_trials[0].values[0])
         counts = _counts(fitness, records, stop_at, exact)
         replayed.append(Replayed(trial.number, sum(counts.values()), sum(_full(records).values()),
                                  _tokens(records, counts), _tokens(records, _full(records)), stop_at is not None,
-                                 false_drop))
+                                 false_drop, lead))
         if stop_at is None:
             kept.append(trial)
             references[trial.number] = Reference(trial.number, items, records.metrics)

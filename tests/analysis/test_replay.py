@@ -85,6 +85,8 @@ def test_replay_screens_once_its_pool_is_full_and_counts_what_the_assumption_cos
     assert not by_number[0].stopped and not by_number[1].stopped  # the pool fills first
     assert by_number[2].stopped and by_number[2].items == N // 2 and by_number[2].tokens == 5 * N // 2
     assert by_number[3].stopped and replay.false_drops == [3]
+    assert replay.largest_lead == by_number[3].lead == 0.625 - 0.5
+    assert "leading the incumbent by 0.125" in replay.summary()
     assert not by_number[4].stopped and by_number[4].items == N + 1  # level on the informative items: in full
     assert replay_racing(synthetic_study(), fitness(), Racing(first=N)).totals()["stopped"] == 0  # no early look
 
