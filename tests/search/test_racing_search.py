@@ -188,10 +188,11 @@ def test_the_cma_package_learns_from_raced_trials(llama, tmp_path):
     assert ignoring.es.countiter == states.count(TrialState.COMPLETE) // 4
 
 
-def test_a_multi_objective_racing_search_with_nsga2(llama, tmp_path):
+@pytest.mark.parametrize("screen", [0, 4])
+def test_a_multi_objective_racing_search_with_nsga2(llama, tmp_path, screen):
     # a low confidence: with two objectives and a front of several trials the bound is split many ways
     search = racing_search(llama, tmp_path, sampler="nsga2", objective="separate", n_trials=24, confidence=0.6,
-                           first=16)
+                           first=16, screen=screen)
     Runner(search, progress=False).run(24, None)
     trials = search.study.get_trials()
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
@@ -203,3 +204,5 @@ def test_a_multi_objective_racing_search_with_nsga2(llama, tmp_path):
         beaten_by = next(t for t in trials if t.number == race["reference"])
         assert beaten_by.state == TrialState.COMPLETE
     assert len(search.study.get_trials(states=(TrialState.COMPLETE,))) > 16  # generations went on (popsize 4)
+    if screen:  # the front and the pool set the informative items; a stopped trial is beaten on both objectives
+        assert any("informative" in (trial_records(t).race or {}) for t in pruned)
