@@ -73,6 +73,7 @@ class RowBlocked:
             raise ValueError(f"{method.name} does not merge in row blocks")
         self.method, self.shared, self.per_input, self.keys = method, shared, per_input, keys
         self.base_index = base_index
+        self.shape = tuple(shape)
         self.numel = math.prod(shape)
         self.trims = trims_for(method.sparsify, shared, per_input, keys, base_index)
         self._cuts: list[tuple[StreamedCut, StreamedCut] | None] = []

@@ -1,0 +1,142 @@
+"""The materializer's row-blocked merges against its whole-tensor ones and the merge engine.
+
+A block limit far below the tiny models' tensors makes every tensor of a row-blocked method
+(linear and the task-arithmetic family) split into many row blocks: its inputs are brought
+(from the device tier, or read from the files with ``tier="mmap"``) and LoRA adapters' weights
+formed one row block at a time. Over successive candidates of each method in a random order
+(densities 0 and 1 included, rescale on and off), every parameter equals the unblocked
+materializer's (with every trim cache, or none) and ``evomerge merge``'s (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from evomerge import ConfigError, EvomergeError, merge_state_dict
+from evomerge.live.materializer import Materializer
+from evomerge.methods import _cpu
+from evomerge.methods import blocked as blocked_module
+from evomerge.methods.registry import METHODS
+from tests.live.test_lowrank import as_config
+from tests.live.test_materialize import assert_same_weights
+
+ROWS = sorted(name for name, method in METHODS.items() if method.rows)
+WHOLE = 10**12  # a block limit above every tensor: nothing blocked
+
+
+def candidate(method: str, base: str, sources: list[str], rng: random.Random) -> dict:
+    """A random candidate of row-blocked ``method``: weights, densities (0 and 1 among them),
+    rescale on or off, gamma and epsilon where the method has them."""
+    def density() -> float:
+        return rng.choice([0.0, 1.0, round(rng.uniform(0.05, 0.95), 3)])
+
+    models = []
+    for source in sources:
+        parameters = {"weight": round(rng.uniform(-0.6, 1.4), 3)}
+        if method not in ("linear", "task_arithmetic"):
+            parameters["density"] = density()
+        if method.startswith("breadcrumbs"):
+            parameters["gamma"] = rng.choice([0.0, 0.02, 0.1])
+        if method.startswith("della"):
+            parameters["density"] = round(rng.uniform(0.2, 0.8), 3)
+            parameters["epsilon"] = 0.1
+        models.append({"model": source, "parameters": parameters})
+    if method == "linear":
+        return {"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.4}}, *models]}
+    shared = {} if method == "task_arithmetic" else {"rescale": rng.random() < 0.5}
+    return {"merge_method": method, "base_model": base, "models": models, "parameters": shared}
+
+
+@pytest.fixture(scope="module")
+def family(family_factory):
+    return [str(p) for p in family_factory("llama")]
+
+
+def counting(monkeypatch) -> list[int]:
+    """The row blocks each row-blocked run has (appended as runs are made). The CPU blocks and
+    L1 sum chunks (which row blocks are a multiple of) shrink to 256 elements, for all alike."""
+    monkeypatch.setattr(_cpu, "BLOCK", 256)
+    runs: list[int] = []
+    original = blocked_module.RowBlocked.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        runs.append(len(self.units) // len(self.passes))
+
+    monkeypatch.setattr(blocked_module.RowBlocked, "__init__", init)
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_blocks_equal_whole_tensors_over_successive_candidates(family_factory, dtype, monkeypatch):
+    base, *ft = [str(p) for p in family_factory("llama", dtype)]
+    whole = Materializer(base, ft, trim_cache="on", block_limit=WHOLE)
+    uncached = Materializer(base, ft, trim_cache="off", block_limit=WHOLE)
+    blocked = Materializer(base, ft, block_limit=100)
+    streamed = Materializer(base, ft, block_limit=300, tier="mmap")
+    runs = counting(monkeypatch)
+    order = ROWS * 2
+    random.Random(1).shuffle(order)
+    for step, method in enumerate(order):
+        config = as_config(candidate(method, base, ft, random.Random(step)))
+        whole.apply(config, seed=4)
+        reference = whole.state_dict()
+        uncached.apply(config, seed=4)
+        assert_same_weights(uncached.state_dict(), reference, f"{step} {method} cache-free")
+        runs.clear()
+        for other in (blocked, streamed):
+            other.apply(config, seed=4)
+            assert_same_weights(other.state_dict(), reference, f"{step} {method}")
+        assert runs and max(runs) > 4, method  # the tensors did split into many blocks
+    for kind in blocked.caches.built.values():  # row blocks use no trim caches: only the 1-d tensors have them
+        assert all(len(blocked.inputs.parts[(path, name, "")].shape) == 1 for path, name, *_ in kind)
+
+
+def test_row_blocks_equal_the_merge_engine(family, monkeypatch):
+    base, *ft = family
+    runs = counting(monkeypatch)
+    blocked = Materializer(base, ft, block_limit=64)
+    for step, method in enumerate(ROWS):
+        config = as_config(candidate(method, base, ft, random.Random(100 + step)))
+        blocked.apply(config, seed=2)
+        assert_same_weights(blocked.state_dict(), merge_state_dict(config, seed=2), method)
+    assert runs and max(runs) > 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: transposed (fan_in_fan_out) adapters
+def test_lora_weights_formed_by_row_blocks(lora_family, arch, monkeypatch):
+    family = lora_family(arch)
+    whole = Materializer(family.base, family.adapters, block_limit=WHOLE)
+    blocked = Materializer(family.base, family.adapters, block_limit=200)
+    streamed = Materializer(family.base, family.adapters, block_limit=500, tier="mmap")
+    runs = counting(monkeypatch)
+    for step, method in enumerate(["ties", "task_arithmetic", "dare_ties", "linear", "della", "breadcrumbs"]):
+        config = as_config(candidate(method, family.base, family.adapters, random.Random(step)))
+        whole.apply(config, seed=3)
+        reference = whole.state_dict()
+        for other in (blocked, streamed):
+            other.apply(config, seed=3)
+            assert_same_weights(other.state_dict(), reference, f"{arch} {method}")
+        if method != "linear":
+            assert_same_weights(reference, merge_state_dict(config, seed=3), f"{arch} {method} engine")
+    assert runs and max(runs) > 4
+
+
+def test_methods_are_checked(family):
+    base, *ft = family
+    materializer = Materializer(base, ft, methods=["task_arithmetic"])
+    with pytest.raises(ConfigError, match="merge_method ties is not among the materializer's methods "
+                                          r"\(task_arithmetic\), which its memory plan counts"):
+        materializer.apply(as_config(candidate("ties", base, ft, random.Random(0))))
+    with pytest.raises(EvomergeError, match="methods: unknown merge method 'tie'"):
+        Materializer(base, ft, methods=["tie"])
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5, True])
+def test_a_bad_block_limit_is_refused_in_one_line(family, limit):
+    base, *ft = family
+    with pytest.raises(EvomergeError, match=rf"^block_limit: expected a positive number of elements, got {limit!r}$"):
+        Materializer(base, ft, block_limit=limit)
