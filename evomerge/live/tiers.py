@@ -72,7 +72,8 @@ from evomerge.live.memory import (
     memory_bound,
     method_terms,
 )
-from evomerge.methods.blocked import block_rows
+from evomerge.methods.blocked import block_rows, planned_passes
+from evomerge.methods.registry import METHODS
 
 Tier = Literal["device", "host", "mmap"]
 TIERS: tuple[Tier, ...] = ("device", "host", "mmap")
@@ -214,21 +215,25 @@ class TierPlan:
     labels: dict[Path, str]
     methods: tuple[str, ...] | None = None  # the merge methods planned for (None: any)
     block: int | None = None  # the row blocks' element limit (None: every tensor merged whole)
+    passes: int = 1  # the most passes a row-blocked run makes over its inputs (methods/blocked.py)
 
     def kernels(self) -> str:
         """The methods planned for and how their tensors are merged, in words."""
         methods = "any method" if self.methods is None else ", ".join(self.methods)
-        return methods + (f"; tensors above {self.block:,} elements merged in row blocks" if self.block
+        return methods + (f"; tensors above {self.block:,} elements merged in row blocks, in at most "
+                          f"{self.passes} pass{'es' if self.passes > 1 else ''}" if self.block
                           else "; every tensor merged whole")
 
     def tier_of(self) -> dict[Key, Tier]:
         return {part.key: tier for part, tier in zip(self.parts, self.tiers)}
 
     def transfer(self) -> tuple[int, int]:
-        """Bytes a candidate that reads every input moves: (host → device, read from the files)."""
+        """Bytes a candidate that reads every input moves: (host → device, read from the files);
+        a tensor merged in row blocks is brought once per pass (:attr:`passes`, at most)."""
         cuda = self.device.type == "cuda"
-        moved = sum(p.kept_bytes for p, t in zip(self.parts, self.tiers) if t != "device" and cuda)
-        read = sum(p.stored_bytes for p, t in zip(self.parts, self.tiers) if t == "mmap")
+        times = [self.passes if p.staged is not None and not p.role else 1 for p in self.parts]
+        moved = sum(p.kept_bytes * n for p, t, n in zip(self.parts, self.tiers, times) if t != "device" and cuda)
+        read = sum(p.stored_bytes * n for p, t, n in zip(self.parts, self.tiers, times) if t == "mmap")
         return moved, read
 
     def by_model(self) -> dict[Path, dict[Tier, tuple[int, int]]]:
@@ -380,7 +385,8 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
     return TierPlan(tuple(parts), tiers, bound(maxima, resident, cached), host,
                     staging(maxima, ("host",)) if cuda else 0, device, dtype, resident_dtype,
                     budget, budget_source, host_limit, host_source, labels,
-                    None if methods is None else tuple(methods), block)
+                    None if methods is None else tuple(methods), block,
+                    max((planned_passes(METHODS[m], dtype) for m in methods), default=1) if block else 1)
 
 
 class _Scan:

@@ -60,6 +60,16 @@ def block_rows(shape: Sequence[int], limit: int, device: torch.device) -> int | 
     return None if rows >= shape[0] else rows
 
 
+def planned_passes(method: MergeMethod, dtype: torch.dtype) -> int:
+    """The passes a row-blocked run of ``method`` in ``dtype`` makes over its inputs with the
+    method's default ``rescale`` (as :attr:`RowBlocked.passes` counts them): the magnitude
+    cut's radix-select passes, an L1 rescale's, the merge. ``rescale: true`` on a method whose
+    default is false (TIES, breadcrumbs) adds one."""
+    selects = (2 if key_dtype(dtype) == torch.int32 else 1) if method.sparsify in _MAGNITUDE else 0
+    rescale = method.param("rescale")
+    return selects + bool(method.sparsify is not None and rescale is not None and rescale.default) + 1
+
+
 class RowBlocked:
     """One output tensor of ``method`` (with :attr:`~evomerge.methods.registry.MergeMethod.rows`)
     merged in blocks of ``rows`` rows: the kernel's parameters (``shared``, ``per_input``,

@@ -140,3 +140,67 @@ def test_a_bad_block_limit_is_refused_in_one_line(family, limit):
     base, *ft = family
     with pytest.raises(EvomergeError, match=rf"^block_limit: expected a positive number of elements, got {limit!r}$"):
         Materializer(base, ft, block_limit=limit)
+
+
+def plan(family, device: str = "cpu", **options):
+    from evomerge.io.source import source_key
+    from evomerge.live.tiers import open_inputs, plan_tiers
+
+    base, *ft = family
+    return plan_tiers(open_inputs(base, ft), source_key(base), device=torch.device(device), dtype=torch.float32,
+                      **options)
+
+
+def test_the_bound_counts_the_methods_terms_only(family):
+    """Task arithmetic is charged no trim transient, keys or caches; TIES its positions and
+    cut keys; DARE its words; any method (None) everything, as before."""
+    anyway = plan(family, trim_cache="on").bound
+    assert anyway.cached == ("position", "words", "rank") and anyway.transient > 0 and anyway.keys > 0
+    ta = plan(family, trim_cache="on", methods=["task_arithmetic", "linear"]).bound
+    assert (ta.cached, ta.transient, ta.keys, ta.scratch) == ((), 0, 0, anyway.scratch)
+    ties = plan(family, trim_cache="on", methods=["ties"]).bound
+    assert (ties.cached, ties.transient, ties.keys) == (("position",), anyway.transient, anyway.keys)
+    dare = plan(family, trim_cache="on", methods=["dare_ties", "task_arithmetic"]).bound
+    assert (dare.cached, dare.keys) == (("words",), 0)
+    assert anyway.total - ta.total == 3 * anyway.per_cache + anyway.transient  # positions kept: no keys counted
+
+
+def test_row_blocked_methods_get_block_sized_terms(family, monkeypatch):
+    """With the CPU sum chunks at 256 elements, a 300-element limit merges every 2-d tensor of the
+    tiny llama in 256-element row blocks: the per-kernel terms are sized by 256, the caches
+    count the 1-d tensors only; a method that runs whole (slerp) brings back the full terms."""
+    monkeypatch.setattr(_cpu, "BLOCK", 256)
+    blocked = plan(family, methods=["ties", "linear"], block_limit=300, trim_cache="on")
+    whole = plan(family, methods=["ties"], trim_cache="on").bound
+    b = blocked.bound
+    assert (b.scratch, b.transient, b.keys) == (7 * 256 * 4, 36 * 256, 256 * 4)
+    vectors = sum(p.numel for p in blocked.parts if p.path == blocked.parts[0].path and len(p.shape) == 1)
+    assert b.per_cache == 3 * vectors * 4 < whole.per_cache
+    mixed = plan(family, methods=["ties", "slerp"], block_limit=300, trim_cache="on").bound
+    full = plan(family, methods=["ties", "slerp"], trim_cache="on").bound
+    assert mixed == full and mixed.scratch == whole.scratch
+    assert "in row blocks, in at most 3 passes" in blocked.report()
+
+
+def test_staging_is_sized_by_the_blocks_and_counts_the_models_off_the_device(family, monkeypatch):
+    """A CUDA plan (no GPU needed with max_memory): every input in pinned host memory lands in
+    two buffer sets, one buffer per model, of the largest copy: a row block's when blocked. A
+    model wholly on the device lands nothing, so it takes no buffer. TIES in float32 brings a
+    blocked tensor three times (two radix-select passes and the merge)."""
+    monkeypatch.setattr(_cpu, "DEVICE_SUM_BLOCK", 256)
+    options = {"device": "cuda", "max_memory": 10**9, "max_host_memory": 10**9, "trim_cache": "off"}
+    largest = max(p.numel for p in plan(family, tier="host", **options).parts)
+    assert plan(family, tier="host", **options).bound.staging == 2 * 4 * largest * 4
+    blocked = plan(family, tier="host", methods=["ties"], block_limit=300, **options)
+    assert blocked.bound.staging == 2 * 4 * 256 * 4
+    moved, _ = blocked.transfer()
+    assert moved == sum(p.kept_bytes * (3 if len(p.shape) == 2 else 1) for p in blocked.parts)
+    least = plan(family, tier="mmap", **options).bound.total
+    base_bytes = sum(p.kept_bytes for p in blocked.parts if p.path == blocked.parts[0].path)
+    some = plan(family, **dict(options, max_memory=least + base_bytes))
+    tiers = some.tier_of()
+    base = some.parts[0].path
+    assert {tiers[p.key] for p in some.parts if p.path == base} == {"device"}
+    off = {p.path for p in some.parts if tiers[p.key] != "device"}
+    assert base not in off and len(off) == 3
+    assert some.bound.staging == 2 * 3 * largest * 4
