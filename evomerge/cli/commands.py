@@ -57,8 +57,7 @@ def memory_plan(path: Path):
     from evomerge.engine.architecture import num_layers
     from evomerge.engine.execute import resolve_device
     from evomerge.io.source import source_key
-    from evomerge.live.memory import default_block_limit
-    from evomerge.live.tiers import open_inputs, plan_tiers
+    from evomerge.live.tiers import open_inputs, plan_blocks, plan_tiers
     from evomerge.search.experiment import load_experiment
     from evomerge.search.spaces.loader import load_search_space
 
@@ -70,9 +69,9 @@ def memory_plan(path: Path):
     space = load_search_space(experiment.search_space, models=[str(source_key(s)) for s in experiment.models.sources],
                               base_model=str(base), num_layers=num_layers(folders[base].config),
                               base_dir=Path.cwd(), source="search_space")
-    block = None if space.spec.tokenizer_source else default_block_limit(folders[base])
-    return plan_tiers(folders, base, device=device, methods=space.methods, block_limit=block,
-                      **experiment.materializer_options())
+    options = dict(device=device, methods=space.methods, **experiment.materializer_options())
+    plan = plan_tiers if space.spec.tokenizer_source else plan_blocks  # a tokenizer's vocabulary merges whole
+    return plan(folders, base, **options)
 
 
 @click.command()

@@ -15,9 +15,10 @@ whose kind is not kept runs cache-free with the same result. Kernel temporaries 
 one reusable workspace, so after the first candidate a candidate allocates nothing of the model's size. The memory this
 takes is bounded by :mod:`evomerge.live.memory`'s formula, checked before loading.
 
-A tensor larger than the block limit (``block_limit``, default: the largest tensor whose rows
-are not the vocabulary, :func:`~evomerge.live.memory.default_block_limit`) is merged in blocks
-of whole rows when its method allows it (:mod:`evomerge.methods.blocked`: linear and the
+A tensor larger than the block limit (``block_limit``; by default none when every input fits on
+the device with every tensor merged whole, else the largest tensor whose rows are not the
+vocabulary, :func:`~evomerge.live.tiers.plan_blocks`) is merged in blocks of whole rows when its
+method allows it (:mod:`evomerge.methods.blocked`: linear and the
 task-arithmetic family, bit-identical to the whole tensor): its inputs are brought, and an
 adapter's weight formed, one row block at a time (the rows of B), in one pass per step of the
 method (a magnitude cut's radix-select passes, an L1 rescale's sums, the merge), so that every
@@ -98,8 +99,8 @@ from evomerge.io.source import source_key, split_reference
 from evomerge.live.caches import CACHE_NAMES, CacheStore
 from evomerge.live.inputs import TieredInputs
 from evomerge.live.inputs import Need
-from evomerge.live.memory import TrimCacheMode, check_block_limit, default_block_limit
-from evomerge.live.tiers import Key, Tier, open_inputs, plan_tiers
+from evomerge.live.memory import TrimCacheMode, check_block_limit
+from evomerge.live.tiers import Key, Tier, open_inputs, plan_blocks, plan_tiers
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
 from evomerge.methods.blocked import RowBlocked, block_rows
 from evomerge.methods.sparsify import CACHE_KINDS, Caches
@@ -126,10 +127,12 @@ class Materializer:
     :class:`~evomerge.engine.config.TokenizerSettings`); default: the base's rows. ``methods``:
     the merge methods :meth:`apply` will be given (None: any; another one is refused), which
     the memory plan counts; ``block_limit``: the most elements a kernel call merges at once
-    before a row-blocked method splits a tensor in row blocks (default:
-    :func:`~evomerge.live.memory.default_block_limit`, so that only the vocabulary tensors split;
-    the plan counts it only when every method of ``methods`` merges in row blocks, and not for
-    a ``tokenizer``, whose re-mapped vocabulary tensors are merged whole).
+    before a row-blocked method splits a tensor in row blocks (a positive int; default: none
+    when every input fits on the device with whole tensors, since blocks cost the trims extra
+    passes and their caches, else :func:`~evomerge.live.memory.default_block_limit`, so that
+    only the vocabulary tensors split; :func:`~evomerge.live.tiers.plan_blocks`). The plan
+    counts the blocks only when every method of ``methods`` merges in row blocks; with a
+    ``tokenizer`` (its re-mapped vocabulary tensors are merged whole) nothing is blocked.
     """
 
     def __init__(self, base: str | Path, sources: Sequence[str | Path], *,
@@ -153,12 +156,15 @@ class Materializer:
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(stored for stored in map(base_folder.dtype, base_folder.names())
                                    if stored.is_floating_point)
-        self.block_limit = default_block_limit(base_folder) if block_limit is None else check_block_limit(block_limit)
         self.methods = None if methods is None else tuple(dict.fromkeys(methods))
-        self.memory_plan = plan_tiers(self.folders, self.base_path, device=self.device, dtype=self.dtype,
-                                      resident_dtype=resident_dtype, max_memory=max_memory,
-                                      max_host_memory=max_host_memory, trim_cache=trim_cache, tier=tier,
-                                      methods=self.methods, block_limit=None if tokenizer else self.block_limit)
+        options = dict(device=self.device, dtype=self.dtype, resident_dtype=resident_dtype, max_memory=max_memory,
+                       max_host_memory=max_host_memory, trim_cache=trim_cache, tier=tier, methods=self.methods)
+        if tokenizer is not None:  # its re-mapped vocabulary tensors are merged whole
+            self.memory_plan = plan_tiers(self.folders, self.base_path, **options)
+        else:
+            limit = None if block_limit is None else check_block_limit(block_limit)
+            self.memory_plan = plan_blocks(self.folders, self.base_path, block_limit=limit, **options)
+        self.block_limit = self.memory_plan.block  # None: every tensor merged whole
         self.bound = self.memory_plan.bound
         log.info("%s", self.memory_plan.summary())
         uncached = [CACHE_NAMES[kind] for kind in CACHE_KINDS if kind not in self.bound.cached]
@@ -338,7 +344,8 @@ class Materializer:
         floating tensor exceeds the block limit, unless its rows are re-mapped (a tokenizer)."""
         model, name = op.inputs[0]
         part = self.inputs.parts[self._dense_key(paths[model], name)]
-        if not plan.method.rows or op.vocab is not None or not part.stored.is_floating_point or not part.shape:
+        if (self.block_limit is None or not plan.method.rows or op.vocab is not None
+                or not part.stored.is_floating_point or not part.shape):
             return None
         shape = (op.crop_rows or part.shape[0], *part.shape[1:])
         rows = block_rows(shape, self.block_limit, self.device)

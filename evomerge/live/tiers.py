@@ -66,6 +66,7 @@ from evomerge.live.memory import (
     TrimCacheMode,
     available_bytes,
     cached_kinds,
+    default_block_limit,
     host_budget,
     human,
     kernel_numel,
@@ -215,14 +216,19 @@ class TierPlan:
     labels: dict[Path, str]
     methods: tuple[str, ...] | None = None  # the merge methods planned for (None: any)
     block: int | None = None  # the row blocks' element limit (None: every tensor merged whole)
+    counted: bool = False  # whether the bound counts the blocks (every method merges in row blocks)
     passes: int = 1  # the most passes a row-blocked run makes over its inputs (methods/blocked.py)
 
     def kernels(self) -> str:
         """The methods planned for and how their tensors are merged, in words."""
         methods = "any method" if self.methods is None else ", ".join(self.methods)
+        if self.block is None:
+            return methods + "; every tensor merged whole"
+        if not self.counted:
+            return methods + (f"; tensors above {self.block:,} elements merged in row blocks by the methods that "
+                              "can (counted whole: not every method can)")
         return methods + (f"; tensors above {self.block:,} elements merged in row blocks, in at most "
-                          f"{self.passes} pass{'es' if self.passes > 1 else ''}" if self.block
-                          else "; every tensor merged whole")
+                          f"{self.passes} pass{'es' if self.passes > 1 else ''}")
 
     def tier_of(self) -> dict[Key, Tier]:
         return {part.key: tier for part, tier in zip(self.parts, self.tiers)}
@@ -385,8 +391,27 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
     return TierPlan(tuple(parts), tiers, bound(maxima, resident, cached), host,
                     staging(maxima, ("host",)) if cuda else 0, device, dtype, resident_dtype,
                     budget, budget_source, host_limit, host_source, labels,
-                    None if methods is None else tuple(methods), block,
+                    None if methods is None else tuple(methods), block_limit, block is not None,
                     max((planned_passes(METHODS[m], dtype) for m in methods), default=1) if block else 1)
+
+
+def plan_blocks(folders: Mapping[Path, Folder], base: Path, *, block_limit: int | None = None,
+                **options) -> TierPlan:
+    """:func:`plan_tiers` (``options``: its keywords) with the row blocks' limit chosen:
+    ``block_limit`` when given; else (None) every tensor whole when that plan holds every input
+    on the device, and otherwise the row blocks of :func:`~evomerge.live.memory.default_block_limit`.
+    Row blocks cost the trimming methods passes and their caches on the blocked tensors (TIES
+    1.6× slower per candidate on the 124.7M family, whose vocabulary tensors hold 40% of its
+    elements: docs/benchmarks.md), so they are used only where memory asks for them."""
+    if block_limit is not None:
+        return plan_tiers(folders, base, block_limit=block_limit, **options)
+    try:
+        whole = plan_tiers(folders, base, **options)
+    except EvomergeError:
+        whole = None
+    if whole is not None and set(whole.tiers) <= {"device"}:
+        return whole
+    return plan_tiers(folders, base, block_limit=default_block_limit(folders[base]), **options)
 
 
 class _Scan:

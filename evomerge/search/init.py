@@ -101,11 +101,15 @@ def inspect_for_init(base: str, sources: list[str], device: str = "auto") -> Mod
     resolved, available = _device(device)
     inputs = {Path(base): base_folder, **{Path(s): f for s, f in zip(sources, folders)}}
     resident = sum(part.kept_bytes for part in input_parts(inputs, Path(base), dtype))  # every input on the device
-    block = default_block_limit(base_folder)
-    bounds = {ties: memory_bound(base_folder, [base_folder, *folders], dtype, cached=CACHE_KINDS if ties else (),
-                                 resident=resident, staging=0, methods=("ties" if ties else "task_arithmetic",),
-                                 block=block, device=torch.device(resolved))
-              for ties in (True, False)}
+    bounds = {}
+    for ties in (True, False):  # as the materializer plans: whole tensors when they fit, else row blocks
+        for block in (None, default_block_limit(base_folder)):
+            bounds[ties] = memory_bound(base_folder, [base_folder, *folders], dtype,
+                                        cached=CACHE_KINDS if ties else (), resident=resident, staging=0,
+                                        methods=("ties" if ties else "task_arithmetic",), block=block,
+                                        device=torch.device(resolved))
+            if available is None or bounds[ties].total <= available:
+                break
     return ModelInfo(base=str(base), sources=[str(s) for s in sources],
                      adapters=[isinstance(f, AdapterFolder) for f in folders], architecture=report.architecture,
                      depth=num_layers(config), dtype=_dtype_name(dtype), parameters=base_folder.num_parameters(),

@@ -204,3 +204,17 @@ def test_staging_is_sized_by_the_blocks_and_counts_the_models_off_the_device(fam
     off = {p.path for p in some.parts if tiers[p.key] != "device"}
     assert base not in off and len(off) == 3
     assert some.bound.staging == 2 * 3 * largest * 4
+
+
+def test_row_blocks_only_where_memory_asks_for_them(family):
+    """By default nothing is blocked when every input fits on the device with whole tensors (blocks
+    cost the trims passes and caches); under a budget that pushes an input off the device, the
+    tensors above the largest layer matrix (the tiny llama's vocabulary tensors) are."""
+    base, *ft = family
+    roomy = Materializer(base, ft, methods=["ties"])
+    assert roomy.block_limit is None and set(roomy.memory_plan.tiers) == {"device"}
+    assert "every tensor merged whole" in roomy.memory_plan.summary()
+    tight = Materializer(base, ft, methods=["ties"], max_memory=roomy.bound.total - roomy.bound.caches - 10**4)
+    assert tight.block_limit == 128 * 64  # the MLP matrices; the 256-row embedding and head split
+    assert "tensors above 8,192 elements merged in row blocks" in tight.memory_plan.summary()
+    assert Materializer(base, ft, block_limit=100).block_limit == 100
