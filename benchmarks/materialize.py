@@ -28,11 +28,12 @@ A search evaluates many candidates over the same models. What one candidate cost
   ``Materializer.bound``: resident + live + scratch + the caches built so far (+ the
   per-tensor transient of building one or trimming without one). CPU peaks include what
   the C allocator keeps of freed temporaries.
-* **row blocks** (``--block-limit N``): after the main run, the methods again on two
-  materializers told them (``methods=``), both cache-free (``trim_cache="off"``, so that only
-  the blocking differs): one merging every tensor whole, one merging each tensor above ``N``
-  elements in row blocks (:mod:`evomerge.methods.blocked`), in the same run: per-candidate
-  times, their ratio, and each one's peak against its bound (block-sized per-kernel terms).
+* **row blocks** (``--block-limit N``): after the main run, the methods again on pairs of
+  materializers told them (``methods=``): one merging every tensor whole, one merging each
+  tensor above ``N`` elements in row blocks (:mod:`evomerge.methods.blocked`, which use no trim
+  caches), once cache-free (``trim_cache="off"``: only the blocking differs) and once with the
+  caches that fit (``auto``: the whole one keeps them on every tensor), in the same run:
+  per-candidate times, their ratio, and each one's peak against its bound.
 * **cache vs cache-free** (``--trim-cache``): after the main run, the trimming methods again
   on a materializer built with ``trim_cache="off"`` (exact cuts and recomputed random words,
   no per-source cache), in the same run; the table gives both per-candidate times, their
@@ -430,23 +431,26 @@ def main_real(args: argparse.Namespace) -> int:
 
 
 def bench_blocks(models: list[Path], layers: int, args: argparse.Namespace) -> str:
-    """The methods merged whole and in row blocks of ``--block-limit`` elements, both cache-free: the table."""
-    rows = {}
-    for label, limit in (("whole", 10**15), ("blocked", args.block_limit)):
-        memory = PeakMemory(args.device)
-        materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype],
-                                    trim_cache="off", methods=args.methods, block_limit=limit)
-        print(f"  {label}: {materializer.memory_plan.summary()}")
-        rows[label] = bench_evomerge(materializer, args.methods, models, layers, args, memory)
-        del materializer
-    table = [("method", "whole apply s", "blocked apply s", "blocked / whole", "whole peak/bound GB",
+    """The methods merged whole and in row blocks of ``--block-limit`` elements, cache-free and with
+    the caches that fit: the table."""
+    table = [("method", "trim_cache", "whole apply s", "blocked apply s", "blocked / whole", "whole peak/bound GB",
               "blocked peak/bound GB", "load")]
-    for method in args.methods:
-        whole, blocked = rows["whole"][method], rows["blocked"][method]
-        ratio = statistics.median(blocked.applies) / statistics.median(whole.applies)
-        table.append((method, f"{statistics.median(whole.applies):.3f}", f"{statistics.median(blocked.applies):.3f}",
-                      f"{ratio:.2f}", f"{whole.peak / 1e9:.2f}/{whole.bound / 1e9:.2f}",
-                      f"{blocked.peak / 1e9:.2f}/{blocked.bound / 1e9:.2f}", f"{blocked.loads[-1]:.1f}"))
+    for trim_cache in ("off", "auto"):
+        rows = {}
+        for label, limit in (("whole", 10**15), ("blocked", args.block_limit)):
+            memory = PeakMemory(args.device)
+            materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype],
+                                        trim_cache=trim_cache, methods=args.methods, block_limit=limit)
+            print(f"  {label}, trim_cache {trim_cache}: {materializer.memory_plan.summary()}")
+            rows[label] = bench_evomerge(materializer, args.methods, models, layers, args, memory)
+            del materializer
+        for method in args.methods:
+            whole, blocked = rows["whole"][method], rows["blocked"][method]
+            ratio = statistics.median(blocked.applies) / statistics.median(whole.applies)
+            table.append((method, trim_cache, f"{statistics.median(whole.applies):.3f}",
+                          f"{statistics.median(blocked.applies):.3f}", f"{ratio:.2f}",
+                          f"{whole.peak / 1e9:.2f}/{whole.bound / 1e9:.2f}",
+                          f"{blocked.peak / 1e9:.2f}/{blocked.bound / 1e9:.2f}", f"{blocked.loads[-1]:.1f}"))
     return render(table)
 
 
@@ -555,8 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_trim_table(rows, free_rows))
     if block_table:
         print()
-        print(f"row blocks (this run, both cache-free): apply = median per candidate; every tensor whole vs "
-              f"the tensors above {args.block_limit:,} elements in row blocks; peak against each plan's bound")
+        print(f"row blocks (this run): apply = median per candidate; every tensor whole vs the tensors above "
+              f"{args.block_limit:,} elements in row blocks (no trim caches on them); peak against each plan's bound")
         print(block_table)
     if tier_table:
         print()
