@@ -218,3 +218,21 @@ def test_row_blocks_only_where_memory_asks_for_them(family):
     assert tight.block_limit == 128 * 64  # the MLP matrices; the 256-row embedding and head split
     assert "tensors above 8,192 elements merged in row blocks" in tight.memory_plan.summary()
     assert Materializer(base, ft, block_limit=100).block_limit == 100
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_row_blocks_equal_whole_tensors(family, monkeypatch):
+    """On CUDA (L1 sum chunks shrunk to 256 elements for all alike), row blocks of inputs on the
+    device, landed from pinned host memory and read from the files equal whole tensors."""
+    monkeypatch.setattr(_cpu, "DEVICE_SUM_BLOCK", 256)
+    base, *ft = family
+    whole = Materializer(base, ft, device="cuda", block_limit=WHOLE)
+    blocked = [Materializer(base, ft, device="cuda", block_limit=300, tier=tier) for tier in ("device", "host", "mmap")]
+    for step, method in enumerate(ROWS):
+        config = as_config(candidate(method, base, ft, random.Random(200 + step)))
+        whole.apply(config, seed=6)
+        reference = {name: t.cpu() for name, t in whole.state_dict().items()}
+        for other in blocked:
+            other.apply(config, seed=6)
+            assert_same_weights({name: t.cpu() for name, t in other.state_dict().items()}, reference, method)
