@@ -28,6 +28,12 @@ A search evaluates many candidates over the same models. What one candidate cost
   ``Materializer.bound``: resident + live + scratch + the caches built so far (+ the
   per-tensor transient of building one or trimming without one). CPU peaks include what
   the C allocator keeps of freed temporaries.
+* **row blocks** (``--block-limit N``): after the main run, the methods again on pairs of
+  materializers told them (``methods=``): one merging every tensor whole, one merging each
+  tensor above ``N`` elements in row blocks (:mod:`evomerge.methods.blocked`, which use no trim
+  caches), once cache-free (``trim_cache="off"``: only the blocking differs) and once with the
+  caches that fit (``auto``: the whole one keeps them on every tensor), in the same run:
+  per-candidate times, their ratio, and each one's peak against its bound.
 * **cache vs cache-free** (``--trim-cache``): after the main run, the trimming methods again
   on a materializer built with ``trim_cache="off"`` (exact cuts and recomputed random words,
   no per-source cache), in the same run; the table gives both per-candidate times, their
@@ -47,6 +53,8 @@ Run from the repository root with the venv active::
     python benchmarks/materialize.py --real runs/real --methods task_arithmetic,ties,dare_ties
     python benchmarks/materialize.py --threads 1 --methods task_arithmetic,ties --mergekit-repeats 0 \
         --tiers device,mmap --resident-dtype bfloat16
+    python benchmarks/materialize.py --threads 1 --methods task_arithmetic,ties --mergekit-repeats 0 \
+        --repeats 2 --block-limit 524288
 
 ``--tiers device,host,mmap``: after the main run, the same candidates on materializers with every
 input forced into one tier (:mod:`evomerge.live.tiers`: on the device, in pinned host memory (CUDA
@@ -110,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed mergekit runs per method (0: mergekit not run)")
     parser.add_argument("--trim-cache", action="store_true",
                         help="also time the trimming methods cache-free (trim_cache=off) against the cached run")
+    parser.add_argument("--block-limit", type=int, default=None,
+                        help="also time the methods merged whole against in row blocks of this many elements")
     parser.add_argument("--tiers", default="",
                         help="also time the methods with every input in each of these tiers (device,host,mmap)")
     parser.add_argument("--resident-dtype", choices=sorted(DTYPES), default=None,
@@ -134,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--tiers: choose from {','.join(TIERS)}")
     if args.repeats < 1 or args.mergekit_repeats < 0:
         parser.error("--repeats must be at least 1, --mergekit-repeats at least 0")
+    if args.block_limit is not None and args.block_limit < 1:
+        parser.error("--block-limit must be a positive number of elements")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     default_dir = REPO_ROOT / ".cache" / "bench" / (f"real-dense-{args.dtype}" if args.real
@@ -418,6 +430,30 @@ def main_real(args: argparse.Namespace) -> int:
     return 1 if any(row.error for row in tables["LoRA-native"].values()) else 0
 
 
+def bench_blocks(models: list[Path], layers: int, args: argparse.Namespace) -> str:
+    """The methods merged whole and in row blocks of ``--block-limit`` elements, cache-free and with
+    the caches that fit: the table."""
+    table = [("method", "trim_cache", "whole apply s", "blocked apply s", "blocked / whole", "whole peak/bound GB",
+              "blocked peak/bound GB", "load")]
+    for trim_cache in ("off", "auto"):
+        rows = {}
+        for label, limit in (("whole", 10**15), ("blocked", args.block_limit)):
+            memory = PeakMemory(args.device)
+            materializer = Materializer(models[0], models[1:], device=args.device, dtype=DTYPES[args.dtype],
+                                        trim_cache=trim_cache, methods=args.methods, block_limit=limit)
+            print(f"  {label}, trim_cache {trim_cache}: {materializer.memory_plan.summary()}")
+            rows[label] = bench_evomerge(materializer, args.methods, models, layers, args, memory)
+            del materializer
+        for method in args.methods:
+            whole, blocked = rows["whole"][method], rows["blocked"][method]
+            ratio = statistics.median(blocked.applies) / statistics.median(whole.applies)
+            table.append((method, trim_cache, f"{statistics.median(whole.applies):.3f}",
+                          f"{statistics.median(blocked.applies):.3f}", f"{ratio:.2f}",
+                          f"{whole.peak / 1e9:.2f}/{whole.bound / 1e9:.2f}",
+                          f"{blocked.peak / 1e9:.2f}/{blocked.bound / 1e9:.2f}", f"{blocked.loads[-1]:.1f}"))
+    return render(table)
+
+
 def bench_tiers(models: list[Path], layers: int, args: argparse.Namespace) -> str:
     """The methods on one materializer per forced tier (``--tiers``): the table."""
     table = [("tier", "method", "first apply s", "apply s", "peak GB", "bound GB", "host GB",
@@ -505,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  cache-free materializer: bound {free.bound.total / 1e9:.2f} GB")
         free_rows = bench_evomerge(free, trimming, models, layers, args, memory)
         del free
+    block_table = bench_blocks(models, layers, args) if args.block_limit else None
     tier_table = bench_tiers(models, layers, args) if args.tiers else None
     error_table = bench_resident_dtype(models, layers, args) if args.resident_dtype else None
     bench_mergekit(rows, models, layers, args)
@@ -520,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         print("cache vs cache-free (trim_cache on / off, this run): apply = median per candidate; "
               "ratio = cache-free / cached")
         print(format_trim_table(rows, free_rows))
+    if block_table:
+        print()
+        print(f"row blocks (this run): apply = median per candidate; every tensor whole vs the tensors above "
+              f"{args.block_limit:,} elements in row blocks (no trim caches on them); peak against each plan's bound")
+        print(block_table)
     if tier_table:
         print()
         print("forced tiers (this run): apply = median per candidate; peak against the plan's bound (device memory); "

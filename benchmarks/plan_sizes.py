@@ -10,14 +10,16 @@ written, then the file is truncated up to its full size, so the ~490 GB of check
 :func:`evomerge.cli.commands.memory_plan`, the function ``evomerge inspect --plan-memory
 EXPERIMENT`` prints: it opens the headers only (a CUDA plan needs no GPU when ``max_memory`` is
 given), which the script checks by the process's resident set staying far below one model's size.
-Per scenario it prints the plan's report (or the one-line refusal of a plan that cannot work),
-then a table of all of them with a per-candidate time projected from the constants below (see
-docs/memory_plans.md for where they come from)::
+The planner is told the search's method (the experiment's search space): a task-arithmetic
+search is charged no trim terms, and both methods merge in row blocks (the default block limit:
+the largest layer matrix, so that the embedding and the head split). Per scenario it prints the
+plan's report (or the one-line refusal of a plan that cannot work), then a table of all of them
+with a per-candidate time projected from the constants below (see docs/memory_plans.md for where
+they come from)::
 
     python benchmarks/plan_sizes.py                  # every scenario: reports, then the table
     python benchmarks/plan_sizes.py --table          # the table only
     python benchmarks/plan_sizes.py --only 8b        # scenarios whose id contains "8b"
-    python benchmarks/plan_sizes.py --split-vocabulary --table   # what-if: see --help
     python benchmarks/plan_sizes.py --keep DIR       # write the folders and experiments into DIR
 """
 
@@ -71,11 +73,11 @@ MACHINES = {
 # precision: (dtype, resident_dtype)
 PRECISIONS = {"bf16": ("bfloat16", None), "fp32": ("float32", None), "fp32-bf16in": ("float32", "bfloat16")}
 
-# The scenarios: (id, family, machine, precision). The plan does not depend on the method (TIES or
-# task arithmetic): the planner is not told the search's method, so it places the same inputs, and
-# trim_cache: auto keeps the caches that fit in what they leave (a task-arithmetic search never builds them).
-SCENARIOS = [(f"{family}-{machine}-{precision}", family, machine, precision)
-             for family in FAMILIES for machine in MACHINES for precision in PRECISIONS]
+# the search's method (the experiment's search space), which the planner is told: id: method
+SEARCHES = {"ta": "task_arithmetic", "ties": "ties"}
+# The scenarios: (id, family, machine, precision, search)
+SCENARIOS = [(f"{family}-{machine}-{precision}-{search}", family, machine, precision, search)
+             for family in FAMILIES for machine in MACHINES for precision in PRECISIONS for search in SEARCHES]
 
 # Projection constants (see docs/memory_plans.md for their sources)
 PCIE = 25e9  # PCIe 4.0 x16 host→device, pinned, sustained
@@ -103,20 +105,11 @@ CAST_COPIES = 0.75
 CPU_COPY_SECONDS = 0.040
 
 
-def tensors(shape: dict, split: bool = False) -> list[tuple[str, list[int]]]:
-    """Every tensor of a Llama checkpoint with these shapes (untied head), HF names, file order.
-    ``split``: the embedding and the head as row blocks no larger than an MLP matrix (a what-if:
-    the plan the same formula gives if those two were processed in row blocks; not a loadable model)."""
+def tensors(shape: dict) -> list[tuple[str, list[int]]]:
+    """Every tensor of a Llama checkpoint with these shapes (untied head), HF names, file order."""
     h, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
-
-    def vocabulary(name: str) -> list[tuple[str, list[int]]]:
-        if not split:
-            return [(name, [vocab, h])]
-        rows = -(-vocab // -(-vocab // inter))  # blocks of at most `inter` rows (an MLP matrix's elements)
-        return [(f"{name}.rows{start}", [min(rows, vocab - start), h]) for start in range(0, vocab, rows)]
-
-    out = vocabulary("model.embed_tokens.weight")
+    out = [("model.embed_tokens.weight", [vocab, h])]
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [h, h]),
@@ -124,10 +117,10 @@ def tensors(shape: dict, split: bool = False) -> list[tuple[str, list[int]]]:
                 (p + "self_attn.o_proj.weight", [h, h]), (p + "post_attention_layernorm.weight", [h]),
                 (p + "mlp.gate_proj.weight", [inter, h]), (p + "mlp.up_proj.weight", [inter, h]),
                 (p + "mlp.down_proj.weight", [h, inter])]
-    return [*out, ("model.norm.weight", [h]), *vocabulary("lm_head.weight")]
+    return [*out, ("model.norm.weight", [h]), ("lm_head.weight", [vocab, h])]
 
 
-def write_model(folder: Path, shape: dict, split: bool = False) -> int:
+def write_model(folder: Path, shape: dict) -> int:
     """A header-only fake checkpoint in ``folder``; returns its parameter count."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape,
@@ -137,7 +130,7 @@ def write_model(folder: Path, shape: dict, split: bool = False) -> int:
               "eos_token_id": 128001, "attention_bias": False, "mlp_bias": False}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shards: list[list[tuple[str, list[int], int]]] = [[]]
-    for name, dims in tensors(shape, split):
+    for name, dims in tensors(shape):
         size = 2  # bfloat16
         for d in dims:
             size *= d
@@ -167,25 +160,25 @@ def write_model(folder: Path, shape: dict, split: bool = False) -> int:
     return params
 
 
-def write_models(root: Path, split: bool = False) -> dict[str, tuple[Path, list[Path], int]]:
+def write_models(root: Path) -> dict[str, tuple[Path, list[Path], int]]:
     """Base and sources per family: {family: (base, sources, parameters)}."""
     made = {}
     for family, (shape, count) in FAMILIES.items():
         base = root / f"{shape}-base"
-        params = write_model(base, SHAPES[shape], split)
+        params = write_model(base, SHAPES[shape])
         sources = [root / f"{shape}-ft{i}" for i in range(1, count + 1)]
         for source in sources:
-            write_model(source, SHAPES[shape], split)
+            write_model(source, SHAPES[shape])
         made[family] = (base, sources, params)
     return made
 
 
 def write_experiment(root: Path, scenario: str, base: Path, sources: list[Path], machine: str,
-                     precision: str) -> Path:
+                     precision: str, search: str) -> Path:
     spec = MACHINES[machine]
     dtype, resident = PRECISIONS[precision]
     experiment = {"name": scenario, "models": {"base": str(base), "sources": [str(s) for s in sources]},
-                  "search_space": {"kind": "parameter", "method": "ties", "search": {"weight": [0.0, 1.0]}},
+                  "search_space": {"kind": "parameter", "method": SEARCHES[search], "search": {"weight": [0.0, 1.0]}},
                   "fitness": "unused.yaml", "device": spec.device, "dtype": dtype, "trim_cache": "auto",
                   "max_memory": spec.max_memory}
     if spec.max_host_memory is not None:
@@ -257,53 +250,53 @@ def seconds(span: Range | None) -> str:
     return fmt(low) if fmt(low) == fmt(high) else f"{fmt(low)}–{fmt(high)}"
 
 
-def row(scenario: str, plan: TierPlan | str, machine: Machine, params: int, sources: int) -> str:
+def row(scenario: str, search: str, plan: TierPlan | str, machine: Machine, params: int, sources: int) -> str:
     if isinstance(plan, str):
-        return f"| {scenario} | **refused**: {plan} | | | | | | | | |"
+        return f"| {scenario} | **refused**: {plan} | | | | | | |"
     b = plan.bound
     moved, read = plan.transfer()
     times = project(plan, machine, params, sources)
     host = "-" if plan.host_budget is None else f"{(plan.host + plan.host_staging) / 1e9:.3g}"
     files = f"{read / 1e9:.3g} ({'page cache' if read <= page_cache_room(plan, machine) else 'NVMe'})" if read else "0"
-    first = times.get("ties first")
+    if search == "ta":
+        time = seconds(times["task_arithmetic"])
+    elif times["ties"] is not None:  # positions kept
+        time = f"{seconds(times['ties'])} (first {seconds(times['ties first'])})"
+    else:
+        time = f"{seconds(times['ties cache-free'])} (cache-free)"
     return (f"| {scenario} | {placement(plan)} | {b.total / 1e9:.3g} | {host} | {', '.join(b.cached) or 'none'} | "
-            f"{moved / 1e9:.3g} | {files} | {seconds(times['task_arithmetic'])} | "
-            f"{seconds(times['ties'])}{f' (first {seconds(first)})' if first else ''} | "
-            f"{seconds(times['ties cache-free'])} |")
+            f"{moved / 1e9:.3g} | {files} | {time} |")
 
 
 HEADER = ("| scenario | inputs (GB; D device, H pinned host, M files) | device GB | host GB | caches kept "
-          "| host→device GB | files GB | task arithmetic s | TIES s, positions kept | TIES s, cache-free |\n"
-          "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+          "| host→device GB | files GB | s per candidate |\n"
+          "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true", help="print the table only")
     parser.add_argument("--only", default="", help="scenarios whose id contains this")
-    parser.add_argument("--split-vocabulary", action="store_true",
-                        help="what-if: the embedding and head as row blocks no larger than an MLP matrix")
     parser.add_argument("--keep", type=Path, default=None, help="write into this folder (kept) instead of a temp one")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="plan_sizes_") as temp:
         root = args.keep or Path(temp)
         root.mkdir(parents=True, exist_ok=True)
-        made = write_models(root, args.split_vocabulary)
+        made = write_models(root)
         apparent = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
         on_disk = sum(f.stat().st_blocks * 512 for f in root.rglob("*"))
-        print(f"fake checkpoints in {root}: {apparent / 1e9:.1f} GB apparent, {on_disk / 1e3:.0f} kB on disk"
-              + (" (what-if: vocabulary tensors split in row blocks)" if args.split_vocabulary else ""))
+        print(f"fake checkpoints in {root}: {apparent / 1e9:.1f} GB apparent, {on_disk / 1e3:.0f} kB on disk")
         for family, (_, sources, params) in made.items():
             print(f"  {family}: {params / 1e9:.3f} B parameters per model ({2 * params / 1e9:.2f} GB bf16), "
                   f"base + {len(sources)} sources")
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rows = []
-        for scenario, family, name, precision in SCENARIOS:
+        for scenario, family, name, precision, search in SCENARIOS:
             if args.only not in scenario:
                 continue
             base, sources, params = made[family]
             machine = MACHINES[name]
-            path = write_experiment(root, scenario, base, sources, name, precision)
+            path = write_experiment(root, scenario, base, sources, name, precision, search)
             try:
                 plan: TierPlan | str = memory_plan(path)
             except EvomergeError as error:
@@ -312,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                 budgets = f"max_memory {machine.max_memory}" + (
                     f", max_host_memory {machine.max_host_memory}" if machine.max_host_memory else "")
                 print(f"\n## {scenario}: {FAMILIES[family][0]} × {len(sources)} sources, {machine.label}, "
-                      f"{precision} ({budgets})")
+                      f"{precision}, a {SEARCHES[search]} search ({budgets})")
                 print(plan if isinstance(plan, str) else plan.report())
-            rows.append(row(scenario, plan, machine, params, len(sources)))
+            rows.append(row(scenario, search, plan, machine, params, len(sources)))
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
         print(f"\nresident set grew by {grown / 1e6:.0f} MB while planning"
               + (": no model's data was read" if grown < 1e9 else ": WARNING, the planner read data"))

@@ -50,19 +50,28 @@ def inspect(models: tuple[Path, ...], experiment: Path | None, sample: int | Non
 
 
 def memory_plan(path: Path):
-    """The :class:`~evomerge.live.tiers.TierPlan` of the experiment at ``path`` (nothing is loaded)."""
+    """The :class:`~evomerge.live.tiers.TierPlan` of the experiment at ``path`` (nothing is loaded),
+    for the methods of its search space, as its search's materializer plans it."""
     import torch
 
+    from evomerge.engine.architecture import num_layers
     from evomerge.engine.execute import resolve_device
     from evomerge.io.source import source_key
-    from evomerge.live.tiers import open_inputs, plan_tiers
+    from evomerge.live.tiers import open_inputs, plan_blocks, plan_tiers
     from evomerge.search.experiment import load_experiment
+    from evomerge.search.spaces.loader import load_search_space
 
     experiment = load_experiment(path)
     # a CUDA experiment can be planned without the GPU when it sets max_memory
     device = resolve_device("auto") if experiment.device == "auto" else torch.device(experiment.device)
     folders = open_inputs(experiment.models.base, experiment.models.sources)
-    return plan_tiers(folders, source_key(experiment.models.base), device=device, **experiment.materializer_options())
+    base = source_key(experiment.models.base)
+    space = load_search_space(experiment.search_space, models=[str(source_key(s)) for s in experiment.models.sources],
+                              base_model=str(base), num_layers=num_layers(folders[base].config),
+                              base_dir=Path.cwd(), source="search_space")
+    options = dict(device=device, methods=space.methods, **experiment.materializer_options())
+    plan = plan_tiers if space.spec.tokenizer_source else plan_blocks  # a tokenizer's vocabulary merges whole
+    return plan(folders, base, **options)
 
 
 @click.command()

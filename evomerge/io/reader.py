@@ -120,10 +120,15 @@ class ModelFolder:
         bytes are read."""
         if not self.shape(name):
             return self.tensor(name)
+        return self.rows(name, slice(0, rows))
+
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` (dim 0) of a tensor with at least one dimension (CPU, stored dtype);
+        for safetensors only those bytes are read."""
         handle = self._open(self._files[name])
         if isinstance(handle, dict):
-            return handle[name][:rows]
-        return handle.get_slice(name)[:rows]
+            return handle[name][rows]
+        return handle.get_slice(name)[rows]
 
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self._files[name])

@@ -2,8 +2,10 @@
 host tiers held in memory, and each op's inputs brought to the kernels.
 
 :meth:`TieredInputs.stream` yields, op after op, every part (:class:`~evomerge.live.tiers.Part`)
-the op reads, on the device in the dtype its kernels get: a device-tier tensor itself, or a view
-of a staging buffer the part was copied into along its :func:`~evomerge.live.tiers.route`. On
+the op reads, or the rows of it that one row block of the op reads, on the device in the dtype
+its kernels get: a device-tier tensor (or those rows of it) itself, or a view of a staging buffer
+the part (its rows, read alone from the files) was copied into along its
+:func:`~evomerge.live.tiers.route`. On
 CUDA the copies run on a copy stream into one of two buffer sets, the next op's while the current
 op's kernels run: the next op's copies are issued before the current op is yielded, each set's
 reuse waits (on the copy stream) for the kernels of the op that read it, a host buffer's reuse
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TypeAlias
 from pathlib import Path
 
 import torch
@@ -28,6 +31,9 @@ from tqdm.auto import tqdm
 
 from evomerge.io.adapter import AdapterFolder
 from evomerge.live.tiers import Folder, Key, Part, TierPlan, route
+
+Index: TypeAlias = "tuple[slice, ...] | None"  # which elements of a part an op reads: ``part[index]``; None: all
+Need: TypeAlias = "Mapping[Key, Index]"  # the parts one op (or one row block of it) reads
 
 
 class TieredInputs:
@@ -53,12 +59,14 @@ class TieredInputs:
         for part in tqdm(loaded, desc="loading models", unit="tensor", disable=not progress):
             self.kept[part.key] = self._load(part, self.tiers[part.key] == "device")
 
-    def _files(self, part: Part) -> torch.Tensor:
-        """``part`` as the files (or an adapter's reader) hold it, on the CPU."""
+    def _files(self, part: Part, index: Index = None) -> torch.Tensor:
+        """``part`` (``part[index]``: for a dense part, rows ``(slice,)`` only, read alone) as the
+        files (or an adapter's reader) hold it, on the CPU."""
         folder = self.folders[part.path]
         if isinstance(folder, AdapterFolder):
-            return getattr(folder.factors[part.name], part.role)
-        return folder.tensor(part.name)
+            factor = getattr(folder.factors[part.name], part.role)
+            return factor if index is None else factor[index]
+        return folder.tensor(part.name) if index is None else folder.rows(part.name, *index)
 
     def _load(self, part: Part, on_device: bool) -> torch.Tensor:
         tensor = self._files(part)
@@ -71,10 +79,11 @@ class TieredInputs:
         part = self.parts[key]
         return self.kept[key] if self.tiers[key] == "device" and part.kept == part.target else None
 
-    def stream(self, needs: Sequence[Sequence[Key]]) -> Iterator[dict[Key, torch.Tensor]]:
-        """For each entry of ``needs`` (the parts of one op), its parts on the device in the
-        dtype the kernels get. A yielded tensor may be a staging buffer's: it is valid until the
-        next one is asked for, and must not be written to."""
+    def stream(self, needs: Sequence[Need]) -> Iterator[dict[Key, torch.Tensor]]:
+        """For each entry of ``needs`` (the parts of one op or row block, with the elements
+        it reads of each), those parts on the device in the dtype the kernels get. A yielded
+        tensor may be a staging buffer's: it is valid until the next one is asked for, and
+        must not be written to."""
         ahead: deque[dict[Key, torch.Tensor]] = deque()
         for index in range(len(needs)):
             while len(ahead) < self._sets and index + len(ahead) < len(needs):
@@ -89,7 +98,7 @@ class TieredInputs:
                 if self.cuda:
                     self._read[index % self._sets].record(torch.cuda.current_stream(self.device))
 
-    def _bring(self, need: Sequence[Key], buffer_set: int) -> dict[Key, torch.Tensor]:
+    def _bring(self, need: Need, buffer_set: int) -> dict[Key, torch.Tensor]:
         """Issue the copies of ``need``'s parts into buffer set ``buffer_set``; their tensors."""
         if self.cuda:
             self._consumer = torch.cuda.current_stream(self.device)
@@ -97,14 +106,17 @@ class TieredInputs:
             self._copy_stream.wait_event(self._read[buffer_set])  # the device buffers' last readers are done
         brought, used = {}, {}
         with torch.cuda.stream(self._copy_stream) if self.cuda else contextlib.nullcontext():
-            for key in need:
+            for key, index in need.items():
                 part = self.parts[key]
                 tier = self.tiers[key]
-                tensor = self.kept[key] if tier != "mmap" else self._files(part)
+                if tier == "mmap":
+                    tensor = self._files(part, index)
+                else:
+                    tensor = self.kept[key] if index is None else self.kept[key][index]
                 for step in route(part, tier, self.cuda):
                     group = (step.kind, step.dtype, bool(part.role))
-                    index = used[group] = used.get(group, -1) + 1
-                    buffer = self._buffer((buffer_set, *group, index), part.numel).view(part.shape)
+                    slot = used[group] = used.get(group, -1) + 1
+                    buffer = self._buffer((buffer_set, *group, slot), tensor.numel()).view(tensor.shape)
                     tensor = buffer.copy_(tensor, non_blocking=step.kind == "land")
                 brought[key] = tensor
             if self.cuda:

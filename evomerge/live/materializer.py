@@ -15,6 +15,17 @@ whose kind is not kept runs cache-free with the same result. Kernel temporaries 
 one reusable workspace, so after the first candidate a candidate allocates nothing of the model's size. The memory this
 takes is bounded by :mod:`evomerge.live.memory`'s formula, checked before loading.
 
+A tensor larger than the block limit (``block_limit``; by default none when every input fits on
+the device with every tensor merged whole, else the largest tensor whose rows are not the
+vocabulary, :func:`~evomerge.live.tiers.plan_blocks`) is merged in blocks of whole rows when its
+method allows it (:mod:`evomerge.methods.blocked`: linear and the
+task-arithmetic family, bit-identical to the whole tensor): its inputs are brought, and an
+adapter's weight formed, one row block at a time (the rows of B), in one pass per step of the
+method (a magnitude cut's radix-select passes, an L1 rescale's sums, the merge), so that every
+temporary is sized by the block; those tensors use no trim caches. Told the methods a search
+may run (``methods``), the memory plan counts only their terms, and block-sized ones when every
+method merges in row blocks.
+
 Where the inputs live is planned before loading (:mod:`evomerge.live.tiers`, logged as one
 paragraph): each tensor of the base and the sources, and each LoRA factor, on the device, in
 (pinned) host memory or left in the memory-mapped files, filling the device first within
@@ -87,9 +98,11 @@ from evomerge.io.reader import ModelFolder
 from evomerge.io.source import source_key, split_reference
 from evomerge.live.caches import CACHE_NAMES, CacheStore
 from evomerge.live.inputs import TieredInputs
-from evomerge.live.memory import TrimCacheMode
-from evomerge.live.tiers import Key, Tier, open_inputs, plan_tiers
+from evomerge.live.inputs import Need
+from evomerge.live.memory import TrimCacheMode, check_block_limit
+from evomerge.live.tiers import Key, Tier, open_inputs, plan_blocks, plan_tiers
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
+from evomerge.methods.blocked import RowBlocked, block_rows
 from evomerge.methods.sparsify import CACHE_KINDS, Caches
 
 log = logging.getLogger(__name__)
@@ -111,7 +124,15 @@ class Materializer:
     when they do not fit), ``off`` none; trims of the kinds not kept run cache-free
     (:mod:`evomerge.methods.select`), with the same result (:func:`~evomerge.live.memory.cached_kinds`). ``tokenizer``:
     the live model's output vocabulary (``"base"``, ``"union"``, a model path or a
-    :class:`~evomerge.engine.config.TokenizerSettings`); default: the base's rows.
+    :class:`~evomerge.engine.config.TokenizerSettings`); default: the base's rows. ``methods``:
+    the merge methods :meth:`apply` will be given (None: any; another one is refused), which
+    the memory plan counts; ``block_limit``: the most elements a kernel call merges at once
+    before a row-blocked method splits a tensor in row blocks (a positive int; default: none
+    when every input fits on the device with whole tensors, since blocks cost the trims extra
+    passes and their caches, else :func:`~evomerge.live.memory.default_block_limit`, so that
+    only the vocabulary tensors split; :func:`~evomerge.live.tiers.plan_blocks`). The plan
+    counts the blocks only when every method of ``methods`` merges in row blocks; with a
+    ``tokenizer`` (its re-mapped vocabulary tensors are merged whole) nothing is blocked.
     """
 
     def __init__(self, base: str | Path, sources: Sequence[str | Path], *,
@@ -119,7 +140,8 @@ class Materializer:
                  max_memory: int | None = None, max_host_memory: int | None = None,
                  resident_dtype: torch.dtype | None = None, tier: Tier | None = None,
                  trim_cache: TrimCacheMode = "auto", progress: bool = False,
-                 tokenizer: str | TokenizerSettings | None = None):
+                 tokenizer: str | TokenizerSettings | None = None, methods: Sequence[str] | None = None,
+                 block_limit: int | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if split_reference(base)[1] is not None or is_adapter(base):
             raise ModelError(f"{base}: the materializer's base must be a model folder, not an adapter")
@@ -134,9 +156,15 @@ class Materializer:
         base_folder = self.folders[self.base_path]
         self.dtype = dtype or next(stored for stored in map(base_folder.dtype, base_folder.names())
                                    if stored.is_floating_point)
-        self.memory_plan = plan_tiers(self.folders, self.base_path, device=self.device, dtype=self.dtype,
-                                      resident_dtype=resident_dtype, max_memory=max_memory,
-                                      max_host_memory=max_host_memory, trim_cache=trim_cache, tier=tier)
+        self.methods = None if methods is None else tuple(dict.fromkeys(methods))
+        options = dict(device=self.device, dtype=self.dtype, resident_dtype=resident_dtype, max_memory=max_memory,
+                       max_host_memory=max_host_memory, trim_cache=trim_cache, tier=tier, methods=self.methods)
+        if tokenizer is not None:  # its re-mapped vocabulary tensors are merged whole
+            self.memory_plan = plan_tiers(self.folders, self.base_path, **options)
+        else:
+            limit = None if block_limit is None else check_block_limit(block_limit)
+            self.memory_plan = plan_blocks(self.folders, self.base_path, block_limit=limit, **options)
+        self.block_limit = self.memory_plan.block  # None: every tensor merged whole
         self.bound = self.memory_plan.bound
         log.info("%s", self.memory_plan.summary())
         uncached = [CACHE_NAMES[kind] for kind in CACHE_KINDS if kind not in self.bound.cached]
@@ -201,6 +229,10 @@ class Materializer:
     def plan(self, config: MergeConfig | str | Path, seed: int = 0) -> MergePlan:
         """Build the engine's plan for ``config`` over the resident models."""
         config = config if isinstance(config, MergeConfig) else load_config(config)
+        if self.methods is not None and config.merge_method not in self.methods:
+            raise ConfigError(f"merge_method {config.merge_method} is not among the materializer's methods "
+                              f"({', '.join(self.methods)}), which its memory plan counts",
+                              file=config.source, field="merge_method")
         models = {}
         for name in config.referenced_models():
             path = source_key(name)
@@ -248,12 +280,21 @@ class Materializer:
         if building:
             log.info("first %s candidate: caching the task vectors' %s (once; later candidates reuse them)",
                      plan.method.name, building)
-        needs = [self._needs(op, plan, paths) for op in plan.ops]
+        units: list[tuple[TensorOp, RowBlocked | None, int]] = []  # (op, its row blocks, unit)
+        needs: list[Need] = []
+        for op in plan.ops:
+            blocked = self._row_blocked(op, plan, paths)
+            if blocked is None:
+                units.append((op, None, 0))
+                needs.append(self._needs(op, plan, paths))
+            for unit, (_, rows) in enumerate(blocked.units if blocked is not None else ()):
+                units.append((op, blocked, unit))
+                needs.append(self._needs(op, plan, paths, rows))
         with torch.no_grad():
-            for op, parts in tqdm(zip(plan.ops, self.inputs.stream(needs)), total=len(plan.ops),
-                                  desc=f"caching {building}", unit="tensor", leave=False,
-                                  disable=not (building and self.progress)):
-                self._apply_op(op, plan, paths, layers, parts)
+            for (op, blocked, unit), parts in tqdm(zip(units, self.inputs.stream(needs)), total=len(units),
+                                                   desc=f"caching {building}", unit="tensor", leave=False,
+                                                   disable=not (building and self.progress)):
+                self._apply_op(op, plan, paths, layers, parts, blocked, unit)
         for layer, scale in zip(layers, plan.layer_scales):
             set_input_scale(layer, scale)
         self._set_layers(layers, plan)
@@ -298,17 +339,32 @@ class Materializer:
                                 for name, p in self._owned[like].items()})
         return self._owned[position]
 
-    def _apply_op(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
-                  layers: list[nn.Module], parts: dict[Key, torch.Tensor]) -> None:
+    def _row_blocked(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]) -> RowBlocked | None:
+        """``op``'s row-blocked run when its method merges in row blocks and its (cropped)
+        floating tensor exceeds the block limit, unless its rows are re-mapped (a tokenizer)."""
+        model, name = op.inputs[0]
+        part = self.inputs.parts[self._dense_key(paths[model], name)]
+        if (self.block_limit is None or not plan.method.rows or op.vocab is not None
+                or not part.stored.is_floating_point or not part.shape):
+            return None
+        shape = (op.crop_rows or part.shape[0], *part.shape[1:])
+        rows = block_rows(shape, self.block_limit, self.device)
+        if rows is None:
+            return None
+        return RowBlocked(plan.method, op.shared, op.per_input, op.keys, op.base_index, shape, self.dtype, rows)
+
+    def _apply_op(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path], layers: list[nn.Module],
+                  parts: dict[Key, torch.Tensor], blocked: RowBlocked | None = None, unit: int = 0) -> None:
+        """Merge ``op`` (with ``blocked``: its row-blocked run's ``unit``) into the live model."""
         if op.layer is None:
-            self._compute_into(op, plan, paths, self._live[op.name], parts)
+            self._compute_into(op, plan, paths, self._live[op.name], parts, blocked, unit)
             return
         first_layer_name = self._module_names[with_layer(op.name, plan.family, 0)]
         local = first_layer_name[len(self._layer_path) + 1:].split(".", 1)[1]
         reference = self._reference(op, plan, paths)
         if reference is None:
             reference = self._owned_slots(op.layer, layer_index(op.inputs[0][1], plan.family))[local]
-            self._compute_into(op, plan, paths, reference, parts)
+            self._compute_into(op, plan, paths, reference, parts, blocked, unit)
         set_parameter(layers[op.layer], local, reference)
 
     def _reference(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]) -> nn.Parameter | None:
@@ -331,17 +387,23 @@ class Materializer:
         """The dense input that holds ``name`` of ``path`` (an adapter's: its base's)."""
         return (self.base_path if isinstance(self.folders[path], AdapterFolder) else path, name, "")
 
-    def _needs(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path]) -> list[Key]:
-        """The input parts ``op`` reads (none when its layer takes a resident tensor as it is)."""
+    def _needs(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path], rows: slice | None = None) -> Need:
+        """The input parts ``op`` reads (none when its layer takes a resident tensor as it is),
+        or with ``rows`` those its row block reads: the dense parts' rows, an adapter's rows of
+        B (of a transposed weight: columns of A)."""
         if op.layer is not None and self._reference(op, plan, paths) is not None:
-            return []
-        keys = []
+            return {}
+        dense = None if rows is None else (rows,)
+        need: dict[Key, tuple[slice, ...] | None] = {}
         for model, name in op.inputs:
             path = paths[model]
-            keys.append(self._dense_key(path, name))
-            if self._factors(path, name) is not None:
-                keys += [(path, name, "a"), (path, name, "b")]
-        return list(dict.fromkeys(keys))
+            need[self._dense_key(path, name)] = dense
+            factors = self._factors(path, name)
+            if factors is not None:
+                columns = None if rows is None else (slice(None), rows)
+                need[(path, name, "a")] = columns if factors.transpose else None
+                need[(path, name, "b")] = None if factors.transpose else dense
+        return need
 
     def _input(self, path: Path, name: str, slot: int, parts: dict[Key, torch.Tensor]) -> torch.Tensor:
         """Input ``slot`` of an op: a brought part, or an adapter's weight formed in scratch."""
@@ -361,10 +423,21 @@ class Materializer:
         return lora_dense(weight, factors, self.dtype, out=out,
                           product=self._product[:rows * columns].view(rows, columns))
 
-    def _compute_into(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path],
-                      target: torch.Tensor, parts: dict[Key, torch.Tensor]) -> None:
-        """Merge ``op`` into ``target`` in place (kernels write into it directly when they can)."""
+    def _compute_into(self, op: TensorOp, plan: MergePlan, paths: dict[str, Path], target: torch.Tensor,
+                      parts: dict[Key, torch.Tensor], blocked: RowBlocked | None = None, unit: int = 0) -> None:
+        """Merge ``op`` into ``target`` in place (kernels write into it directly when they can);
+        with ``blocked``, its row-blocked run's ``unit`` (``parts``: that block's rows)."""
         tensors = [self._input(paths[model], name, slot, parts) for slot, (model, name) in enumerate(op.inputs)]
+        if blocked is not None:
+            if blocked.shape != target.shape:
+                raise ModelError(f"{op.name}: merged shape {list(blocked.shape)} != live model's "
+                                 f"{list(target.shape)} (the materializer needs equal vocabularies)")
+            rows = target[blocked.units[unit][1]]
+            out = rows if target.dtype == self.dtype else None
+            merged = blocked.feed(unit, [t.to(self.dtype) for t in tensors], self.caches.workspace, out)
+            if merged is not None and merged is not out:
+                rows.copy_(merged)
+            return
         rows = op.vocab.size if op.vocab is not None else op.crop_rows or tensors[0].shape[0]
         shape = (rows, *tensors[0].shape[1:]) if tensors[0].dim() else tensors[0].shape
         if shape != target.shape:

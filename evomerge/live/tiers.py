@@ -33,18 +33,22 @@ tensor of each model it names, so within a model no tensor is used more than ano
 order decides which models stay whole, not how much a candidate moves. Trim caches
 (``trim_cache: auto``) get what the inputs leave on the device; ``on`` reserves them first.
 
-Staging (bytes; ``B`` buffer sets: 2 on CUDA, 1 on CPU; ``F`` = base + full sources, ``L`` adapters)::
+Staging (bytes; ``B`` buffer sets: 2 on CUDA, 1 on CPU)::
 
-    staging = B · Σ_g n_g · max over the parts through g of numel · itemsize(g)
+    staging = B · Σ_g n_g · max over the parts through g of staged · itemsize(g)
 
-over the groups ``g`` = (step, dtype, dense or factor) of :func:`route`, with ``n_g = F`` for
-dense parts (an op reads one tensor of each model) and ``2L`` for factors; the host steps' buffers
-are host memory on CUDA (:attr:`TierPlan.host_staging`) and device memory on CPU.
+over the groups ``g`` = (step, dtype, dense or factor) of :func:`route`, with ``n_g`` the models
+that have a dense part through ``g`` (an op reads one tensor of each model: a model wholly on the
+device in the merge dtype takes no buffer) and twice the adapters that have a factor through it;
+``staged`` is what one copy holds of a part: the whole part, or the rows of one block of a tensor
+merged in row blocks (:attr:`Part.staged`). The host steps' buffers are host memory on CUDA
+(:attr:`TierPlan.host_staging`) and device memory on CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -56,16 +60,21 @@ from evomerge.io.adapter import AdapterFolder
 from evomerge.io.reader import ModelFolder
 from evomerge.io.source import open_model, source_key
 from evomerge.live.memory import (
+    CPU,
     HOST_MARGIN,
     MemoryBound,
     TrimCacheMode,
     available_bytes,
     cached_kinds,
+    default_block_limit,
     host_budget,
     human,
+    kernel_numel,
     memory_bound,
+    method_terms,
 )
-from evomerge.methods.sparsify import CACHE_KINDS
+from evomerge.methods.blocked import block_rows, planned_passes
+from evomerge.methods.registry import METHODS
 
 Tier = Literal["device", "host", "mmap"]
 TIERS: tuple[Tier, ...] = ("device", "host", "mmap")
@@ -86,6 +95,7 @@ class Part:
     stored: torch.dtype  # in the files (factors: as the adapter's reader holds them)
     kept: torch.dtype  # in the device and host tiers
     target: torch.dtype | None  # what the kernels get; None: as brought (lora_dense promotes factors)
+    staged: int | None = None  # elements one staging copy holds (a row block's); None: all
 
     @property
     def key(self) -> Key:
@@ -94,6 +104,10 @@ class Part:
     @property
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
+
+    @property
+    def staged_numel(self) -> int:
+        return self.numel if self.staged is None else self.staged
 
     @property
     def kept_bytes(self) -> int:
@@ -128,16 +142,22 @@ def route(part: Part, tier: Tier, cuda: bool) -> tuple[Step, ...]:
 
 
 Group = tuple[str, torch.dtype, bool]  # (step kind, dtype, a factor's)
+Widest = dict[Group, tuple[int, frozenset[Path]]]  # per group: the largest copy's bytes, the models through it
 
 
-def _groups(part: Part, tier: Tier, cuda: bool) -> dict[Group, int]:
-    """The staging groups ``part`` goes through from ``tier``, with the bytes it takes in each."""
-    return {(step.kind, step.dtype, bool(part.role)): part.numel * step.dtype.itemsize
+def _groups(part: Part, tier: Tier, cuda: bool) -> Widest:
+    """The staging groups ``part`` goes through from ``tier``, with the bytes a copy takes in each."""
+    return {(step.kind, step.dtype, bool(part.role)): (part.staged_numel * step.dtype.itemsize,
+                                                       frozenset((part.path,)))
             for step in route(part, tier, cuda)}
 
 
-def _widest(maxima: dict[Group, int], groups: dict[Group, int]) -> dict[Group, int]:
-    return {**maxima, **{g: max(size, maxima.get(g, 0)) for g, size in groups.items()}}
+def _widest(maxima: Widest, groups: Widest) -> Widest:
+    merged = dict(maxima)
+    for group, (size, models) in groups.items():
+        known = merged.get(group)
+        merged[group] = (size, models) if known is None else (max(size, known[0]), known[1] | models)
+    return merged
 
 
 def open_inputs(base: str | Path, sources: Sequence[str | Path]) -> dict[Path, Folder]:
@@ -147,15 +167,22 @@ def open_inputs(base: str | Path, sources: Sequence[str | Path]) -> dict[Path, F
 
 
 def input_parts(folders: Mapping[Path, Folder], base: Path, dtype: torch.dtype,
-                resident_dtype: torch.dtype | None = None) -> list[Part]:
-    """Every input of a materializer over ``folders`` merging in ``dtype``, in fill order (see the
-    module docstring); shapes and dtypes from the files' headers."""
+                resident_dtype: torch.dtype | None = None, *, block: int | None = None,
+                device: torch.device = CPU) -> list[Part]:
+    """Every input of a materializer over ``folders`` merging in ``dtype`` on ``device``, in fill
+    order (see the module docstring); shapes and dtypes from the files' headers. ``block``: the
+    block limit of row-blocked merges (None: every tensor read whole), which sizes
+    :attr:`Part.staged`: a blocked weight's rows, and of its adapters' factors the rows of B
+    (the columns of A for a transposed weight)."""
     compute = torch.promote_types(dtype, torch.float32)
     parts = []
     for path, folder in folders.items():
         if isinstance(folder, AdapterFolder):
             for name, factors in folder.factors.items():
-                parts += [Part(path, name, role, tuple(t.shape), t.dtype, compute, None)
+                rows = None if block is None else block_rows(factors.shape, block, device)
+                sliced = "a" if factors.transpose else "b"
+                parts += [Part(path, name, role, tuple(t.shape), t.dtype, compute, None,
+                               None if rows is None or role != sliced else rows * factors.rank)
                           for role, t in (("a", factors.a), ("b", factors.b))]
     full = sorted((p for p, f in folders.items() if not isinstance(f, AdapterFolder)), key=lambda p: p != base)
     for path in full:
@@ -163,8 +190,10 @@ def input_parts(folders: Mapping[Path, Folder], base: Path, dtype: torch.dtype,
         for name in folder.names():
             stored = folder.dtype(name)
             floating = stored.is_floating_point
-            parts.append(Part(path, name, "", tuple(folder.shape(name)), stored,
-                              (resident_dtype or dtype) if floating else stored, dtype if floating else stored))
+            shape = tuple(folder.shape(name))
+            staged = kernel_numel(shape, block, device) if floating else math.prod(shape)
+            parts.append(Part(path, name, "", shape, stored, (resident_dtype or dtype) if floating else stored,
+                              dtype if floating else stored, None if staged == math.prod(shape) else staged))
     return parts
 
 
@@ -185,15 +214,32 @@ class TierPlan:
     host_budget: int | None  # None on CPU
     host_source: str
     labels: dict[Path, str]
+    methods: tuple[str, ...] | None = None  # the merge methods planned for (None: any)
+    block: int | None = None  # the row blocks' element limit (None: every tensor merged whole)
+    counted: bool = False  # whether the bound counts the blocks (every method merges in row blocks)
+    passes: int = 1  # the most passes a row-blocked run makes over its inputs (methods/blocked.py)
+
+    def kernels(self) -> str:
+        """The methods planned for and how their tensors are merged, in words."""
+        methods = "any method" if self.methods is None else ", ".join(self.methods)
+        if self.block is None:
+            return methods + "; every tensor merged whole"
+        if not self.counted:
+            return methods + (f"; tensors above {self.block:,} elements merged in row blocks by the methods that "
+                              "can (counted whole: not every method can)")
+        return methods + (f"; tensors above {self.block:,} elements merged in row blocks, in at most "
+                          f"{self.passes} pass{'es' if self.passes > 1 else ''}")
 
     def tier_of(self) -> dict[Key, Tier]:
         return {part.key: tier for part, tier in zip(self.parts, self.tiers)}
 
     def transfer(self) -> tuple[int, int]:
-        """Bytes a candidate that reads every input moves: (host → device, read from the files)."""
+        """Bytes a candidate that reads every input moves: (host → device, read from the files);
+        a tensor merged in row blocks is brought once per pass (:attr:`passes`, at most)."""
         cuda = self.device.type == "cuda"
-        moved = sum(p.kept_bytes for p, t in zip(self.parts, self.tiers) if t != "device" and cuda)
-        read = sum(p.stored_bytes for p, t in zip(self.parts, self.tiers) if t == "mmap")
+        times = [self.passes if p.staged is not None and not p.role else 1 for p in self.parts]
+        moved = sum(p.kept_bytes * n for p, t, n in zip(self.parts, self.tiers, times) if t != "device" and cuda)
+        read = sum(p.stored_bytes * n for p, t, n in zip(self.parts, self.tiers, times) if t == "mmap")
         return moved, read
 
     def by_model(self) -> dict[Path, dict[Tier, tuple[int, int]]]:
@@ -218,7 +264,8 @@ class TierPlan:
             f"{n} tensors {human(size)} {tier}" for tier, (n, size) in tiers.items())
             for path, tiers in self.by_model().items())
         moved, read = self.transfer()
-        text = (f"memory plan on {self.device} ({_name(self.dtype)} merges): {device}; {host}; {models}; "
+        text = (f"memory plan on {self.device} ({_name(self.dtype)} merges; {self.kernels()}): {device}; {host}; "
+                f"{models}; "
                 f"per candidate reading every input: {human(moved)} host→device, {human(read)} from the files")
         if self.resident_dtype is not None:
             exact = all(p.stored == self.resident_dtype for p in self.parts
@@ -234,6 +281,7 @@ class TierPlan:
         lines = [f"device {self.device}, budget {human(self.budget)} ({self.budget_source}); "
                  f"merges in {_name(self.dtype)}"
                  + (f", inputs kept in {_name(self.resident_dtype)}" if self.resident_dtype else ""),
+                 f"methods: {self.kernels()}",
                  "device memory:"]
         terms = [("inputs (device tier)", b.resident), ("staging", b.staging), ("live model", b.live),
                  ("scratch", b.scratch), ("transient", b.transient), ("cut keys", b.cache_free),
@@ -256,9 +304,13 @@ class TierPlan:
 def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.device, dtype: torch.dtype,
                resident_dtype: torch.dtype | None = None, max_memory: int | None = None,
                max_host_memory: int | None = None, trim_cache: TrimCacheMode = "auto",
-               tier: Tier | None = None) -> TierPlan:
+               tier: Tier | None = None, methods: Collection[str] | None = None,
+               block_limit: int | None = None) -> TierPlan:
     """The tier of every input of ``folders`` (``base`` among them) and the bound it gives (see the
-    module docstring); ``tier``: every input there (the budgets still checked). Nothing is loaded.
+    module docstring); ``tier``: every input there (the budgets still checked). ``methods``: the
+    merge methods the materializer may run (None: any), ``block_limit``: its row blocks' element
+    limit (None: none), which sizes the per-kernel terms and the staging when every method
+    merges in row blocks (:func:`~evomerge.live.memory.memory_bound`). Nothing is loaded.
     Raises EvomergeError, in one line, for budgets that cannot hold the plan."""
     cuda = device.type == "cuda"
     if tier == "host" and not cuda:
@@ -269,19 +321,20 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
                                            and resident_dtype.itemsize < dtype.itemsize):
         raise EvomergeError(f"resident_dtype {resident_dtype} is not a floating dtype narrower than the "
                             f"merge dtype {dtype}")
-    parts = input_parts(folders, base, dtype, resident_dtype)
+    terms = method_terms(methods)
+    block = block_limit if terms.rows else None
+    parts = input_parts(folders, base, dtype, resident_dtype, block=block, device=device)
     models = list(folders.values())
-    adapters = sum(isinstance(f, AdapterFolder) for f in models)
-    counts = {False: len(models) - adapters, True: 2 * adapters}
     sets = 2 if cuda else 1
     device_kinds = ("land", "cast") if cuda else ("host", "land", "cast")
 
-    def staging(maxima: dict[Group, int], kinds: tuple[str, ...]) -> int:
-        return sets * sum(counts[factor] * size for (kind, _, factor), size in maxima.items() if kind in kinds)
+    def staging(maxima: Widest, kinds: tuple[str, ...]) -> int:
+        return sets * sum((2 if factor else 1) * len(through) * size
+                          for (kind, _, factor), (size, through) in maxima.items() if kind in kinds)
 
-    def bound(maxima: dict[Group, int], resident: int, cached: Sequence[str]) -> MemoryBound:
+    def bound(maxima: Widest, resident: int, cached: Sequence[str]) -> MemoryBound:
         return memory_bound(folders[base], models, dtype, cached=cached, resident=resident,
-                            staging=staging(maxima, device_kinds))
+                            staging=staging(maxima, device_kinds), methods=methods, block=block, device=device)
 
     # device tier: parts[:cut]; the others in either of the other tiers (their staging counted for both)
     on_device = _Scan(parts, ("device",), ("host", "mmap") if cuda else ("mmap",), cuda)
@@ -291,7 +344,7 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
 
     n = len(parts)
     budget, budget_source = _device_budget(device, max_memory)
-    reserved = CACHE_KINDS if trim_cache == "on" else ()
+    reserved = terms.kinds if trim_cache == "on" else ()
     if tier is not None:
         cut, end = {"device": (n, n), "host": (0, n), "mmap": (0, 0)}[tier]
         needed = device_bound(cut, reserved).total
@@ -307,10 +360,10 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
                 f"{human(minimum.transient)} + cut keys {human(minimum.cache_free)} + staging "
                 f"{human(minimum.staging)}, every input off the device)")
         if reserved:
-            cached_kinds("on", lambda kinds: device_bound(0, kinds), budget)  # raises when the caches cannot fit
+            cached_kinds("on", lambda kinds: device_bound(0, kinds), budget, terms.kinds)  # raises if they cannot fit
         cut = _last_fit(n, lambda i: device_bound(i, reserved).total <= budget)
         end = cut
-    cached = reserved or cached_kinds(trim_cache, lambda kinds: device_bound(cut, kinds), budget)
+    cached = reserved or cached_kinds(trim_cache, lambda kinds: device_bound(cut, kinds), budget, terms.kinds)
     host_limit, host_source = None, "cpu: the device's memory"
     if cuda:
         host_limit, host_source = ((max_host_memory, "max_host_memory") if max_host_memory is not None else
@@ -329,7 +382,7 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
             raise EvomergeError(f"tier {tier} needs {human(host_bytes(end))} of host memory but {host_source} "
                                 f"is {human(host_limit)}")
     tiers: tuple[Tier, ...] = ("device",) * cut + ("host",) * (end - cut) + ("mmap",) * (n - end)
-    maxima: dict[Group, int] = {}
+    maxima: Widest = {}
     for part, where in zip(parts, tiers):
         maxima = _widest(maxima, _groups(part, where, cuda))
     resident = sum(p.kept_bytes for p in parts[:cut])
@@ -337,7 +390,28 @@ def plan_tiers(folders: Mapping[Path, Folder], base: Path, *, device: torch.devi
     labels = {path: f"{path.name} (base)" if path == base else path.name for path in folders}
     return TierPlan(tuple(parts), tiers, bound(maxima, resident, cached), host,
                     staging(maxima, ("host",)) if cuda else 0, device, dtype, resident_dtype,
-                    budget, budget_source, host_limit, host_source, labels)
+                    budget, budget_source, host_limit, host_source, labels,
+                    None if methods is None else tuple(methods), block_limit, block is not None,
+                    max((planned_passes(METHODS[m], dtype) for m in methods), default=1) if block else 1)
+
+
+def plan_blocks(folders: Mapping[Path, Folder], base: Path, *, block_limit: int | None = None,
+                **options) -> TierPlan:
+    """:func:`plan_tiers` (``options``: its keywords) with the row blocks' limit chosen:
+    ``block_limit`` when given; else (None) every tensor whole when that plan holds every input
+    on the device, and otherwise the row blocks of :func:`~evomerge.live.memory.default_block_limit`.
+    Row blocks cost the trimming methods passes and their caches on the blocked tensors (TIES
+    1.6× slower per candidate on the 124.7M family, whose vocabulary tensors hold 40% of its
+    elements: docs/benchmarks.md), so they are used only where memory asks for them."""
+    if block_limit is not None:
+        return plan_tiers(folders, base, block_limit=block_limit, **options)
+    try:
+        whole = plan_tiers(folders, base, **options)
+    except EvomergeError:
+        whole = None
+    if whole is not None and set(whole.tiers) <= {"device"}:
+        return whole
+    return plan_tiers(folders, base, block_limit=default_block_limit(folders[base]), **options)
 
 
 class _Scan:
@@ -345,23 +419,23 @@ class _Scan:
     in ``outside`` ones (their groups counted for each), in O(groups) per split."""
 
     def __init__(self, parts: Sequence[Part], inside: tuple[Tier, ...], outside: tuple[Tier, ...], cuda: bool):
-        def groups(part: Part, tiers: tuple[Tier, ...]) -> dict[Group, int]:
-            merged: dict[Group, int] = {}
+        def groups(part: Part, tiers: tuple[Tier, ...]) -> Widest:
+            merged: Widest = {}
             for tier in tiers:
                 merged = _widest(merged, _groups(part, tier, cuda))
             return merged
 
-        self._prefix: list[dict[Group, int]] = [{}]
+        self._prefix: list[Widest] = [{}]
         self._sizes = [0]
         for part in parts:
             self._prefix.append(_widest(self._prefix[-1], groups(part, inside)))
             self._sizes.append(self._sizes[-1] + part.kept_bytes)
-        self._suffix: list[dict[Group, int]] = [{}]
+        self._suffix: list[Widest] = [{}]
         for part in reversed(parts):
             self._suffix.append(_widest(self._suffix[-1], groups(part, outside)))
         self._suffix.reverse()
 
-    def maxima(self, split: int, *, after: bool = False) -> dict[Group, int]:
+    def maxima(self, split: int, *, after: bool = False) -> Widest:
         """The groups' maxima of the split at ``split`` (``after``: of the outside parts only)."""
         return self._suffix[split] if after else _widest(self._prefix[split], self._suffix[split])
 

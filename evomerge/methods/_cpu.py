@@ -6,9 +6,10 @@ the fast path with). Three fast paths:
 
 * :func:`stable_order`: a stable ascending order of int32 keys by NumPy's sort of the
   distinct int64 values ``key << 32 | index`` (the reference: ``torch.argsort(stable=True)``);
-* :func:`abs_sum`: a sum over a flat tensor as the sums of its successive :data:`BLOCK`
-  element chunks, added in order, so a blocked kernel, which sees one block at a time,
-  gets the same bits (the reference: one ``sum``);
+* :func:`abs_sum`: a sum over a flat tensor as the sums of its successive chunks of
+  :func:`sum_block` elements (:data:`BLOCK` on CPU), added in order, so a blocked kernel,
+  which sees one block at a time (a multiple of the chunk), gets the same bits; the chunks
+  are the same on every device (larger off the CPU, where each is a kernel launch);
 * :func:`run_in_blocks`: an elementwise kernel computed on successive blocks of the
   flattened tensors (and of their per-input caches), so its temporaries (workspace slots
   of block size) stay in the last-level cache (the reference: the kernel on the whole
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from evomerge.methods.registry import MergeInputs
 
 BLOCK = 1 << 18  # elements: 1 MiB per float32 buffer
+DEVICE_SUM_BLOCK = 1 << 24  # elements per partial sum of abs_sum off the CPU (a launch each)
 
 
 def fast(tensor: torch.Tensor) -> bool:
@@ -56,14 +58,20 @@ def stable_order(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(packed)
 
 
-def abs_sum(absolute: torch.Tensor) -> torch.Tensor:
-    """The sum (0-dim, its dtype) of flat ``absolute``; on CPU as ``((0 + Σ block 0) + Σ block 1) + …``
-    over :data:`BLOCK`-element blocks."""
-    if not fast(absolute):
-        return absolute.sum()
-    total = torch.zeros((), dtype=absolute.dtype, device=absolute.device)
-    for start in range(0, absolute.numel(), BLOCK):
-        total += absolute[start:start + BLOCK].sum()
+def sum_block(device: torch.device) -> int:
+    """The elements per partial sum of :func:`abs_sum` on ``device``."""
+    return BLOCK if device.type == "cpu" else DEVICE_SUM_BLOCK
+
+
+def abs_sum(absolute: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum (0-dim, its dtype) of flat ``absolute`` as ``((total + Σ chunk 0) + Σ chunk 1) + …``
+    over chunks of :func:`sum_block` elements; ``total`` (default: a new 0) is added to in
+    place, so that the sums of successive blocks, each a multiple of the chunk but the last,
+    continue one sum."""
+    total = torch.zeros((), dtype=absolute.dtype, device=absolute.device) if total is None else total
+    step = sum_block(absolute.device)
+    for start in range(0, absolute.numel(), step):
+        total += absolute[start:start + step].sum()
     return total
 
 

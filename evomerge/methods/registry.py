@@ -85,6 +85,9 @@ class MergeMethod:
     elementwise: Callable[[MergeInputs], bool] | None = None
     # what a blocked run needs computed on the whole tensors first (e.g. L1 rescale factors)
     prepare: Callable[[MergeInputs], MergeInputs] | None = None
+    # whether row-blocked execution (``methods/blocked.py``) serves it: an output row needs the
+    # same rows of the inputs only, once the whole-tensor magnitude cuts and L1 factors are known
+    rows: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -116,14 +119,20 @@ def trimmed_inputs(per_input: Sequence[Mapping[str, Any]], base_index: int | Non
     return [i != base_index and p.get("density", 1.0) < 1 for i, p in enumerate(per_input)]
 
 
+def trims_for(sparsify: Sparsify | None, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]],
+              keys: Sequence[int], base_index: int | None) -> list[Trim | None]:
+    """Per input: how ``sparsify`` (a method's :attr:`MergeMethod.sparsify`) trims its task
+    vector with these parameters and random keys (None: not at all)."""
+    if sparsify is None:
+        return [None] * len(per_input)
+    return [Trim(sparsify, p["density"], shared["rescale"], p.get("gamma", 0.0), p.get("epsilon", 0.0), key)
+            if trimmed else None
+            for p, key, trimmed in zip(per_input, keys, trimmed_inputs(per_input, base_index))]
+
+
 def _trims(variant: TaskArithmeticVariant, inputs: MergeInputs) -> list[Trim | None]:
     """Per input: how ``variant`` sparsifies its task vector (None: not at all)."""
-    if variant.sparsify is None:
-        return [None] * len(inputs.tensors)
-    return [Trim(variant.sparsify, p["density"], inputs.shared["rescale"], p.get("gamma", 0.0),
-                 p.get("epsilon", 0.0), key) if trimmed else None
-            for p, key, trimmed in zip(inputs.per_input, inputs.keys,
-                                       trimmed_inputs(inputs.per_input, inputs.base_index))]
+    return trims_for(variant.sparsify, inputs.shared, inputs.per_input, inputs.keys, inputs.base_index)
 
 
 def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], torch.Tensor]:
@@ -151,7 +160,8 @@ def _task_arithmetic_elementwise(variant: TaskArithmeticVariant) -> Callable[[Me
 
 def _task_arithmetic_prepare(variant: TaskArithmeticVariant) -> Callable[[MergeInputs], MergeInputs]:
     """What the blocks need from the whole tensors: the cuts of each magnitude trim without
-    cached positions, then with ``rescale`` each trimmed task vector's L1 rescale factor."""
+    cached positions, then with ``rescale`` each trimmed task vector's L1 rescale factor (each
+    unless the caches hold it already: the inputs are then a row block of larger tensors)."""
     def prepare(inputs: MergeInputs) -> MergeInputs:
         trims, caches = _trims(variant, inputs), inputs.caches
         magnitude = (Sparsify.magnitude, Sparsify.magnitude_outliers)
@@ -162,10 +172,10 @@ def _task_arithmetic_prepare(variant: TaskArithmeticVariant) -> Callable[[MergeI
             if trim is None:
                 continue
             source = inputs.tensors[i].reshape(-1)
-            if trim.method in magnitude and prepared[i].position is None:
+            if trim.method in magnitude and prepared[i].position is None and prepared[i].cuts is None:
                 cuts = task_vector_cuts(source, base, trim, caches.workspace)
                 prepared[i] = dataclasses.replace(prepared[i], cuts=cuts)
-            if trim.rescale:
+            if trim.rescale and prepared[i].scale is None:
                 scale = rescale_factor(source, base, trim, prepared[i], caches.workspace)
                 prepared[i] = dataclasses.replace(prepared[i], scale=scale)
         return dataclasses.replace(inputs, caches=dataclasses.replace(caches, trims=prepared))
@@ -261,7 +271,7 @@ def _task_arithmetic_method(name: str, variant: TaskArithmeticVariant, reference
     return MergeMethod(name, _task_arithmetic_kernel(variant), tuple(params), needs_base=True,
                        reference=reference, sparsify=variant.sparsify,
                        elementwise=_task_arithmetic_elementwise(variant),
-                       prepare=_task_arithmetic_prepare(variant))
+                       prepare=_task_arithmetic_prepare(variant), rows=True)
 
 
 _TA = TaskArithmeticVariant
@@ -269,7 +279,7 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("linear", _linear_kernel,
                 (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
                 needs_base=False, reference="https://arxiv.org/abs/2203.05482",
-                elementwise=lambda inputs: True),
+                elementwise=lambda inputs: True, rows=True),
     _task_arithmetic_method("task_arithmetic", _TA(None, False, False, False),
                             "https://arxiv.org/abs/2212.04089"),
     _task_arithmetic_method("ties", _TA(Sparsify.magnitude, True, True, False),

@@ -128,3 +128,94 @@ def _tie_index(tied: torch.Tensor, wanted: int) -> int:
     start = block * _TIE_BLOCK
     positions = torch.nonzero(tied[start:start + _TIE_BLOCK]).reshape(-1)
     return start + int(positions[wanted - before - 1]) + 1
+
+
+class StreamedCut:
+    """The :class:`Cut` of the first ``count`` positions of the stable decreasing order of
+    ``numel`` keys (flat, non-negative, of dtype ``key_dtype``) seen block by block, with no
+    scratch beyond one block: what a row-blocked kernel uses when no block may hold the
+    whole tensor's keys.
+
+    * **The threshold** ``t`` (the ``count``-th largest key) by a radix select over the keys'
+      bits: :attr:`passes` passes over all the blocks (any order), each :meth:`add`-ing every
+      block's keys to a histogram of 16 bits, then :meth:`end_pass`: one pass for 16-bit keys,
+      two (high, then low 16 bits among the keys of the chosen high half) for 32-bit ones;
+      none when ``count`` keeps none or all of them.
+    * **The tie cut** in index order: :meth:`cut` of each block, given in index order from
+      the first block on (:meth:`rewind` restarts the scan), is a Cut valid for that block
+      that keeps its first tied keys while fewer than ``m = count − #{key > t}`` were kept.
+
+    Every step is an integer count, so the cut equals :func:`magnitude_cut`'s on the whole
+    keys exactly, on any device.
+    """
+
+    def __init__(self, count: int, numel: int, key_dtype: torch.dtype):
+        self.count = count
+        self._wide = key_dtype == torch.int32
+        self._max = torch.iinfo(key_dtype).max
+        trivial = count <= 0 or count >= numel
+        self.passes = 0 if trivial else 2 if self._wide else 1
+        self._trivial = Cut(-1, 0) if count >= numel else Cut(self._max, 0)
+        self._pass = 0
+        self._histogram: torch.Tensor | None = None
+        self._high = 0  # the chosen high half (32-bit keys, after the first pass)
+        self._wanted = count  # the rank of t among the keys the current pass counts
+        self._above = 0  # keys known above t's candidates
+        self._threshold: int | None = None
+        self._ties = self._tied = self._remaining = 0  # tied keys: in all, and in the blocks not yet scanned
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Count one block's keys (flat) in this pass's histogram."""
+        if self._wide and self._pass == 0:
+            digits, bins = torch.bitwise_right_shift(keys, 16), 1 << 15
+        elif self._wide:
+            inside = keys[torch.eq(torch.bitwise_right_shift(keys, 16), self._high)]
+            digits, bins = inside.bitwise_and_(0xFFFF), 1 << 16
+        else:
+            digits, bins = keys, 1 << 15
+        counts = torch.bincount(digits.to(torch.int32), minlength=bins)
+        self._histogram = counts if self._histogram is None else self._histogram.add_(counts)
+
+    def end_pass(self) -> None:
+        """Choose this pass's digit of ``t`` from the histogram of every block."""
+        histogram = self._histogram
+        self._histogram = None
+        at_least = torch.flip(torch.cumsum(torch.flip(histogram.cpu(), (0,)), 0), (0,))  # #{digit >= v}
+        digit = int(torch.nonzero(at_least >= self._wanted).max())
+        above = int(at_least[digit]) - int(histogram[digit])
+        self._above += above
+        self._wanted -= above
+        self._pass += 1
+        if self._wide and self._pass == 1:
+            self._high = digit
+            return
+        self._threshold = (self._high << 16 | digit) if self._wide else digit
+        self._ties = int(histogram[digit])
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Restart the tie cut's scan at the first block."""
+        self._remaining, self._tied = self.count - self._above, self._ties
+
+    @property
+    def scans(self) -> bool:
+        """Whether :meth:`cut` of the next block reads its keys (else they may be None)."""
+        return self.passes > 0 and 0 < self._remaining < self._tied
+
+    def cut(self, keys: torch.Tensor | None, offset: int, numel: int) -> Cut:
+        """The cut within the next block in index order (flat ``keys``, the ``numel``
+        elements ``offset ..`` of all of them; None unless :attr:`scans`), after every pass."""
+        if self.passes == 0:
+            return self._trivial
+        if not self.scans:  # every tied key left is kept, or none
+            return Cut(self._threshold, offset + numel if self._remaining > 0 else 0)
+        tied = torch.eq(keys, self._threshold)
+        here = int(torch.count_nonzero(tied))
+        if here <= self._remaining:
+            self._remaining -= here
+            self._tied -= here
+            return Cut(self._threshold, offset + numel)
+        position = int(torch.nonzero(tied).reshape(-1)[self._remaining - 1])
+        self._tied -= here
+        self._remaining = 0
+        return Cut(self._threshold, offset + position + 1)

@@ -98,11 +98,13 @@ class TrimCache:
         return method is not Sparsify.della or self.rank is not None
 
     def block(self, part: slice, numel: int) -> TrimCache:
-        """The cache of elements ``part`` of the flattened task vector of ``numel`` elements."""
+        """The cache of elements ``part`` of the flattened task vector of ``numel`` elements
+        (when this cache is already a block's, of the larger vector's :attr:`numel`)."""
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.reshape(-1)[part]
         return dataclasses.replace(self, position=cut(self.position), rank=cut(self.rank),
-                                   words=cut(self.words), numel=numel, offset=self.offset + part.start)
+                                   words=cut(self.words), numel=numel if self.numel is None else self.numel,
+                                   offset=self.offset + part.start)
 
 
 NO_CACHE = TrimCache()
@@ -151,7 +153,7 @@ def della_rank(delta: torch.Tensor) -> torch.Tensor:
     return ((ranks - low) / (high - low)).clamp(0, 1).reshape(delta.shape)
 
 
-def _kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> tuple[int, int]:
+def kept_range(method: Sparsify, numel: int, density: float, gamma: float) -> tuple[int, int]:
     """Positions [start, stop) of the magnitude order that a deterministic trim keeps."""
     if method is Sparsify.magnitude:
         return 0, max(1, int(density * numel))
@@ -164,7 +166,7 @@ def magnitude_cuts(keys: torch.Tensor, trim: Trim, numel: int | None = None) -> 
     """The cuts at the start and the stop of the range of the magnitude order that ``trim`` (a
     magnitude or outlier trim) keeps of a task vector with :func:`~evomerge.methods.select.magnitude_keys`
     ``keys`` (flat; ``numel``: their count, default ``keys.numel()``)."""
-    start, stop = _kept_range(trim.method, keys.numel() if numel is None else numel, trim.density, trim.gamma)
+    start, stop = kept_range(trim.method, keys.numel() if numel is None else numel, trim.density, trim.gamma)
     return magnitude_cut(keys, start), magnitude_cut(keys, stop)
 
 
@@ -205,19 +207,21 @@ def sparsify_(delta: torch.Tensor, trim: Trim, cache: TrimCache = NO_CACHE, *,
     if scale is None:
         l1 = torch.empty_like(delta) if scratch is None else scratch
         before = l1_norm(delta, l1)
-        scale = _l1_ratio(before, l1_norm(delta.mul_(mask), l1))
+        scale = l1_ratio(before, l1_norm(delta.mul_(mask), l1))
     else:
         delta.mul_(mask)
     return delta.mul_(scale)
 
 
-def l1_norm(delta: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def l1_norm(delta: torch.Tensor, scratch: torch.Tensor | None = None,
+            total: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ|delta|`` (0-dim, ``delta``'s dtype), summed as :func:`~evomerge.methods._cpu.abs_sum`
-    does (on CPU by blocks, so that :func:`rescale_factor` gets the same bits)."""
-    return _cpu.abs_sum(torch.abs(delta, out=scratch).reshape(-1))
+    does (by chunks, so that :func:`rescale_factor` and a row-blocked kernel get the same
+    bits); ``total``: a running sum that ``delta``, the next block of a larger tensor, is added to."""
+    return _cpu.abs_sum(torch.abs(delta, out=scratch).reshape(-1), total)
 
 
-def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+def l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """The factor that restores the L1 norm (1 when either norm is ~0: no rescale)."""
     if before < _EPS or after < _EPS:
         return torch.ones((), dtype=before.dtype, device=before.device)
@@ -241,7 +245,7 @@ def rescale_factor(source: torch.Tensor, base: torch.Tensor, trim: Trim, cache: 
         sparsify_(delta, unscaled, cache.block(part, numel),
                   mask=workspace.take("masks", delta.shape, delta.dtype, delta.device), scratch=scratch)
         after.append(torch.abs(delta, out=scratch).sum())
-    return _l1_ratio(*(sum(sums, torch.zeros((), dtype=source.dtype)) for sums in (before, after)))
+    return l1_ratio(*(sum(sums, torch.zeros((), dtype=source.dtype)) for sums in (before, after)))
 
 
 def task_vector_cuts(source: torch.Tensor, base: torch.Tensor, trim: Trim, workspace: Workspace) -> tuple[Cut, Cut]:
@@ -272,7 +276,7 @@ def _keep(delta: torch.Tensor, trim: Trim, cache: TrimCache, out: torch.Tensor,
             if method is Sparsify.magnitude_outliers:
                 out.masked_fill_(start.within(keys, cache.offset, torch.empty_like(keys, dtype=torch.bool)), 0)
             return out
-        start, stop = _kept_range(method, numel, trim.density, trim.gamma)
+        start, stop = kept_range(method, numel, trim.density, trim.gamma)
         position = cache.position.reshape(-1)
         torch.lt(position, stop, out=out)
         if start > 0:

@@ -195,7 +195,7 @@ class Runner:
         experiment = search.experiment
         self.materializer = Materializer(search.base, search.sources, device=search.device, progress=progress,
                                          tokenizer=search.space.spec.tokenizer_source,  # fixed per search
-                                         **experiment.materializer_options())
+                                         methods=search.space.methods, **experiment.materializer_options())
         self.device_name = str(self.materializer.device)
         if self.materializer.device.type == "cuda":
             self.device_name += f" ({torch.cuda.get_device_name(self.materializer.device)})"

@@ -37,7 +37,7 @@ from evomerge.errors import EvomergeError, ModelError
 from evomerge.io.adapter import AdapterFolder, is_adapter
 from evomerge.io.source import open_model, split_reference
 from evomerge.io.writer import write_text_atomic
-from evomerge.live.memory import MemoryBound, available_bytes, gb, memory_bound
+from evomerge.live.memory import MemoryBound, available_bytes, default_block_limit, gb, memory_bound
 from evomerge.live.tiers import input_parts
 from evomerge.methods.sparsify import CACHE_KINDS
 from evomerge.search.experiment import parse_experiment
@@ -73,7 +73,7 @@ class ModelInfo:
     report: CompatReport
     device: str
     available: int | None  # bytes free on the device (None: the device is not on this machine)
-    bounds: dict[bool, MemoryBound] = field(default_factory=dict)  # caches on / off
+    bounds: dict[bool, MemoryBound] = field(default_factory=dict)  # TIES with its caches / task arithmetic
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -101,9 +101,15 @@ def inspect_for_init(base: str, sources: list[str], device: str = "auto") -> Mod
     resolved, available = _device(device)
     inputs = {Path(base): base_folder, **{Path(s): f for s, f in zip(sources, folders)}}
     resident = sum(part.kept_bytes for part in input_parts(inputs, Path(base), dtype))  # every input on the device
-    bounds = {caches: memory_bound(base_folder, [base_folder, *folders], dtype,
-                                   cached=CACHE_KINDS if caches else (), resident=resident, staging=0)
-              for caches in (True, False)}
+    bounds = {}
+    for ties in (True, False):  # as the materializer plans: whole tensors when they fit, else row blocks
+        for block in (None, default_block_limit(base_folder)):
+            bounds[ties] = memory_bound(base_folder, [base_folder, *folders], dtype,
+                                        cached=CACHE_KINDS if ties else (), resident=resident, staging=0,
+                                        methods=("ties" if ties else "task_arithmetic",), block=block,
+                                        device=torch.device(resolved))
+            if available is None or bounds[ties].total <= available:
+                break
     return ModelInfo(base=str(base), sources=[str(s) for s in sources],
                      adapters=[isinstance(f, AdapterFolder) for f in folders], architecture=report.architecture,
                      depth=num_layers(config), dtype=_dtype_name(dtype), parameters=base_folder.num_parameters(),

@@ -22,7 +22,7 @@ from evomerge.cli.main import main
 from evomerge.io.source import source_key
 from evomerge.live.materializer import Materializer
 from evomerge.live.memory import human
-from evomerge.live.tiers import Part, open_inputs, plan_tiers, route
+from evomerge.live.tiers import Part, open_inputs, plan_blocks, plan_tiers, route
 from evomerge.search.driver import run_search
 from evomerge.search.experiment import parse_experiment
 from tests.live.test_lowrank import as_config, candidate
@@ -163,8 +163,9 @@ def test_inspect_plan_memory_prints_the_plan_without_loading(family, tmp_path, m
     for line in ("base (base)", "ft1", "ft2", "ft3"):
         assert any(row.strip().startswith(line) and " t " in row for row in out.splitlines()), line
     assert "host→device" in out and out.strip().endswith("by that rounding.")
-    plan = plan_tiers(open_inputs(base, ft), source_key(base), device=torch.device("cuda"), dtype=torch.float32,
-                      resident_dtype=torch.bfloat16, max_memory=3 * 10**6, max_host_memory=12 * 10**5)
+    plan = plan_blocks(open_inputs(base, ft), source_key(base), device=torch.device("cuda"), dtype=torch.float32,
+                       resident_dtype=torch.bfloat16, max_memory=3 * 10**6, max_host_memory=12 * 10**5,
+                       methods=("ties",))  # the experiment's search space: TIES
     assert plan.summary() in out and set(plan.tiers) == {"device", "host"}
 
 

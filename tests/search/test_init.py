@@ -121,6 +121,7 @@ def test_the_bound_counts_every_input_resident_as_the_materializer_plans_it(llam
     from evomerge.search.init import inspect_for_init
 
     info = inspect_for_init(str(llama[0]), [str(p) for p in llama[1:]], device="cpu")
-    plan = Materializer(llama[0], list(llama[1:]), trim_cache="off").memory_plan.bound  # all fit: all on the device
+    plan = Materializer(llama[0], list(llama[1:]), trim_cache="off",  # all fit: all on the device
+                        methods=["task_arithmetic"]).memory_plan.bound
     assert info.bounds[False].resident == plan.resident > 0
     assert info.bounds[False].total == plan.total

@@ -41,6 +41,10 @@ class DataFlowSpec(SpaceSpec):
 class DataFlowSpace(SearchSpace):
     """An include bit (and optionally an input scale) per slot of the repeated layer sequence."""
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("passthrough",)
+
     Spec = DataFlowSpec
 
     def __init__(self, spec: DataFlowSpec, context: SpaceContext, fail: Fail):

@@ -73,6 +73,10 @@ class ParameterSpace(SearchSpace):
 
     Spec = ParameterSpec
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (self.method.name,)
+
     def __init__(self, spec: ParameterSpec, context: SpaceContext, fail: Fail):
         super().__init__(spec, context, fail)
         method_name = spec.method or ("slerp" if spec.kind == "slerp" else None)

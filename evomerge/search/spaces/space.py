@@ -69,6 +69,11 @@ class SearchSpace(ABC):
         """Whether every decoded config is also a valid ``mergekit-yaml`` config."""
         return True
 
+    @property
+    @abstractmethod
+    def methods(self) -> tuple[str, ...]:
+        """The merge methods of the configs it decodes (what a materializer's memory plan counts)."""
+
     def distributions(self) -> dict[str, BaseDistribution]:
         """The searched parameters by name, in a stable order."""
         return dict(self._distributions)

@@ -39,6 +39,10 @@ class StackingSpec(SpaceSpec):
 class StackingSpace(SearchSpace):
     """Output blocks, each a layer range of one source model."""
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("passthrough",)
+
     Spec = StackingSpec
 
     def __init__(self, spec: StackingSpec, context: SpaceContext, fail: Fail):
