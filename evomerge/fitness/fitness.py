@@ -229,7 +229,7 @@ class Fitness:
     def _screen(self, model: nn.Module, tokenizer: Any, gains: Gains, exact: dict[str, float],
                 references: Sequence[Reference], pool: Sequence[Reference], items: dict[str, list[Any]]) -> Race:
         """Racing on the informative items (screening): a stopped candidate's :class:`Race`, whose
-        scores take the beating reference's values for the items not scored; a survivor's values
+        scores complete the items not scored (:func:`_completed`); a survivor's values
         of every raced metric's items, all scored, end in ``items`` (racing order) and its
         returned Race carries only the last decision."""
         names = sorted(gains.raced)
@@ -248,9 +248,9 @@ class Fitness:
                 if decision.stop:
                     reference = next(r for r in references if r.number == decision.beaten_by)
                     scores = dict(exact)
-                    for name in names:  # the items not scored: the reference's values
-                        rest = np.asarray(reference.items[name])[plan.positions[name][len(values[name]):]]
-                        scores.update(self.metrics[name].aggregate([*values[name], *rest.tolist()]))
+                    for name in names:
+                        scores.update(self.metrics[name].aggregate(
+                            _completed(values[name], plan.counts[name], reference.items[name], plan.positions[name])))
                     return Race(scores, True, self.objectives(scores), decision,
                                 {name: len(values[name]) for name in names}, sum(plan.counts.values()))
             for name in names:
@@ -355,3 +355,14 @@ class Fitness:
             entry.items += count - first
             entry.tokens += metric.tokens_scored - tokens
             entry.seconds += seconds
+
+
+def _completed(scored: list[Any], informative: int, reference: np.ndarray, positions: np.ndarray) -> list[float]:
+    """A screened candidate's values of one metric, completed for its estimate: ``scored`` (the
+    first informative items, in screening order ``positions``), then its mean on them for the
+    informative items it did not score (the reference's values when it scored none), then the
+    reference's values on the others (assumed equal)."""
+    values = [float(v) for v in scored]
+    missing = positions[len(values):informative]
+    filler = [float(np.mean(values))] * len(missing) if values else np.asarray(reference)[missing].tolist()
+    return values + filler + np.asarray(reference)[positions[max(informative, len(values)):]].tolist()

@@ -58,15 +58,16 @@ Screening (``screen: W``, off by default). In a search that has converged, most 
 same value from every candidate (all right, or all wrong), and no paired bound can tell near-equal
 candidates apart after a fraction of the items. With screening, the items on which the last ``W``
 fully scored trials and the references all agree are *assumed* to be the same for the candidate
-too: it is raced on the other items, the *informative* ones (:func:`screen_positions`), in their
-racing order, as a population of its own (the gains' coefficients scaled by the informative share,
-:func:`screened`), and the last decision comes when they are all scored, with the exact gain
+too: it is raced on the other items, the *informative* ones (:func:`screen`), in their racing
+order, as a population of its own (the gains' coefficients scaled by the informative share), and
+the last decision comes when they are all scored, with the exact gain
 under that assumption: a candidate worse than a reference on the informative items is stopped
 there. A candidate that survives is scored on every item, and its values join the pool the next
 informative items are found from, so an item the search starts to change becomes informative.
 The guarantee above then holds only under the assumption; what it costs in winners lost is what
-the replay (:mod:`evomerge.analysis.replay`) counts. A stopped candidate's estimate takes the
-reference's values for the items it did not score.
+the replay (:mod:`evomerge.analysis.replay`) counts. A stopped candidate's estimate takes its own
+mean on the informative items it scored for those it did not, and the reference's values for the
+others.
 
 Caveat: the order is fixed for the whole search, and the sampler that proposes candidates sees
 earlier candidates' estimates on its first items; the guarantee is the one of a candidate that
@@ -83,6 +84,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BET_CLIP = 0.75  # a bet λ_i is at most BET_CLIP / (1 − μ_i(m)): every capital factor stays ≥ 1/4
+TIE = 1e-12  # an upper bound of a gain within this of 0 is a tie (floating-point sums): never stopped
 _BISECTIONS = 60
 
 
@@ -262,7 +264,7 @@ def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mappin
             gains.exact(k, exact, reference)
             + sum(b * bounds[m][1 if b > 0 else 0] for m, b in coefficients.items() if m in gains.raced)
             for k, coefficients in enumerate(gains.coefficients)]
-    beaten_by = next((number for number, bounds in upper.items() if all(u < 0 for u in bounds)), None)
+    beaten_by = next((number for number, bounds in upper.items() if all(u < -TIE for u in bounds)), None)
     return Decision(beaten_by is not None, upper, beaten_by)
 
 

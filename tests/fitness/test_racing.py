@@ -280,6 +280,26 @@ def test_screening_races_on_the_informative_items_and_completes_the_estimate_wit
     assert fitness.race(Model("better"), None, [incumbent], cache_key="b2").scores == race.scores
 
 
+def test_a_tie_within_floating_point_noise_is_not_stopped():
+    """Screening's last decision is exact, and a tie can sum to -1e-17: never a stop."""
+    gains = Gains([{"x": 1.0}], frozenset())
+    reference = Reference(0, {}, {"x": 0.1 + 0.2})
+    assert 0.3 - (0.1 + 0.2) < 0 and not decide(gains, {}, {"x": 0.3}, [reference], 0.9).stop
+    assert decide(gains, {}, {"x": 0.29}, [reference], 0.9).stop
+
+
+def test_a_screened_estimate_fills_unscored_informative_items_with_the_candidates_mean():
+    from evomerge.fitness.fitness import _completed
+
+    positions = np.array([4, 0, 2, 1, 3, 5])  # the first three informative
+    reference = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # in racing order
+    # scored the first two informative (values 1, 0): the third gets their mean 0.5; then the
+    # reference's values at positions 1, 3, 5 (assumed equal)
+    assert _completed([1.0, 0.0], 3, reference, positions) == [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
+    assert _completed([], 3, reference, positions) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # nothing scored
+    assert _completed([1.0, 1.0, 0.0], 3, reference, positions) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
 def test_a_candidate_level_on_the_informative_items_is_scored_in_full():
     fitness, a, _ = screening_fitness()
     incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
