@@ -112,9 +112,13 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
             skipped.append(trial.number)
             continue
         items = {name: in_item_order(records.items[name], racing.seed) for name in raced}
-        reference_trials = best_of(kept, directions)
-        pool = [references[t.number] for t in kept[-racing.screen:]] if racing.screen else []
-        pool = pool if len(pool) == racing.screen else []  # screening starts with a full pool
+        sizes = {name: len(values) for name, values in items.items()}
+
+        # as Fitness.race does, trials whose item counts differ from this one's are left out
+        reference_trials = [t for t in best_of(kept, directions) if _same_sizes(references[t.number], sizes)]
+        pool = kept[-racing.screen:] if racing.screen else []
+        pool = ([references[t.number] for t in pool if _same_sizes(references[t.number], sizes)]
+                if len(pool) == racing.screen else [])
         stop_at = None
         if reference_trials and pool:  # screening: the informative items, in screening order
             plan = screen(gains, [references[t.number] for t in reference_trials], pool, racing)
@@ -124,7 +128,6 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
                     stop_at = {name: chunk.get(name, 0) for name in raced}
                     break
         elif reference_trials:
-            sizes = {name: len(values) for name, values in items.items()}
             for chunk in racing.chunks(sizes)[:-1]:
                 if decide(gains, {n: items[n][:k] for n, k in chunk.items()}, records.metrics,
                           [references[t.number] for t in reference_trials], racing.confidence).stop:
@@ -143,6 +146,10 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
             kept.append(trial)
             references[trial.number] = Reference(trial.number, items, records.metrics)
     return Replay(racing, replayed, skipped)
+
+
+def _same_sizes(reference: Reference, sizes: dict[str, int]) -> bool:
+    return all(len(reference.items[name]) == n for name, n in sizes.items())
 
 
 def _full(records: TrialRecords) -> dict[str, int]:

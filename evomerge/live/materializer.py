@@ -99,11 +99,11 @@ from evomerge.io.source import source_key, split_reference
 from evomerge.live.caches import CACHE_NAMES, CacheStore
 from evomerge.live.inputs import TieredInputs
 from evomerge.live.inputs import Need
-from evomerge.live.memory import TrimCacheMode, check_block_limit
+from evomerge.live.memory import TrimCacheMode, check_block_limit, method_terms
 from evomerge.live.tiers import Key, Tier, open_inputs, plan_blocks, plan_tiers
 from evomerge.live.modeling import checkpoint_names, layer_list_path, set_input_scale, set_parameter
 from evomerge.methods.blocked import RowBlocked, block_rows
-from evomerge.methods.sparsify import CACHE_KINDS, Caches
+from evomerge.methods.sparsify import Caches
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Materializer:
         self.block_limit = self.memory_plan.block  # None: every tensor merged whole
         self.bound = self.memory_plan.bound
         log.info("%s", self.memory_plan.summary())
-        uncached = [CACHE_NAMES[kind] for kind in CACHE_KINDS if kind not in self.bound.cached]
+        uncached = [CACHE_NAMES[kind] for kind in method_terms(self.methods).kinds if kind not in self.bound.cached]
         if uncached and trim_cache == "auto":
             log.info("trims without cached %s (over the memory budget): cache-free, same results",
                      ", ".join(uncached))

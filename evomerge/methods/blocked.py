@@ -45,8 +45,12 @@ _MAGNITUDE = (Sparsify.magnitude, Sparsify.magnitude_outliers)
 def block_rows(shape: Sequence[int], limit: int, device: torch.device) -> int | None:
     """Rows per block of a tensor of ``shape`` merged on ``device`` with at most about ``limit``
     elements a block; None when it is not blocked (at most ``limit`` elements, or fewer than
-    two dimensions). A block is a multiple of :func:`~evomerge.methods._cpu.sum_block`
-    elements (the L1 sums' chunks), so it may exceed ``limit`` by up to one chunk's rows."""
+    two dimensions, or when a block would hold every row). A block is a whole number of rows
+    and of :func:`~evomerge.methods._cpu.sum_block` elements (the L1 sums' chunks), so its
+    smallest size is lcm(chunk, columns) elements: with CPU chunks (2^18) and the usual
+    hidden sizes that is a few rows, but with the 2^24-element chunks off the CPU it can be
+    far above ``limit`` (896 columns: 117M elements), or above every row, and the tensor is
+    merged whole (768 columns at 50257 rows) or with an odd column count never blocked."""
     if limit <= 0:
         raise ValueError(f"block limit must be positive, got {limit}")
     if len(shape) < 2:

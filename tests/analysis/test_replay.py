@@ -91,6 +91,21 @@ def test_replay_screens_once_its_pool_is_full_and_counts_what_the_assumption_cos
     assert replay_racing(synthetic_study(), fitness(), Racing(first=N)).totals()["stopped"] == 0  # no early look
 
 
+def test_replay_leaves_out_references_with_other_item_counts_as_a_search_does():
+    """A study whose item count changed (a new ``limit``): trials of the other count are never
+    references or in the screening pool, and nothing fails."""
+    study = synthetic_study()
+    short = [1.0] * (N // 2)
+    record = result(short + [0.0] * (N // 2))
+    record["items"] = {"a": encode_items(short)}
+    study.add_trial(create_trial(value=1.0, params={}, distributions={}, user_attrs={RESULT: record}))
+    study.add_trial(create_trial(value=0.5, params={}, distributions={}, user_attrs={RESULT: result(half())}))
+    replay = replay_racing(study, fitness(), Racing(first=8, screen=2))
+    by_number = {t.number: t for t in replay.trials}
+    assert not by_number[6].stopped  # nothing of its count to race against: in full
+    assert not by_number[7].stopped  # its incumbent is the short trial, left out: nothing to race (as live)
+
+
 def test_replay_script_prints_and_writes_rows(tmp_path, monkeypatch, capsys):
     """The script on a study in SQLite, its fitness replaced (the experiment's models are not needed)."""
     storage = f"sqlite:///{tmp_path}/s.db"
