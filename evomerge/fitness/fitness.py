@@ -236,9 +236,10 @@ class Fitness:
         plan = screen(gains, references, pool, self.racing)
         values: dict[str, list[Any]] = {name: [] for name in names}
         decision = None
+        racing_orders = {name: np.asarray(self.metrics[name].item_order) for name in names}
         try:
             for name in names:  # the metric scores in screening order while it is raced
-                self.metrics[name].item_order = self._racing_order(self.metrics[name])[plan.positions[name]]
+                self.metrics[name].item_order = racing_orders[name][plan.positions[name]]
             for chunk in plan.chunks:
                 for name, n in chunk.items():
                     self._extend(self.metrics[name], model, tokenizer, "search", values[name], n)
@@ -257,7 +258,7 @@ class Fitness:
                 self._extend(self.metrics[name], model, tokenizer, "search", values[name], len(plan.positions[name]))
         finally:
             for name in names:
-                self.metrics[name].item_order = self._racing_order(self.metrics[name])
+                self.metrics[name].item_order = racing_orders[name]
         for name in names:  # back in racing order, for the item store and the records
             ordered: list[Any] = [None] * len(plan.positions[name])
             for position, value in zip(plan.positions[name], values[name]):
