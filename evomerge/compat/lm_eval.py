@@ -1,14 +1,14 @@
 """lm-evaluation-harness private names (checked with lm-eval 0.4.13; pyproject: >=0.4.13,<0.5).
 
 evomerge scores tasks on a live model with lm-eval's own steps (``build_all_requests``, the
-task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Five of them have no
+task's filters, ``process_results``: :mod:`evomerge.fitness.lmeval`). Six of them have no
 public API in 0.4.x, so they are here, one small function each; ``tests/compat/test_lm_eval.py``
 fails when one moves or stops doing what is relied on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -121,3 +121,28 @@ def encode_loglikelihood_requests(lm: Any, requests: list[Any]) -> list[tuple[li
     finally:
         del lm._loglikelihood_tokens  # the class's method again
     return pairs
+
+
+@contextmanager
+def generating_with(lm: Any, generate: Callable[..., Any]) -> Iterator[None]:
+    """While open, ``lm.generate_until`` (``HFLM``) hands each of its batches to ``generate``
+    instead of transformers' ``generate``: ``generate(context, max_length, stop, fallback,
+    **generation_kwargs)`` gets what HFLM would pass (the left-padded context ids, the total
+    length, the stop strings with the eos, ``attention_mask`` and the sampling options among
+    the keyword arguments) and ``fallback``, HFLM's own call, and returns the context ids followed
+    by the generated ids, as ``generate`` does. Everything around it stays lm-eval's: encoding,
+    left truncation, batching, decoding and cutting at the stop strings.
+
+    Why private: ``HFLM._model_generate`` is the one place ``generate_until`` calls the model, and
+    it has no hook; so this instance's ``_model_generate`` is replaced for the context.
+    """
+    fallback = lm._model_generate
+
+    def replaced(context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
+        return generate(context, max_length, stop, fallback, **generation_kwargs)
+
+    lm._model_generate = replaced
+    try:
+        yield
+    finally:
+        del lm._model_generate  # the class's method again

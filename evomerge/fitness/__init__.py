@@ -32,7 +32,8 @@ Definition (YAML; relative paths are relative to the file)::
         num_fewshot: 0           # default: the task's
         limit: 64                # search-split documents per candidate (default all); test uses all
         weight: 1.0
-        batch_size: 8            # also: apply_chat_template, gen_kwargs (passed to lm-eval), fast_loglikelihood
+        batch_size: 8            # also: apply_chat_template, gen_kwargs (passed to lm-eval), fast_loglikelihood,
+                                 #       fast_generation
       general_ppl:
         type: perplexity         # minimized
         data: {search: data/general/search.txt, test: data/general/test.txt}

@@ -44,6 +44,7 @@ class LmEvalSpec(_Strict):
     apply_chat_template: bool = False
     gen_kwargs: dict[str, Any] | None = None
     fast_loglikelihood: bool = True  # False: loglikelihood requests through lm-eval's HFLM (evomerge.fitness.lmeval)
+    fast_generation: bool = True  # False: greedy generation through lm-eval's HFLM (transformers' generate)
 
 
 class SplitFiles(_Strict):
@@ -203,7 +204,7 @@ class _Builder:
                                 test_limit=self.limit, num_fewshot=spec.num_fewshot,
                                 batch_size=spec.batch_size, apply_chat_template=spec.apply_chat_template,
                                 gen_kwargs=spec.gen_kwargs, path=path,
-                                fast_loglikelihood=spec.fast_loglikelihood)
+                                fast_loglikelihood=spec.fast_loglikelihood, fast_generation=spec.fast_generation)
         except TaskError as error:
             if error.file:
                 raise ConfigError(str(error), file=error.file, field=error.field) from None

@@ -70,7 +70,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -80,12 +80,14 @@ from torch import nn
 from evomerge.compat.lm_eval import (
     apply_filters_to,
     encode_loglikelihood_requests,
+    generating_with,
     load_task_yaml,
     no_request_progress_bar,
     score_continuations_as_given,
 )
 from evomerge.errors import TaskError
 from evomerge.fitness.base import Metric
+from evomerge.fitness.generation import eos_token_ids, generate_greedy, greedy_config_reason
 from evomerge.fitness.loglikelihood import lm_eval_input_tokens, score_loglikelihood, unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -238,7 +240,7 @@ class LmEvalMetric(Metric):
     def __init__(self, name: str, tasks: dict[str, Any], metric: str, *, weight: float,
                  limit: int | None, test_limit: int | None, num_fewshot: int | None,
                  batch_size: int, apply_chat_template: bool, gen_kwargs: dict | None,
-                 path: Path, fast_loglikelihood: bool = True):
+                 path: Path, fast_loglikelihood: bool = True, fast_generation: bool = True):
         search = tasks["search"]
         self.metric, _, self.filter = metric.partition(",")
         filters = [f["name"] for f in search.config.filter_list or []] or ["none"]
@@ -255,6 +257,7 @@ class LmEvalMetric(Metric):
         self.item_mean = _is_mean(search.aggregation().get(self.metric, mean))
         self.tasks, self.path, self.batch_size = tasks, path, batch_size
         self.apply_chat_template, self.fast_loglikelihood = apply_chat_template, fast_loglikelihood
+        self.fast_generation = fast_generation
         self.limits = {"search": limit, "test": test_limit}
         for task in tasks.values():
             shots = num_fewshot if num_fewshot is not None else task.get_config("num_fewshot") or 0
@@ -306,8 +309,13 @@ class LmEvalMetric(Metric):
             if request_type == "loglikelihood":
                 responses = self._loglikelihood(model, tokenizer, lm, requests)
             else:
+                fast = request_type == "generate_until" and self._fast_generation(model, lm)
                 with _counting_tokens(model) as counted:
-                    responses = getattr(lm, request_type)(requests, disable_tqdm=True)
+                    if fast:
+                        with generating_with(lm, partial(self._generate, model, lm, self._drafts(task, lm, requests))):
+                            responses = lm.generate_until(requests, disable_tqdm=True)
+                    else:
+                        responses = getattr(lm, request_type)(requests, disable_tqdm=True)
                 self.tokens_scored += counted[0]
             for instance, response in zip(requests, responses):
                 instance.resps.append(response)
@@ -338,6 +346,68 @@ class LmEvalMetric(Metric):
                 log.warning("%s: loglikelihood requests scored through lm-eval's HFLM: %s", self.name, reason)
         self.tokens_scored += lm_eval_input_tokens(pairs, lm.max_length, logits_cache=lm.logits_cache)
         return lm.loglikelihood(requests, disable_tqdm=True)
+
+    def _fast_generation(self, model: nn.Module, lm: Any) -> bool:
+        """Whether generation requests go through :func:`generate_greedy` (else lm-eval's own
+        call to transformers' ``generate``, with the reason logged once)."""
+        if not self.fast_generation:
+            return False
+        reason = self._no_fast_path(model, lm) or greedy_config_reason(model)
+        pad = lm.tokenizer.pad_token_id
+        if reason is None and pad is not None and lm.tok_decode([pad]):
+            reason = f"the pad token {lm.tokenizer.pad_token!r} is not dropped when decoding"
+        if reason is not None and reason not in self._said:
+            self._said.add(reason)
+            log.warning("%s: generation requests run through transformers' generate: %s", self.name, reason)
+        return reason is None
+
+    @staticmethod
+    def _drafts(task: Any, lm: Any, requests: list[Any]) -> dict[tuple[int, ...], list[int]]:
+        """Each generation request's expected tokens, by its context's tokens: the document's
+        target then the first stop string (a guess for :func:`generate_greedy` to verify)."""
+        drafts = {}
+        for request in requests:
+            context, kwargs = request.args
+            target = task.doc_to_target(request.doc)
+            until = kwargs.get("until") or [""]
+            if isinstance(target, str):
+                stop = until if isinstance(until, str) else until[0]
+                drafts[tuple(lm.tok_encode(context))] = lm.tok_encode(target + stop, add_special_tokens=False)
+        return drafts
+
+    @staticmethod
+    def _generate(model: nn.Module, lm: Any, drafts: dict[tuple[int, ...], list[int]], context: Any,
+                  max_length: int, stop: list[str], fallback: Any, **kwargs: Any) -> Any:
+        """One HFLM generation batch (:func:`evomerge.compat.lm_eval.generating_with`) by
+        :func:`generate_greedy`: the same tokens, so the same strings once lm-eval decodes them
+        and cuts them at the stop strings. A sequence ends at an eos token (as in ``generate``)
+        or once its decoded text holds a stop string; lm-eval cuts there anyway, so generating
+        on, as ``generate`` does until the whole batch has stopped, changes nothing. Batches
+        where that would not hold go to ``fallback`` (HFLM's own call): sampling, options other
+        than greedy's, or a stop string that decoding drops (a special token) and that is not
+        an eos token (lm-eval's output then depends on what else is in the batch)."""
+        import torch
+
+        eos = eos_token_ids(model)
+        options = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "do_sample", "temperature")}
+        hidden = [s for s in stop if s and lm.tok_decode(lm.tok_encode(s, add_special_tokens=False)) != s
+                  and not set(lm.tok_encode(s, add_special_tokens=False)) <= eos]
+        if kwargs.get("do_sample") or kwargs.get("temperature") or options or hidden:
+            return fallback(context, max_length, stop, **kwargs)
+        mask = kwargs.get("attention_mask")
+        prompts = [row[mask[i].bool()].tolist() if mask is not None else row.tolist() for i, row in enumerate(context)]
+
+        def done(tokens: list[int]) -> bool:
+            return tokens[-1] in eos or any(s and s in lm.tok_decode(tokens) for s in stop)
+
+        outputs = generate_greedy(model, prompts, [drafts.get(tuple(p), []) for p in prompts],
+                                  max_new_tokens=max_length - context.shape[1], done=done)
+        width = max(len(out) for out in outputs)
+        result = torch.full((len(prompts), context.shape[1] + width), lm.tokenizer.pad_token_id, dtype=context.dtype)
+        result[:, :context.shape[1]] = context.cpu()
+        for i, out in enumerate(outputs):
+            result[i, context.shape[1]:context.shape[1] + len(out)] = torch.tensor(out, dtype=context.dtype)
+        return result.to(context.device)
 
     def _encode(self, tokenizer: Any, lm: Any, requests: list[Any]) -> list[tuple[list[int], list[int]]]:
         if tokenizer is not self._tokenizer:

@@ -105,8 +105,8 @@ def score_loglikelihood(model: nn.Module, requests: Sequence[Pair], *, max_lengt
         keep[tokens] = max(keep.get(tokens, 0), len(continuation))
         members.setdefault(tokens, []).append(index)
     device = model.get_input_embeddings().weight.device
-    prefix = _shared_prefix(model, keep)
-    states = _prefix_states(model, prefix, device) if prefix else None
+    prefix = shared_prefix(model, keep)
+    states = prefix_states(model, prefix, device) if prefix else None
     values: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     order = sorted(keep, key=lambda tokens: (-len(tokens), tokens))  # longest first, as HFLM
     for start in range(0, len(order), batch_size):
@@ -119,7 +119,7 @@ def score_loglikelihood(model: nn.Module, requests: Sequence[Pair], *, max_lengt
     return Scored(values, len(prefix) + sum(len(tokens) - len(prefix) for tokens in keep))
 
 
-def _shared_prefix(model: nn.Module, keep: dict[tuple[int, ...], int]) -> tuple[int, ...]:
+def shared_prefix(model: nn.Module, keep: dict[tuple[int, ...], int]) -> tuple[int, ...]:
     """The longest prefix of every input that leaves each one's scored positions after it; empty
     with fewer than two inputs (nothing to share) or a cache that is not plain (module doc)."""
     if len(keep) < 2:
@@ -141,7 +141,7 @@ def _plain_cache(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
-def _prefix_states(model: nn.Module, prefix: tuple[int, ...], device: torch.device
+def prefix_states(model: nn.Module, prefix: tuple[int, ...], device: torch.device
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's keys and values for ``prefix`` (batch 1), no logits computed."""
     from transformers import DynamicCache
@@ -149,7 +149,7 @@ def _prefix_states(model: nn.Module, prefix: tuple[int, ...], device: torch.devi
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix], device=device)
     model(input_ids=ids, use_cache=True, logits_to_keep=torch.zeros_like(ids, dtype=torch.bool),
-          **{_cache_argument(model): cache})
+          **{cache_argument(model): cache})
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -171,7 +171,7 @@ def _batch_logprobs(model: nn.Module, batch: list[tuple[int, ...]], keep: dict[t
     arguments = {}
     if states is not None:
         size = len(batch)
-        arguments[_cache_argument(model)] = DynamicCache(
+        arguments[cache_argument(model)] = DynamicCache(
             [(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1)) for k, v in states], config=model.config)
         arguments["position_ids"] = torch.arange(offset, offset + width, device=device).expand(size, -1)
     logits = model(input_ids=ids, use_cache=states is not None, logits_to_keep=selected, **arguments).logits
@@ -201,7 +201,7 @@ def _score_rows(logprobs: torch.Tensor, rows: list[tuple[int, list[Sequence[int]
     return [(float(s), not w) for s, w in zip(sums.to(logprobs.dtype).tolist(), wrong.tolist())]
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     parameters = inspect.signature(model.forward).parameters
     return next(name for name in _CACHE_ARGUMENTS if name in parameters)
 
@@ -222,7 +222,7 @@ def _reason(model: nn.Module) -> str | None:
     device, plain = model.get_input_embeddings().weight.device, _plain_cache(model)
     try:  # three tokens: one as a cached prefix (where a prefix would be used), two scored
         with torch.no_grad():
-            states = _prefix_states(model, (0,), device) if plain else None
+            states = prefix_states(model, (0,), device) if plain else None
             logprobs = _batch_logprobs(model, [(0, 0, 0)], {(0, 0, 0): 2}, int(plain), states, device, None)
     except torch.OutOfMemoryError:
         raise  # transient: not a property of the model, so not remembered as one

@@ -256,7 +256,7 @@ def shared_prefix(inputs: list[tuple[int, ...]], keep: dict[tuple[int, ...], int
 def test_tokens_scored_counts_forward_tokens(tokenizer, tmp_path):
     """tokens_scored grows, per call, by: fast path, the shared prefix once and each distinct
     input's remaining tokens; lm-eval's path, each distinct input's tokens; perplexity, the
-    tokens of every window; generation, at least the prompts' tokens, at most one more per
+    tokens of every window; generation through lm-eval, at least the prompts' tokens, at most one more per
     prompt per generated token beyond the first."""
     model = build("llama", tokenizer)
     items = [{"prompt": p, "answer": "1"} for p in zoo_prompts(4)]
@@ -289,7 +289,8 @@ def test_tokens_scored_counts_forward_tokens(tokenizer, tmp_path):
     assert {name: m.tokens_scored for name, m in metrics.items()} == {n: 2 * c for n, c in counts.items()}
 
     generate = load_fitness({"include_path": str(write_tasks(tmp_path / "gen", items, "_zoo_template_yaml")),
-                             "metrics": {"gen": {"type": "lm_eval", "task": "probe", "metric": "exact_match"}}})
+                             "metrics": {"gen": {"type": "lm_eval", "task": "probe", "metric": "exact_match",
+                                                 "fast_generation": False}}})
     generate.evaluate(model, tokenizer, "test")
     prompts = sum(len(tokenizer(item["prompt"]).input_ids) for item in items)
     assert prompts < generate.metrics["gen"].tokens_scored <= prompts + len(items) * 15  # max_gen_toks 16
