@@ -9,7 +9,8 @@ What it measures, on a synthetic Llama (``evomerge.zoo.synthetic``, float32, ``-
   token windows are built before timing in both (evomerge tokenizes once per fitness, on
   the first candidate). ``max |Δ ppl|`` checks that both compute the same number.
 * **lm-eval per-candidate time**: ``Fitness.evaluate`` on a generate_until task (``--items``
-  increment prompts, greedy, ``--gen-tokens`` new tokens, stop at a newline, exact match),
+  increment prompts, greedy, ``--gen-tokens`` new tokens, stop at a newline, exact match; the
+  fast generation path, and with ``fast_generation: false`` lm-eval's own ``generate_until``),
   against the anchor, a direct batched ``model.generate`` on the same prompts with the same
   batch size, token budget and stop string (left padding), decoding and exact match
   included. Also timed: ``lm_eval.simple_evaluate`` per candidate on the same live model
@@ -20,7 +21,8 @@ What it measures, on a synthetic Llama (``evomerge.zoo.synthetic``, float32, ``-
   (``--items`` sums behind a fixed instruction and three worked examples, the prompt prefix all
   requests share) scored per candidate by ``Fitness.evaluate`` with the fast path (the default:
   the shared prefix once, the LM head at scored positions only) and with ``fast_loglikelihood:
-  false`` (lm-eval's ``HFLM.loglikelihood``), against the anchor, a bare batched forward pass over
+  false`` and ``fast_generation: false`` (lm-eval's ``HFLM.loglikelihood`` and
+  ``generate_until``), against the anchor, a bare batched forward pass over
   the same token inputs (right-padded, full logits, log-softmax, gather), written here without
   evomerge code. tokens/s counts every request's input tokens as HFLM feeds them (the same count
   for all three); ``max |Δ logprob|`` and the is_greedy mismatches compare each request's values
@@ -205,6 +207,12 @@ def write_task(folder: Path, items: int, gen_tokens: int) -> list[dict]:
     return rows
 
 
+def lm_eval_path(definition: dict) -> dict:
+    """``definition`` with every lm-eval metric scored through lm-eval's own calls (no fast path)."""
+    return {**definition, "metrics": {name: {**spec, "fast_loglikelihood": False, "fast_generation": False}
+                                      for name, spec in definition["metrics"].items()}}
+
+
 @torch.no_grad()
 def direct_generate(model, tokenizer, rows: list[dict], batch_size: int, gen_tokens: int) -> float:
     """The anchor: batched greedy ``model.generate`` (left padding, stop at a newline), exact match."""
@@ -233,11 +241,13 @@ def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
     start = time.perf_counter()
     fitness = load_fitness(definition)
     load_s = time.perf_counter() - start
+    slow = load_fitness(lm_eval_path(definition))
     cwd = os.getcwd()
     os.chdir(work)  # simple_evaluate reads the task's relative data files from the working directory
     try:
         seconds, _ = timed({
             "ours": lambda: fitness.evaluate(model, tokenizer),
+            "lm-eval": lambda: slow.evaluate(model, tokenizer),
             "theirs": lambda: direct_generate(model, tokenizer, rows, args.batch_size, args.gen_tokens),
             "simple": lambda: lm_eval.simple_evaluate(
                 model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
@@ -246,10 +256,18 @@ def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
     finally:
         os.chdir(cwd)
     ours_s, theirs_s, simple_s = seconds["ours"], seconds["theirs"], seconds["simple"]
+    slow_s, tokens = seconds["lm-eval"], {}
+    for name, candidate in (("fast", fitness), ("lm-eval", slow)):
+        before = candidate.metrics["add"].tokens_scored
+        candidate.evaluate(model, tokenizer)
+        tokens[name] = candidate.metrics["add"].tokens_scored - before
     per_item = (ours_s - theirs_s) / args.items * 1e3
     label = f"lm-eval s/candidate ({args.items} items, {args.gen_tokens} new tokens)"
     return [(label, f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{theirs_s / ours_s:.2f}x",
-             f"overhead {per_item:+.2f} ms/item"),
+             f"fast generation; overhead {per_item:+.2f} ms/item; computes {tokens['fast']} tokens"),
+            ("  through lm-eval's generate_until (fast_generation: false)", f"{slow_s:.3f}", f"{theirs_s:.3f}",
+             f"{theirs_s / slow_s:.2f}x", f"computes {tokens['lm-eval']} tokens; same values: "
+             f"{fitness.evaluate(model, tokenizer) == slow.evaluate(model, tokenizer)}"),
             ("  lm_eval.simple_evaluate per candidate (tasks rebuilt)", f"{simple_s:.3f}", f"{theirs_s:.3f}",
              f"{theirs_s / simple_s:.2f}x", ""),
             ("  load_fitness (task objects built once per search)", f"{load_s:.3f}", "", "", "")]
@@ -301,9 +319,7 @@ def bench_loglikelihood(model, tokenizer, args, definition: dict, label: str) ->
     from evomerge.compat.lm_eval import encode_loglikelihood_requests, score_continuations_as_given
     from evomerge.fitness.loglikelihood import score_loglikelihood
 
-    slow_definition = {**definition, "metrics": {name: {**spec, "fast_loglikelihood": False}
-                                                 for name, spec in definition["metrics"].items()}}
-    fast, slow = load_fitness(definition), load_fitness(slow_definition)
+    fast, slow = load_fitness(definition), load_fitness(lm_eval_path(definition))
     fast.evaluate(model, tokenizer)  # prepares the requests and caches their tokens, once per search
     slow.evaluate(model, tokenizer)
     pairs, theirs, batches = [], [], []
@@ -343,7 +359,8 @@ def bench_loglikelihood(model, tokenizer, args, definition: dict, label: str) ->
     return [(head, f"{tokens / fast_s:,.0f}", f"{tokens / anchor_s:,.0f}", f"{anchor_s / fast_s:.2f}x",
              f"fast path; computes {computed} tokens; {check(ours)}"),
             ("  s/candidate, fast path", f"{fast_s:.3f}", f"{anchor_s:.3f}", f"{anchor_s / fast_s:.2f}x", ""),
-            ("  s/candidate, lm-eval HFLM (fast_loglikelihood: false)", f"{slow_s:.3f}", f"{anchor_s:.3f}",
+            ("  s/candidate, lm-eval HFLM (fast_loglikelihood, fast_generation: false)", f"{slow_s:.3f}",
+             f"{anchor_s:.3f}",
              f"{anchor_s / slow_s:.2f}x", f"fast path {slow_s / fast_s:.2f}x faster than it"),
             ("  anchor values", "", "", "", check(bare))]
 

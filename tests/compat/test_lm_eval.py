@@ -137,3 +137,32 @@ def test_encode_loglikelihood_requests_returns_the_pairs_loglikelihood_scores():
     assert lm.scored == [] and "_loglikelihood_tokens" not in vars(lm)  # nothing scored, method restored
     compat.score_continuations_as_given(lm)  # the instance's own _encode_pair is the one used
     assert compat.encode_loglikelihood_requests(lm, requests)[0] == ([ord(c) for c in "q: "], [ord("7")])
+
+
+def test_generating_with_hands_each_batch_to_the_function(tmp_path):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from tests.chat_tokenizers import chatml_tokenizer
+    from tests.fitness.test_fast_loglikelihood import CHATML, build
+
+    tokenizer = chatml_tokenizer(tmp_path, CHATML)
+    model = build("llama", tokenizer)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    requests = [Instance(request_type="generate_until", doc={}, idx=0,
+                         arguments=(prompt, {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}))
+                for prompt in ("reverse: 12 ->", "increment: 7 ->", "dates: 3 ->")]
+    stock = lm.generate_until(requests, disable_tqdm=True)
+    calls = []
+
+    def generate(context, max_length, stop, fallback, **kwargs):
+        calls.append((tuple(context.shape), max_length, list(stop), sorted(kwargs)))
+        return fallback(context, max_length, stop, **kwargs)
+
+    with compat.generating_with(lm, generate):
+        assert lm.generate_until(requests, disable_tqdm=True) == stock
+    eos = tokenizer.decode([tokenizer.eos_token_id])
+    assert [c[0][0] for c in calls] == [2, 1]  # HFLM's batches of 2
+    assert all(length == shape[1] + 5 and stop == ["\n", eos] and "attention_mask" in kwargs
+               for shape, length, stop, kwargs in calls)
+    assert "_model_generate" not in vars(lm)  # the class's method again
