@@ -367,8 +367,9 @@ class LmEvalMetric(Metric):
             return False
         reason = self._no_fast_path(model, lm) or greedy_config_reason(model)
         pad = lm.tokenizer.pad_token_id
-        if reason is None and pad is not None and lm.tok_decode([pad]):
-            reason = f"the pad token {lm.tokenizer.pad_token!r} is not dropped when decoding"
+        if reason is None and (pad is None or lm.tok_decode([pad])):
+            reason = "the tokenizer has no pad token" if pad is None else \
+                f"the pad token {lm.tokenizer.pad_token!r} is not dropped when decoding"
         if reason is not None and reason not in self._said:
             self._said.add(reason)
             log.warning("%s: generation requests run through transformers' generate: %s", self.name, reason)
