@@ -111,21 +111,23 @@ def heldout(searches: dict) -> tuple[dict, dict]:
 
 
 def lm_eval_tokens(search) -> dict:
-    """Tokens of one full search-split evaluation of the base, through the fast path and lm-eval's."""
+    """Tokens of one full search-split evaluation of the base, through the fast paths (loglikelihood
+    and generation) and through lm-eval's own calls."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(search.base).eval()
-    counts = {}
-    for fast in (True, False):
+    def use_fast_paths(fast: bool) -> None:
         for metric in search.fitness.metrics.values():
             if hasattr(metric, "fast_loglikelihood"):
-                metric.fast_loglikelihood = fast
+                metric.fast_loglikelihood = metric.fast_generation = fast
+
+    counts = {}
+    for name, fast in (("fast", True), ("lm_eval", False)):
+        use_fast_paths(fast)
         before = sum(m.tokens_scored for m in search.fitness.metrics.values())
         search.fitness.evaluate(model, search_materializer(search).tokenizer, "search")
-        counts["fast" if fast else "lm_eval"] = sum(m.tokens_scored for m in search.fitness.metrics.values()) - before
-    for metric in search.fitness.metrics.values():
-        if hasattr(metric, "fast_loglikelihood"):
-            metric.fast_loglikelihood = True
+        counts[name] = sum(m.tokens_scored for m in search.fitness.metrics.values()) - before
+    use_fast_paths(True)
     return counts
 
 
