@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, action="append", help="item-order seed (default 0)")
     parser.add_argument("--screen", type=int, action="append",
                         help="screening: the last trials that decide the informative items (default 0: off)")
+    parser.add_argument("--anchors", type=int, action="append",
+                        help="with --screen: informative items scored first to predict the rest (default 0: off)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -52,12 +54,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fitness = load_fitness(spec if isinstance(spec, dict) else Path(spec))
     study = open_study(*locate_study(args.experiment, args.study, args.storage))
     rows = []
-    for first, growth, confidence, seed, screen in itertools.product(
-            args.first or [32], args.growth or [2.0], args.confidence or [0.99], args.seed or [0], args.screen or [0]):
+    for first, growth, confidence, seed, screen, anchors in itertools.product(
+            args.first or [32], args.growth or [2.0], args.confidence or [0.99], args.seed or [0], args.screen or [0],
+            args.anchors or [0]):
         replay = replay_racing(study, fitness, Racing(first=first, growth=growth, confidence=confidence, seed=seed,
-                                                      screen=screen))
+                                                      screen=screen, anchors=anchors))
         print(replay.summary())
         rows.append({"first": first, "growth": growth, "confidence": confidence, "seed": seed, "screen": screen,
+                     "anchors": anchors,
                      **replay.totals(), "false_drop_trials": replay.false_drops, "skipped": len(replay.skipped)})
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--confidence", type=float, default=0.99, help="racing: confidence")
     parser.add_argument("--screen", type=int, default=0,
                         help="racing: screening on the items the last SCREEN fully scored trials disagree on (0: off)")
+    parser.add_argument("--anchors", type=int, default=0,
+                        help="racing: with --screen, score ANCHORS informative items first, stop on their prediction")
     parser.add_argument("--limit", type=int, default=None,
                         help="racing search only: score at most this many search items of every lm-eval metric")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the budget)")
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     experiment = load_experiment(args.experiment)
     experiment.optimizer.seed = args.seed
-    racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence, "screen": args.screen}
+    racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence, "screen": args.screen,
+              "anchors": args.anchors}
     searches = {"full": run_search(experiment, storage=args.full, n_trials=args.trials, progress=False),
                 "raced": run_search(with_racing(experiment, racing, args.limit), storage=args.raced,
                                     n_trials=args.trials, progress=False)}

@@ -14,7 +14,8 @@ estimate, the items being a random sample of the metric's), and whether the drop
 replay's incumbent above 0; several objectives: no kept trial dominates it). Trials that were
 not scored in full (pruned, failed, a repeated plan) or recorded no per-item values are skipped.
 With ``racing.screen``, a trial is raced on the items the last ``screen`` kept trials and the
-references do not all agree on, as a screening search would (:mod:`evomerge.fitness.racing`).
+references do not all agree on, as a screening search would (:mod:`evomerge.fitness.racing`),
+and with ``racing.anchors`` its anchors decide first.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.fitness import Fitness, Racing
-from evomerge.fitness.racing import Reference, decide, in_item_order, screen
+from evomerge.fitness.racing import Reference, Screen, decide, estimate, in_item_order, screen
 from evomerge.search.driver import best_of
 from evomerge.search.records import TrialRecords, trial_records
 
@@ -80,7 +82,8 @@ class Replay:
         t = self.totals()
         racing = self.racing
         return (f"racing first={racing.first} growth={racing.growth} confidence={racing.confidence} "
-                f"seed={racing.seed} screen={racing.screen}: {t['stopped']} of {t['trials']} trials stopped "
+                f"seed={racing.seed} screen={racing.screen} anchors={racing.anchors}: "
+                f"{t['stopped']} of {t['trials']} trials stopped "
                 f"({len(self.skipped)} skipped), {t['false_drops']} false drops"
                 + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "")
                 + (f", the largest leading the incumbent by {self.largest_lead:.4g}" if self.largest_lead else "")
@@ -122,10 +125,12 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
         stop_at = None
         if reference_trials and pool:  # screening: the informative items, in screening order
             plan = screen(gains, [references[t.number] for t in reference_trials], pool, racing)
-            for chunk in plan.chunks:
-                if decide(plan.gains, {n: items[n][plan.positions[n][:k]] for n, k in chunk.items()},
-                          records.metrics, plan.references, racing.confidence).stop:
-                    stop_at = {name: chunk.get(name, 0) for name in raced}
+            if plan.anchors and estimate(plan, _scored(items, plan, plan.anchors), records.metrics).stop:
+                stop_at = {name: plan.anchors.get(name, 0) for name in raced}
+            for chunk in plan.chunks if stop_at is None else []:
+                if decide(plan.gains, _scored(items, plan, chunk), records.metrics, plan.references,
+                          racing.confidence).stop:
+                    stop_at = {name: max(chunk.get(name, 0), plan.anchors.get(name, 0)) for name in raced}
                     break
         elif reference_trials:
             for chunk in racing.chunks(sizes)[:-1]:
@@ -146,6 +151,11 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
             kept.append(trial)
             references[trial.number] = Reference(trial.number, items, records.metrics)
     return Replay(racing, replayed, skipped)
+
+
+def _scored(items: dict[str, np.ndarray], plan: Screen, chunk: dict[str, int]) -> dict[str, np.ndarray]:
+    """A trial's values (racing order) of the first ``chunk[m]`` items of each metric in screening order."""
+    return {name: items[name][plan.positions[name][:n]] for name, n in chunk.items()}
 
 
 def _same_sizes(reference: Reference, sizes: dict[str, int]) -> bool:

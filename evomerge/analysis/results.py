@@ -101,6 +101,10 @@ def cost_lines(records: list[TrialRecords]) -> list[str]:
                          f"{informative[len(informative) // 2]:,}), {sum(r.raced_out for r in screened)} of them "
                          "stopped; the rest assumed equal to the references' (an assumption: "
                          "benchmarks/racing_replay.py counts the winners it would drop)")
+        by_anchors = [r for r in screened if r.race.get("estimated")]
+        if by_anchors:
+            lines.append(f"anchors: {len(by_anchors)} of them stopped on their anchors' prediction (median "
+                         f"{sorted(r.race['items'] for r in by_anchors)[len(by_anchors) // 2]:,} items scored)")
     return lines
 
 

@@ -80,6 +80,7 @@ class RacingSpec(_Strict):
     confidence: float = Field(0.99, gt=0, lt=1)  # chance that no would-be incumbent is stopped
     seed: NonNegativeInt = 0  # of the item order
     screen: NonNegativeInt = 0  # screening: the last trials that decide the informative items (0: off)
+    anchors: NonNegativeInt = 0  # with screen: informative items scored first to predict the rest (0: off)
 
 
 class FitnessSpec(_Strict):
@@ -121,6 +122,8 @@ def load_fitness(source: str | Path | dict[str, Any], base_dir: str | Path | Non
     _check_stages(spec.stages, fail)
     if spec.racing is not None and len(spec.stages) > 1:
         fail(("racing",), "racing replaces stages (the median pruner): give one of them")
+    if spec.racing is not None and spec.racing.anchors and not spec.racing.screen:
+        fail(("racing", "anchors"), "anchors need screening: give racing.screen too (the trials they are chosen from)")
     builder = _Builder(spec, base, limit, fail)
     metrics = [builder.metric(name, raw) for name, raw in spec.metrics.items()]
     racing = Racing(**spec.racing.model_dump()) if spec.racing is not None else None

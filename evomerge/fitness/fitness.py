@@ -41,7 +41,8 @@ from torch import nn
 from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Direction, Metric, scoring
 from evomerge.fitness.cache import ScoreCache
-from evomerge.fitness.racing import Decision, Gains, Racing, Reference, decide, item_order, screen
+from evomerge.fitness.racing import (Decision, Gains, Racing, Reference, decide, estimate, item_order, predicted,
+                                     screen)
 
 log = logging.getLogger(__name__)
 
@@ -240,18 +241,26 @@ class Fitness:
         try:
             for name in names:  # the metric scores in screening order while it is raced
                 self.metrics[name].item_order = racing_orders[name][plan.positions[name]]
-            for chunk in plan.chunks:
+            decisions = []
+            if plan.anchors:
+                decisions.append((plan.anchors, lambda: estimate(
+                    plan, {name: self._unit_values(name, values[name][:n]) for name, n in plan.anchors.items()},
+                    exact)))
+            decisions += [(chunk, lambda chunk=chunk: decide(
+                plan.gains, {name: self._unit_values(name, values[name][:n]) for name, n in chunk.items()},
+                exact, plan.references, self.racing.confidence)) for chunk in plan.chunks]
+            for chunk, decided in decisions:
                 for name, n in chunk.items():
                     self._extend(self.metrics[name], model, tokenizer, "search", values[name], n)
-                decision = decide(plan.gains, {name: self._unit_values(name, values[name][:n])
-                                               for name, n in chunk.items()},
-                                  exact, plan.references, self.racing.confidence)
+                decision = decided()
                 if decision.stop:
                     reference = next(r for r in references if r.number == decision.beaten_by)
                     scores = dict(exact)
                     for name in names:
-                        scores.update(self.metrics[name].aggregate(
-                            _completed(values[name], plan.counts[name], reference.items[name], plan.positions[name])))
+                        prediction = (predicted(plan, name, values[name][:plan.anchors[name]])
+                                      if name in plan.anchors else None)
+                        scores.update(self.metrics[name].aggregate(_completed(
+                            values[name], plan.counts[name], reference.items[name], plan.positions[name], prediction)))
                     return Race(scores, True, self.objectives(scores), decision,
                                 {name: len(values[name]) for name in names}, sum(plan.counts.values()))
             for name in names:
@@ -358,12 +367,17 @@ class Fitness:
             entry.seconds += seconds
 
 
-def _completed(scored: list[Any], informative: int, reference: np.ndarray, positions: np.ndarray) -> list[float]:
+def _completed(scored: list[Any], informative: int, reference: np.ndarray, positions: np.ndarray,
+               prediction: np.ndarray | None = None) -> list[float]:
     """A screened candidate's values of one metric, completed for its estimate: ``scored`` (the
-    first informative items, in screening order ``positions``), then its mean on them for the
-    informative items it did not score (the reference's values when it scored none), then the
-    reference's values on the others (assumed equal)."""
+    first informative items, in screening order ``positions``), then, for the informative items
+    it did not score, their ``prediction`` from the anchors (all informative items, screening
+    order) or else its mean on the scored ones (the reference's values when it scored none), then
+    the reference's values on the others (assumed equal)."""
     values = [float(v) for v in scored]
     missing = positions[len(values):informative]
-    filler = [float(np.mean(values))] * len(missing) if values else np.asarray(reference)[missing].tolist()
+    if prediction is not None:
+        filler = [float(v) for v in prediction[len(values):informative]]
+    else:
+        filler = [float(np.mean(values))] * len(missing) if values else np.asarray(reference)[missing].tolist()
     return values + filler + np.asarray(reference)[positions[max(informative, len(values)):]].tolist()

@@ -69,6 +69,19 @@ the replay (:mod:`evomerge.analysis.replay`) counts. A stopped candidate's estim
 mean on the informative items it scored for those it did not, and the reference's values for the
 others.
 
+Anchors (``anchors: K``, with screening; off by default). Item selection in the manner of
+tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clustered by how
+the pool's and the references' trials scored them (:func:`anchor_items`: k-medoids, the distance
+between two items the mean absolute difference of their values over those trials), ``K`` clusters
+over all raced metrics together (each metric its share of the informative items, at least one).
+The medoid of each cluster, its *anchor*, is scored first, and every other informative item is
+*estimated* by its anchor's value (the estimate weighs each anchor by its cluster's size). A
+candidate whose estimated gain over some reference is below 0 on every objective is stopped after
+its anchors (:func:`estimate`). That is a prediction, not a bound: what it costs in winners lost
+is again what the replay counts. A candidate that is not stopped there goes on as under screening
+(the anchors count among its informative items, which are no longer in a random order, so the
+anytime bound's guarantee is void for it; the last decision, on all informative items, is exact).
+
 Caveat: the order is fixed for the whole search, and the sampler that proposes candidates sees
 earlier candidates' estimates on its first items; the guarantee is the one of a candidate that
 does not depend on the order. The replay (:mod:`evomerge.analysis.replay`) measures how often
@@ -97,7 +110,8 @@ class Racing:
     further; the last ends at every item. ``confidence``: the chance that no candidate that full
     evaluation would make the incumbent is stopped (module docstring). ``seed``: of the item order.
     ``screen``: the trials, besides the references, that decide which items are informative
-    (screening, module docstring; 0: off).
+    (screening, module docstring; 0: off). ``anchors``: the informative items, over all raced
+    metrics, scored first to predict the others (anchors, module docstring; 0: off).
     """
 
     first: int = 32
@@ -105,6 +119,7 @@ class Racing:
     confidence: float = 0.99
     seed: int = 0
     screen: int = 0
+    anchors: int = 0
 
     def __post_init__(self) -> None:
         if self.first < 1:
@@ -117,6 +132,10 @@ class Racing:
             raise ValueError(f"racing.seed must be at least 0, got {self.seed}")
         if self.screen < 0:
             raise ValueError(f"racing.screen must be at least 0 (0: off), got {self.screen}")
+        if self.anchors < 0:
+            raise ValueError(f"racing.anchors must be at least 0 (0: off), got {self.anchors}")
+        if self.anchors and not self.screen:
+            raise ValueError("racing.anchors needs racing.screen: the anchors are chosen from the screening trials")
 
     def chunks(self, sizes: Mapping[str, int]) -> list[dict[str, int]]:
         """Items scored of each metric (``sizes``: its items) at the end of each chunk, the last
@@ -242,11 +261,13 @@ class Gains:
 class Decision:
     """After a chunk: ``stop`` when a reference (``beaten_by``) beats the candidate on every
     objective with the racing confidence; ``upper``: the upper bounds of the gains over each
-    reference (by trial number), one per objective."""
+    reference (by trial number), one per objective. ``estimated``: a decision of
+    :func:`estimate`, whose ``upper`` are the predicted gains."""
 
     stop: bool
     upper: dict[int, list[float]] = field(default_factory=dict)
     beaten_by: int | None = None
+    estimated: bool = False  # from the anchors' prediction (:func:`estimate`), not from bounds
 
 
 def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mapping[str, float],
@@ -274,13 +295,18 @@ class Screen:
     racing positions in screening order (the informative items first, in racing order, then the
     others); ``counts[m]``, its informative items; ``gains`` and ``references`` restricted to the
     informative items (a metric without one leaves the race: its difference is 0 for sure); and
-    the ``chunks`` of informative items after which to decide, the last all of them."""
+    the ``chunks`` of informative items after which to decide, the last all of them. With
+    anchors, ``anchors[m]`` of metric ``m``'s informative items come first in ``positions[m]``,
+    and ``clusters[m][i]`` is the anchor (its index among them) that predicts informative item
+    ``i`` (screening order)."""
 
     positions: dict[str, np.ndarray]
     counts: dict[str, int]
     gains: Gains
     references: list[Reference]
     chunks: list[dict[str, int]]
+    anchors: dict[str, int] = field(default_factory=dict)
+    clusters: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Reference], racing: Racing) -> Screen:
@@ -295,9 +321,81 @@ def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Referen
         positions[name] = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
         counts[name] = int(informative.sum())
     raced = frozenset(m for m in gains.raced if counts[m] > 0)
+    anchors, clusters = {}, {}
+    if racing.anchors:
+        total = sum(counts.values())
+        for name in sorted(raced):
+            informative = positions[name][:counts[name]]
+            values = np.stack([np.asarray(t.items[name], dtype=float)[informative] for t in trials])
+            k = max(1, round(racing.anchors * counts[name] / total))
+            medoids, assignment = anchor_items(values, k)
+            rest = np.setdiff1d(np.arange(counts[name]), medoids)  # both in racing order
+            order = np.concatenate([medoids, rest])
+            positions[name] = np.concatenate([informative[order], positions[name][counts[name]:]])
+            anchors[name] = len(medoids)
+            clusters[name] = assignment[order]
     coefficients = [{m: b * (counts[m] / len(positions[m]) if m in gains.raced else 1.0) for m, b in k.items()
                      if m not in gains.raced or m in raced} for k in gains.coefficients]
     restricted = [Reference(r.number, {m: np.asarray(r.items[m])[positions[m][:counts[m]]] for m in raced},
                             r.scores) for r in references]
     return Screen(positions, counts, Gains(coefficients, raced), restricted,
-                  racing.chunks({m: counts[m] for m in sorted(raced)}))
+                  racing.chunks({m: counts[m] for m in sorted(raced)}), anchors, clusters)
+
+
+def anchor_items(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor points of items: ``values[t, i]``, trial ``t``'s value of item ``i``. Returns the
+    medoids of ``k`` clusters (item indices, ascending) and each item's cluster (an index into
+    the medoids). k-medoids with the distance between items ``i, j`` the mean over trials of
+    ``|values[t, i] − values[t, j]|``: greedy build (each next medoid the item that most lowers
+    the total distance of items to their nearest medoid), then alternating assignment and medoid
+    update until stable. Deterministic (ties go to the lower index); ``k`` ≥ the items: every
+    item is its own anchor."""
+    size = values.shape[1]
+    if k >= size:
+        return np.arange(size), np.arange(size)
+    distance = np.abs(values[:, :, None] - values[:, None, :]).mean(axis=0)
+    medoids = [int(np.argmin(distance.sum(axis=0)))]
+    nearest = distance[medoids[0]].copy()
+    while len(medoids) < k:
+        gain = np.maximum(nearest[None, :] - distance, 0.0).sum(axis=1)
+        gain[medoids] = -1.0
+        medoids.append(int(np.argmax(gain)))
+        nearest = np.minimum(nearest, distance[medoids[-1]])
+    medoids.sort()
+    for _ in range(100):
+        assignment = np.argmin(distance[medoids], axis=0)
+        updated = []
+        for c in range(len(medoids)):
+            members = np.flatnonzero(assignment == c)
+            updated.append(int(members[np.argmin(distance[np.ix_(members, members)].sum(axis=0))])
+                           if members.size else medoids[c])
+        updated.sort()
+        if updated == medoids:
+            break
+        medoids = updated
+    medoid_array = np.asarray(medoids)
+    assignment = np.argmin(distance[medoid_array], axis=0)
+    assignment[medoid_array] = np.arange(medoid_array.size)  # a medoid predicts itself, even when tied
+    return medoid_array, assignment
+
+
+def predicted(plan: Screen, name: str, anchors: Sequence[float]) -> np.ndarray:
+    """Metric ``name``'s informative items (screening order) as ``anchors`` (its anchors' values)
+    predict them: each item its anchor's value."""
+    return np.asarray(anchors, dtype=float)[plan.clusters[name]]
+
+
+def estimate(plan: Screen, candidate: Mapping[str, Sequence[float]], exact: Mapping[str, float]) -> Decision:
+    """The anchors' decision (module docstring): ``candidate[m]``, the values of metric ``m``'s
+    anchors; stop when some reference's predicted gain is below 0 on every objective. The
+    decision's ``upper`` holds the predicted gains."""
+    if not plan.references:
+        return Decision(False, estimated=True)
+    gains = plan.gains
+    means = {m: predicted(plan, m, candidate[m]) for m in plan.anchors}
+    upper = {reference.number: [
+        gains.exact(k, exact, reference)
+        + sum(b * float(np.mean(means[m] - reference.items[m])) for m, b in coefficients.items() if m in gains.raced)
+        for k, coefficients in enumerate(gains.coefficients)] for reference in plan.references}
+    beaten_by = next((number for number, gains_of in upper.items() if all(g < -TIE for g in gains_of)), None)
+    return Decision(beaten_by is not None, upper, beaten_by, estimated=True)

@@ -400,6 +400,8 @@ class Runner:
                               "items": sum(race.items.values())}
             if race.informative is not None:
                 result["race"]["informative"] = race.informative
+            if race.decision.estimated:
+                result["race"]["estimated"] = True
         if not race.stopped:
             return race.scores
         result["metrics"] = race.scores

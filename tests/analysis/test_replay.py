@@ -91,6 +91,20 @@ def test_replay_screens_once_its_pool_is_full_and_counts_what_the_assumption_cos
     assert replay_racing(synthetic_study(), fitness(), Racing(first=N)).totals()["stopped"] == 0  # no early look
 
 
+def test_replay_with_anchors_stops_a_predicted_loser_after_its_anchors():
+    """screen=2, anchors=1: the informative items (the odd positions: half's 1s, zeros' 0s) are
+    all scored alike by the pool, so one anchor (position 1) predicts them all. Trial 2 (a 1 at
+    every eighth position) has a 0 there: predicted wrong on every informative item, stopped after
+    one item; all-ones has a 1 there and is scored in full."""
+    replay = replay_racing(synthetic_study(), fitness(), Racing(first=N, screen=2, anchors=1))
+    by_number = {t.number: t for t in replay.trials}
+    assert by_number[2].stopped and by_number[2].items == 1  # 0 at the anchor: predicted all wrong
+    plain = replay_racing(synthetic_study(), fitness(), Racing(first=N, screen=2))
+    assert plain.trials[2].stopped and plain.trials[2].items == N // 2  # without anchors: every informative item
+    assert not by_number[4].stopped and by_number[4].items == N + 1  # right at the anchor: scored in full
+    assert "anchors=1" in replay.summary()
+
+
 def test_replay_leaves_out_references_with_other_item_counts_as_a_search_does():
     """A study whose item count changed (a new ``limit``): trials of the other count are never
     references or in the screening pool, and nothing fails."""

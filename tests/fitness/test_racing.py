@@ -348,6 +348,7 @@ def test_a_definition_turns_racing_on_and_orders_the_lm_eval_items(llama):
     ({"confidence": 1.5}, "racing.confidence: Input should be less than 1"),
     ({"frist": 3}, "racing.frist: unknown field"),
     ({"seed": -1}, "racing.seed: Input should be greater than or equal to 0"),
+    ({"anchors": 8}, "racing.anchors: anchors need screening: give racing.screen too"),
 ])
 def test_bad_racing_blocks_are_one_line_errors(racing, message):
     with pytest.raises(ConfigError) as error:
@@ -361,3 +362,81 @@ def test_racing_refuses_stages_and_a_fitness_without_item_means():
         load_fitness({"racing": {}, "stages": [0.5, 1.0], "metrics": {"x": scores}}, base_dir=DATA)
     with pytest.raises(ConfigError, match="racing: racing needs an optimized metric whose score is a mean"):
         load_fitness({"racing": {}, "metrics": {"x": scores}}, base_dir=DATA)
+
+
+# --------------------------------------------------------------------------- anchors
+
+def test_anchor_items_are_the_medoids_of_items_scored_alike():
+    from evomerge.fitness.racing import anchor_items
+
+    # items 0-2 always agree, 3-4 agree, 5 alone: three clusters, each medoid a member
+    trials = np.array([[1, 1, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=float)
+    medoids, assignment = anchor_items(trials, 3)
+    assert list(medoids) == [0, 3, 5]
+    assert list(assignment) == [0, 0, 0, 1, 1, 2]
+    assert list(anchor_items(trials, 6)[0]) == list(range(6)) == list(anchor_items(trials, 9)[1])
+    medoids, assignment = anchor_items(trials, 1)  # one cluster: its medoid is the most central item
+    assert list(assignment) == [0] * 6 and medoids[0] in (0, 1, 2)
+
+
+@given(st.integers(2, 6), st.integers(1, 12), st.data())
+@settings(max_examples=60, deadline=None)
+def test_every_item_goes_to_its_nearest_anchor_and_anchors_to_themselves(trials, size, data):
+    from evomerge.fitness.racing import anchor_items
+
+    values = np.array(data.draw(st.lists(st.lists(st.sampled_from([0.0, 1.0]), min_size=size, max_size=size),
+                                         min_size=trials, max_size=trials)))
+    k = data.draw(st.integers(1, size))
+    medoids, assignment = anchor_items(values, k)
+    assert len(set(medoids.tolist())) == len(medoids) <= k and list(medoids) == sorted(medoids)
+    assert list(assignment[medoids]) == list(range(len(medoids)))
+    distance = np.abs(values[:, :, None] - values[:, None, :]).mean(axis=0)
+    assert np.allclose(distance[medoids[assignment], np.arange(size)], distance[medoids].min(axis=0))
+
+
+def anchored_fitness(anchors: int):
+    """Fitness ``a`` (8 items) with screening on the two trials below and ``anchors``; racing
+    order seed 3. The incumbent and the pool agree on items 4-7 (data order) and disagree on 0-3,
+    where items 0, 2 and items 1, 3 are scored alike by them."""
+    keys = {"incumbent": [1, 0, 1, 0, 1, 1, 0, 0], "pool": [0, 1, 0, 1, 1, 1, 0, 0],
+            "worse": [0, 1, 0, 0, 0, 0, 0, 0], "better": [1, 1, 1, 1, 0, 0, 0, 0]}
+    a = Items("a", {k: [float(v) for v in values] for k, values in keys.items()})
+    fitness = Fitness([a], racing=Racing(first=1, confidence=0.5, seed=3, screen=2, anchors=anchors))
+    return fitness, a
+
+
+def test_anchors_predict_the_informative_items_and_stop_a_predicted_loser_after_them():
+    fitness, a = anchored_fitness(2)
+    incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
+    plan = screen(fitness.gains, [incumbent], [pool, incumbent], fitness.racing)
+    assert plan.counts == {"a": 4} and plan.anchors == {"a": 2}
+    order = item_order(8, 3)
+    informative_data = sorted(order[plan.positions["a"][:4]].tolist())
+    assert informative_data == [0, 1, 2, 3]
+    # each anchor predicts the informative item scored alike: data items {0, 2} and {1, 3}
+    anchor_data = order[plan.positions["a"][:2]]
+    for i, c in enumerate(plan.clusters["a"]):
+        assert order[plan.positions["a"][i]] % 2 == anchor_data[c] % 2
+
+    race = fitness.race(Model("worse"), None, [incumbent], pool=[pool, incumbent], cache_key="worse")
+    # "worse" on the anchors: 1 on the odd one, 0 on the even one, so it predicts 0 1 0 1 on items
+    # 0-3 (two right, as the incumbent's 1 0 1 0): a tie, not stopped; the exact last decision
+    # (it has 1 of 4 right) stops it
+    assert race.stopped and not race.decision.estimated and race.items == {"a": 4}
+
+    a.values["loser"] = [0.0, 0, 0, 0, 1, 1, 0, 0]
+    race = fitness.race(Model("loser"), None, [incumbent], pool=[pool, incumbent], cache_key="loser")
+    assert race.stopped and race.decision.estimated and race.items == {"a": 2}
+    # the estimate: the anchors' values predict items 0-3 (all 0); the incumbent's values elsewhere
+    assert race.scores["a"] == pytest.approx(2 / 8)
+    assert list(fitness.metrics["a"].item_order) == list(order)  # the racing order is back
+
+    race = fitness.race(Model("better"), None, [incumbent], pool=[pool, incumbent], cache_key="better")
+    assert not race.stopped and race.items == {"a": 8} and race.scores == {"a": 0.5}
+
+
+def test_anchors_need_screening():
+    with pytest.raises(ValueError, match="anchors needs racing.screen"):
+        Racing(anchors=4)
+    with pytest.raises(ValueError, match="anchors must be at least 0"):
+        Racing(screen=2, anchors=-1)

@@ -60,7 +60,7 @@ class Skill(Metric):
 
 
 def racing_search(family, tmp_path, *, sampler="cmaes", objective="weighted_sum", n_trials=16, first=8,
-                  confidence=0.99, name="t", screen=0):
+                  confidence=0.99, name="t", screen=0, anchors=0):
     """An experiment on ``family`` whose fitness is replaced by Skill metrics (toward the first
     source; with ``separate``, also toward the second), with racing."""
     data = experiment_dict(family, tmp_path, sampler=sampler, n_trials=n_trials, name=name)
@@ -73,7 +73,7 @@ def racing_search(family, tmp_path, *, sampler="cmaes", objective="weighted_sum"
     metrics = [Skill("skill", family[0], family[1])]
     if objective == "separate":
         metrics.append(Skill("other", family[0], family[2]))
-    racing = Racing(first=first, confidence=confidence, screen=screen)
+    racing = Racing(first=first, confidence=confidence, screen=screen, anchors=anchors)
     search.fitness = Fitness(metrics, objective=objective, racing=racing)
     search.study.sampler = make_sampler(search.experiment.optimizer, search.space, search.fitness.directions,
                                         consider_pruned=True)
@@ -147,6 +147,19 @@ def test_a_screening_search_races_on_the_informative_items_once_its_pool_is_full
     stopped = sum(trial_records(t).raced_out for t in screened)
     assert status.exit_code == 0 and (f"screening: {len(screened)} trials raced on the informative items only "
                                       f"(median {informative}), {stopped} of them stopped") in status.output
+
+
+def test_a_search_with_anchors_stops_predicted_losers_after_their_anchors(llama, tmp_path):
+    search = racing_search(llama, tmp_path, n_trials=24, screen=4, anchors=2)
+    assert Runner(search, progress=False).run(24, None) == 24
+    races = [trial_records(t).race for t in search.study.get_trials() if trial_records(t).race]
+    by_anchors = [r for r in races if r.get("estimated")]
+    assert by_anchors, "no trial was stopped by its anchors"
+    for race in by_anchors:  # stopped after its anchors (two, or one per informative item when fewer)
+        assert race["stopped"] and race["items"] <= min(2, race["informative"]) and race["upper"][0] < 0
+    assert search.study.best_trial.state == TrialState.COMPLETE
+    status = CliRunner().invoke(main, ["status", "--study", "t", "--storage", f"sqlite:///{tmp_path}/study.db"])
+    assert status.exit_code == 0 and f"anchors: {len(by_anchors)} of them stopped on their anchors'" in status.output
 
 
 def test_resume_races_against_the_incumbent_stored_in_the_study(llama, tmp_path):
