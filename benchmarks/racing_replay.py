@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for first, growth, confidence, seed, screen, anchors in itertools.product(
             args.first or [32], args.growth or [2.0], args.confidence or [0.99], args.seed or [0], args.screen or [0],
             args.anchors or [0]):
+        if anchors and not screen:  # anchors are chosen from the screening trials
+            continue
         replay = replay_racing(study, fitness, Racing(first=first, growth=growth, confidence=confidence, seed=seed,
                                                       screen=screen, anchors=anchors))
         print(replay.summary())
