@@ -241,18 +241,13 @@ class Fitness:
         try:
             for name in names:  # the metric scores in screening order while it is raced
                 self.metrics[name].item_order = racing_orders[name][plan.positions[name]]
-            decisions = []
-            if plan.anchors:
-                decisions.append((plan.anchors, lambda: estimate(
-                    plan, {name: self._unit_values(name, values[name][:n]) for name, n in plan.anchors.items()},
-                    exact)))
-            decisions += [(chunk, lambda chunk=chunk: decide(
-                plan.gains, {name: self._unit_values(name, values[name][:n]) for name, n in chunk.items()},
-                exact, plan.references, self.racing.confidence)) for chunk in plan.chunks]
-            for chunk, decided in decisions:
+            steps = ([(plan.anchors, True)] if plan.anchors else []) + [(chunk, False) for chunk in plan.chunks]
+            for chunk, by_anchors in steps:
                 for name, n in chunk.items():
                     self._extend(self.metrics[name], model, tokenizer, "search", values[name], n)
-                decision = decided()
+                scored = {name: self._unit_values(name, values[name][:n]) for name, n in chunk.items()}
+                decision = (estimate(plan, scored, exact) if by_anchors
+                            else decide(plan.gains, scored, exact, plan.references, self.racing.confidence))
                 if decision.stop:
                     reference = next(r for r in references if r.number == decision.beaten_by)
                     scores = dict(exact)

@@ -74,11 +74,10 @@ tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clu
 the pool's and the references' trials scored them (:func:`anchor_items`: k-medoids, the distance
 between two items the mean absolute difference of their values over those trials), ``K`` clusters
 over all raced metrics together (each metric its share of the informative items, rounded, at
-least one: about ``K`` in all).
-The medoid of each cluster, its *anchor*, is scored first, and every other informative item is
-*estimated* by its anchor's value (the estimate weighs each anchor by its cluster's size; a
-stopped candidate's unscored informative items take these predictions, not its mean). A
-candidate whose estimated gain over some reference is below 0 on every objective is stopped after
+least one: about ``K`` in all). The medoid of each cluster, its *anchor*, is scored first, and
+every other informative item is *estimated* by its anchor's value (the estimate weighs each
+anchor by its cluster's size; a stopped candidate's unscored informative items take these
+predictions, not its mean). A candidate whose estimated gain over some reference is below 0 on every objective is stopped after
 its anchors (:func:`estimate`). That is a prediction, not a bound: what it costs in winners lost
 is again what the replay counts. A candidate that is not stopped there goes on as under screening
 (the anchors count among its informative items, which are no longer in a random order, so the
@@ -350,8 +349,8 @@ def anchor_items(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     the medoids). k-medoids with the distance between items ``i, j`` the mean over trials of
     ``|values[t, i] − values[t, j]|``: greedy build (each next medoid the item that most lowers
     the total distance of items to their nearest medoid), then alternating assignment and medoid
-    update until stable (at most 100 rounds). Deterministic (ties go to the lower index); ``k`` ≥ the items: every
-    item is its own anchor."""
+    update until stable (at most 100 rounds). Deterministic (ties go to the lower index);
+    ``k`` ≥ the items: every item is its own anchor."""
     size = values.shape[1]
     if k >= size:
         return np.arange(size), np.arange(size)
