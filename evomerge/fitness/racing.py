@@ -77,8 +77,8 @@ over all raced metrics together (each metric its share of the informative items,
 least one: about ``K`` in all). The medoid of each cluster, its *anchor*, is scored first, and
 every other informative item is *estimated* by its anchor's value (the estimate weighs each
 anchor by its cluster's size; a stopped candidate's unscored informative items take these
-predictions, not its mean). A candidate whose estimated gain over some reference is below 0 on every objective is stopped after
-its anchors (:func:`estimate`). That is a prediction, not a bound: what it costs in winners lost
+predictions, not its mean). A candidate whose estimated gain over some reference is below 0 on
+every objective is stopped after its anchors (:func:`estimate`). That is a prediction, not a bound: what it costs in winners lost
 is again what the replay counts. A candidate that is not stopped there goes on as under screening
 (the anchors count among its informative items, which are no longer in a random order, so the
 anytime bound's guarantee is void for it; the last decision, on all informative items, is exact).
