@@ -70,18 +70,19 @@ mean on the informative items it scored for those it did not, and the reference'
 others.
 
 Anchors (``anchors: K``, with screening; off by default). Item selection in the manner of
-tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clustered by how
-the pool's and the references' trials scored them (:func:`anchor_items`: k-medoids, the distance
+tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clustered by how the
+pool's and the references' trials scored them (:func:`anchor_items`: k-medoids, the distance
 between two items the mean absolute difference of their values over those trials), ``K`` clusters
-over all raced metrics together (each metric its share of the informative items, rounded, at
-least one: about ``K`` in all). The medoid of each cluster, its *anchor*, is scored first, and
-every other informative item is *estimated* by its anchor's value (the estimate weighs each
-anchor by its cluster's size; a stopped candidate's unscored informative items take these
-predictions, not its mean). A candidate whose estimated gain over some reference is below 0 on
-every objective is stopped after its anchors (:func:`estimate`). That is a prediction, not a bound: what it costs in winners lost
-is again what the replay counts. A candidate that is not stopped there goes on as under screening
-(the anchors count among its informative items, which are no longer in a random order, so the
-anytime bound's guarantee is void for it; the last decision, on all informative items, is exact).
+over all raced metrics together (each metric its share of the informative items, rounded, at least
+one: about ``K`` in all). The medoid of each cluster, its *anchor*, is scored first, and every
+other informative item is *estimated* by its anchor's value (the estimate weighs each anchor by
+its cluster's size; a stopped candidate's unscored informative items take these predictions, not
+its mean). A candidate whose estimated gain over some reference is below 0 on every objective is
+stopped after its anchors (:func:`estimate`). That is a prediction, not a bound: what it costs in
+winners lost is again what the replay counts. A candidate that is not stopped there goes on as
+under screening (the anchors count among its informative items, which are no longer in a random
+order, so the anytime bound's guarantee is void for it; the last decision, on all informative
+items, is exact).
 
 Caveat: the order is fixed for the whole search, and the sampler that proposes candidates sees
 earlier candidates' estimates on its first items; the guarantee is the one of a candidate that
