@@ -187,10 +187,11 @@ class Fitness:
         raced metrics' per-item values in racing order; one whose item counts differ from this
         fitness's is ignored. Without references the candidate is scored in full. With
         ``racing.screen`` and a ``pool`` (the last fully scored trials, as references), the
-        candidate is raced on the items ``pool`` and ``references`` do not all agree on
-        (screening: :mod:`~evomerge.fitness.racing`). A survivor's scores are cached under
-        ``cache_key`` as :meth:`evaluate`'s, and a cached candidate is not scored again. Raises
-        FitnessError when a raced metric's item is not a number in [0, 1].
+        candidate is raced on all items but those on which every trial of ``pool`` and
+        ``references`` has the best value (screening: :mod:`~evomerge.fitness.racing`). A
+        survivor's scores are cached under ``cache_key`` as :meth:`evaluate`'s, and a cached
+        candidate is not scored again. Raises FitnessError when a raced metric's item is not a
+        number in [0, 1].
         """
         if self.racing is None:
             raise ValueError("this fitness has no racing settings")
@@ -368,7 +369,7 @@ def _completed(scored: list[Any], informative: int, reference: np.ndarray, posit
     first informative items, in screening order ``positions``), then, for the informative items
     it did not score, their ``prediction`` from the anchors (all informative items, screening
     order) or else its mean on the scored ones (the reference's values when it scored none), then
-    the reference's values on the others (assumed equal)."""
+    the reference's values on the others (the best value: the candidate's are at most that)."""
     values = [float(v) for v in scored]
     missing = positions[len(values):informative]
     if prediction is not None:

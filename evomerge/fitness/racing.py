@@ -55,19 +55,22 @@ dominated by any reference) is stopped with probability at most ``1 − confiden
 stopped: a candidate equal to the reference on every item scored has an upper bound ≥ 0.
 
 Screening (``screen: W``, off by default). In a search that has converged, most items get the
-same value from every candidate (all right, or all wrong), and no paired bound can tell near-equal
-candidates apart after a fraction of the items. With screening, the items on which the last ``W``
-fully scored trials and the references all agree are *assumed* to be the same for the candidate
-too: it is raced on the other items, the *informative* ones (:func:`screen`), in their racing
-order, as a population of its own (the gains' coefficients scaled by the informative share), and
-the last decision comes when they are all scored, with the exact gain
-under that assumption: a candidate worse than a reference on the informative items is stopped
-there. A candidate that survives is scored on every item, and its values join the pool the next
-informative items are found from, so an item the search starts to change becomes informative.
-The guarantee above then holds only under the assumption; what it costs in winners lost is what
-the replay (:mod:`evomerge.analysis.replay`) counts. A stopped candidate's estimate takes its own
-mean on the informative items it scored for those it did not, and the reference's values for the
-others.
+same value from every candidate, and no paired bound can tell near-equal candidates apart after a
+fraction of the items. Screening leaves out the items on which the last ``W`` fully scored trials
+and every reference have the best value an item can have (:func:`unbeatable`: 1 for a metric the
+objectives want higher, 0 for one they want lower). On such an item a candidate can only tie or
+lose, so counting it as a tie can only raise the candidate's gains: the bounds on the other items,
+the *informative* ones, stay valid bounds of the true gains, with no assumption. The candidate is
+raced on the informative items in their racing order, as a population of its own (the gains'
+coefficients scaled by the informative share), and the last decision comes when they are all
+scored, with the exact gain on them. An item every trial got wrong stays informative: a
+candidate may be the first to get it right. What the window chooses is only how many items are
+left out: a left-out item the candidate would have lost hides that loss, which costs a stop,
+never a winner. A candidate that survives is scored on every item, and its values join the pool
+the next informative items are found from. A stopped candidate's estimate takes its own mean on
+the informative items it scored for those it did not, and the references' (best) values on the
+others (optimistic there). (Screening as first built left out every item the trials agreed on,
+the wrong ones too; the replay found that it dropped winners: docs/benchmarks.md.)
 
 Anchors (``anchors: K``, with screening; off by default). Item selection in the manner of
 tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clustered by how the
@@ -296,7 +299,7 @@ class Screen:
     """A candidate's race under screening (module docstring): ``positions[m]``, metric ``m``'s
     racing positions in screening order (the informative items first, in racing order, then the
     others); ``counts[m]``, its informative items; ``gains`` and ``references`` restricted to the
-    informative items (a metric without one leaves the race: its difference is 0 for sure); and
+    informative items (a metric without one leaves the race: its difference is at most 0 for sure); and
     the ``chunks`` of informative items after which to decide, the last all of them. With
     anchors, ``anchors[m]`` of metric ``m``'s informative items come first in ``positions[m]``,
     and ``clusters[m][i]`` is the anchor (its index among them) that predicts informative item
@@ -312,14 +315,16 @@ class Screen:
 
 
 def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Reference], racing: Racing) -> Screen:
-    """The screening of a candidate raced against ``references``, the informative items being
-    those the trials of ``references`` and ``pool`` do not all agree on. Each raced metric's
-    coefficient is scaled by its informative share ``counts[m] / N_m``."""
+    """The screening of a candidate raced against ``references``: the informative items are all
+    but those on which every trial of ``references`` and ``pool`` has the best value
+    (:func:`unbeatable`). Each raced metric's coefficient is scaled by its informative share
+    ``counts[m] / N_m``."""
     trials = [*references, *pool]
     positions, counts = {}, {}
     for name in sorted(gains.raced):
         values = np.stack([np.asarray(t.items[name], dtype=float) for t in trials])
-        informative = np.any(values != values[0], axis=0)
+        best = unbeatable(gains, name)
+        informative = np.any(values != best, axis=0) if best is not None else np.ones(values.shape[1], dtype=bool)
         positions[name] = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
         counts[name] = int(informative.sum())
     raced = frozenset(m for m in gains.raced if counts[m] > 0)
@@ -342,6 +347,14 @@ def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Referen
                             r.scores) for r in references]
     return Screen(positions, counts, Gains(coefficients, raced), restricted,
                   racing.chunks({m: counts[m] for m in sorted(raced)}), anchors, clusters)
+
+
+def unbeatable(gains: Gains, name: str) -> float | None:
+    """The value of metric ``name``'s item that no candidate can beat on any objective: 1 when
+    every objective with a nonzero coefficient of it wants it higher, 0 when they all want it
+    lower, None when they disagree or none uses it."""
+    signs = {math.copysign(1.0, k[name]) for k in gains.coefficients if k.get(name)}
+    return {frozenset([1.0]): 1.0, frozenset([-1.0]): 0.0}.get(frozenset(signs))
 
 
 def anchor_items(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

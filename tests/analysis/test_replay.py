@@ -72,36 +72,52 @@ def test_replay_counts_a_false_drop():
     this one is not): the replay counts it, as it would count a bound that failed."""
     replay = replay_racing(synthetic_study(late=True), fitness(), Racing(first=8, confidence=0.99))
     assert replay.false_drops == [3]  # it would have become the incumbent
+    assert replay.largest_lead == replay.trials[3].lead == 0.625 - 0.5
     assert "1 false drops (trials 3)" in replay.summary()
     assert replay_racing(synthetic_study(late=True), fitness(), Racing(first=N)).false_drops == []  # no early look
 
 
-def test_replay_screens_once_its_pool_is_full_and_counts_what_the_assumption_costs():
-    """screen=2: from the third trial on, a trial is raced on the items the last two kept trials
-    disagree on (half's and zeros': the odd positions). ``winner`` is behind ``half`` there and
-    ahead on the items both got wrong: screening drops it, and the replay counts the false drop."""
-    replay = replay_racing(synthetic_study(), fitness(), Racing(first=N, screen=2))
+def ones(*ranges: tuple[int, int]) -> list[float]:
+    """N values in racing order, 1 on the given [start, stop) ranges of positions."""
+    return [float(any(start <= i < stop for start, stop in ranges)) for i in range(N)]
+
+
+def screening_study() -> optuna.Study:
+    """Trials 0 and 1 (0.625 each) both have positions 0-31 right and 48-63 wrong and split
+    32-47; trial 2 has only 0-31; trial 3 (0.656) loses 32-39 to trial 0 and wins 48-57, which
+    both got wrong; trial 4 has every item."""
+    study = optuna.create_study(direction="maximize")
+    rows = [ones((0, 40)), ones((0, 32), (40, 48)), ones((0, 32)), ones((0, 32), (48, 58)), ones((0, N))]
+    for values in rows:
+        study.add_trial(create_trial(value=float(np.mean(values)), params={}, distributions={},
+                                     user_attrs={RESULT: result(values)}))
+    return study
+
+
+def test_replay_screens_once_its_pool_is_full_and_keeps_a_winner_on_items_all_got_wrong():
+    """screen=2: from the third trial on, a trial is raced on all items but the 32 both kept
+    trials have right. Trial 2 is behind there and stopped after those 32; trial 3 is behind on
+    the items the two split but ahead on items both got wrong: a winner, kept (screening that
+    left out every agreed item would have dropped it)."""
+    replay = replay_racing(screening_study(), fitness(), Racing(first=N, screen=2))
     by_number = {t.number: t for t in replay.trials}
-    assert not by_number[0].stopped and not by_number[1].stopped  # the pool fills first
+    assert not by_number[0].stopped and not by_number[1].stopped  # a tie is not stopped; the pool fills
     assert by_number[2].stopped and by_number[2].items == N // 2 and by_number[2].tokens == 5 * N // 2
-    assert by_number[3].stopped and replay.false_drops == [3]
-    assert replay.largest_lead == by_number[3].lead == 0.625 - 0.5
-    assert "leading the incumbent by 0.125" in replay.summary()
-    assert not by_number[4].stopped and by_number[4].items == N + 1  # level on the informative items: in full
-    assert replay_racing(synthetic_study(), fitness(), Racing(first=N)).totals()["stopped"] == 0  # no early look
+    assert not by_number[3].stopped and by_number[3].items == N + 1 and replay.false_drops == []
+    assert not by_number[4].stopped and "0 false drops" in replay.summary()
 
 
 def test_replay_with_anchors_stops_a_predicted_loser_after_its_anchors():
-    """screen=2, anchors=1: the informative items (the odd positions: half's 1s, zeros' 0s) are
-    all scored alike by the pool, so one anchor (position 1) predicts them all. Trial 2 (a 1 at
-    every eighth position) has a 0 there: predicted wrong on every informative item, stopped after
-    one item; all-ones has a 1 there and is scored in full."""
-    replay = replay_racing(synthetic_study(), fitness(), Racing(first=N, screen=2, anchors=1))
+    """screen=2, anchors=1: of the 32 informative items (screening_study), the 16 that every
+    trial got wrong are the largest group scored alike, so one anchor among them (position 48)
+    predicts them all. Trial 2 has a 0 there: predicted wrong on every informative item, stopped
+    after one item; trial 3 has a 1 there, goes on, and is kept."""
+    replay = replay_racing(screening_study(), fitness(), Racing(first=N, screen=2, anchors=1))
     by_number = {t.number: t for t in replay.trials}
     assert by_number[2].stopped and by_number[2].items == 1  # 0 at the anchor: predicted all wrong
-    plain = replay_racing(synthetic_study(), fitness(), Racing(first=N, screen=2))
+    plain = replay_racing(screening_study(), fitness(), Racing(first=N, screen=2))
     assert plain.trials[2].stopped and plain.trials[2].items == N // 2  # without anchors: every informative item
-    assert not by_number[4].stopped and by_number[4].items == N + 1  # right at the anchor: scored in full
+    assert not by_number[3].stopped and by_number[3].items == N + 1  # right at the anchor: scored in full
     assert "anchors=1" in replay.summary()
 
 

@@ -240,16 +240,32 @@ def test_screen_orders_the_informative_items_first_and_scales_their_gains():
     incumbent = Reference(7, {"a": a_ref, "b": np.ones(4)}, {})
     other = Reference(3, {"a": a_other, "b": np.ones(4)}, {})
     plan = screen(gains, [incumbent], [other], Racing(first=2))
-    assert plan.counts == {"a": 2, "b": 0}
-    assert list(plan.positions["a"]) == [1, 3, 0, 2, 4, 5] and list(plan.positions["b"]) == [0, 1, 2, 3]
-    # a's coefficient times its informative share; b agrees everywhere and leaves the race; x is exact
-    assert plan.gains.coefficients == [{"a": pytest.approx(1 / 3), "x": 0.5}] and plan.gains.raced == {"a"}
-    assert [list(r.items["a"]) for r in plan.references] == [[0.0, 1.0]] and plan.references[0].number == 7
-    assert plan.chunks == [{"a": 2}]  # every informative item before the last decision
+    # left out: the items both have right (a: 0 and 2; b: all); items both have wrong stay in
+    assert plan.counts == {"a": 4, "b": 0}
+    assert list(plan.positions["a"]) == [1, 3, 4, 5, 0, 2] and list(plan.positions["b"]) == [0, 1, 2, 3]
+    # a's coefficient times its informative share; b is right everywhere and leaves the race; x is exact
+    assert plan.gains.coefficients == [{"a": pytest.approx(2 / 3), "x": 0.5}] and plan.gains.raced == {"a"}
+    assert [list(r.items["a"]) for r in plan.references] == [[0.0, 1.0, 0.0, 0.0]] and plan.references[0].number == 7
+    assert plan.chunks == [{"a": 2}, {"a": 4}]  # the last decision after every informative item
+
+
+def test_the_left_out_items_are_those_at_the_value_no_candidate_can_beat():
+    from evomerge.fitness.racing import unbeatable
+
+    a_ref, a_other = np.array([1.0, 0, 1, 1, 0, 0]), np.array([1.0, 1, 1, 0, 0, 0])
+    trials = [Reference(7, {"a": a_ref}, {})], [Reference(3, {"a": a_other}, {})]
+    lower = Gains([{"a": -1.0}], frozenset({"a"}))  # a minimized: 0 is the best an item can be
+    assert unbeatable(lower, "a") == 0.0 and unbeatable(Gains([{"a": 2.0}], frozenset({"a"})), "a") == 1.0
+    plan = screen(lower, *trials, Racing())
+    assert plan.counts == {"a": 4} and list(plan.positions["a"]) == [0, 1, 2, 3, 4, 5]
+    both = Gains([{"a": 1.0}, {"a": -1.0}], frozenset({"a"}))  # objectives that pull apart: no item is left out
+    assert unbeatable(both, "a") is None and screen(both, *trials, Racing()).counts == {"a": 6}
 
 
 def screening_fitness(screen_trials: int = 2):
-    """Fitness ``a`` (one metric, 8 items) with screening; the pool's trials agree on items 4-7."""
+    """Fitness ``a`` (one metric, 8 items) with screening; the incumbent and the pool disagree on
+    items 0, 1, both have items 2, 4, 5 right and items 3, 6, 7 wrong; racing order seed 3 scores
+    items 1 2 3 4 0 7 5 6, so the informative items come as 1 3 0 7 6."""
     keys = {"incumbent": [1, 0, 1, 0, 1, 1, 0, 0], "pool": [0, 1, 1, 0, 1, 1, 0, 0],
             "worse": [0, 0, 1, 0, 0, 0, 0, 0], "better": [1, 1, 1, 1, 0, 0, 0, 0]}
     a = Items("a", {k: [float(v) for v in values] for k, values in keys.items()})
@@ -264,20 +280,48 @@ def test_screening_races_on_the_informative_items_and_completes_the_estimate_wit
     extra.calls = 0
     with fitness.metered() as usage:
         race = fitness.race(Model("worse"), None, [incumbent], pool=[pool, incumbent], cache_key="worse")
-    # informative: items 0, 1 (incumbent 1 0, pool 0 1); "worse" has 0 0 there: one item behind
-    assert race.stopped and race.informative == 2 and race.items == {"a": 2} and usage["a"].items == 2
+    # informative: 0, 1, 3, 6, 7; "worse" has 0 on items 1 3 0 7, the incumbent 0 0 1 0: one behind
+    # with one item to go, stopped at confidence 0.5
+    assert race.stopped and race.informative == 5 and race.items == {"a": 4} and usage["a"].items == 4
     assert extra.calls == 0  # weight 0: not scored for a stopped candidate
-    # the estimate: "worse" on items 0-1, the incumbent's values on the others (items 2-7: 1 0 1 1 0 0)
-    assert race.scores["a"] == pytest.approx((0 + 0 + 1 + 0 + 1 + 1 + 0 + 0) / 8)
+    # the estimate: "worse" on items 1 3 0 7, its mean (0) on item 6, the incumbent's on 2 4 5 (all 1)
+    assert race.scores["a"] == pytest.approx(3 / 8)
     assert fitness.metrics["a"].item_order is not None  # the racing order is back after the race
     assert list(fitness.metrics["a"].item_order) == list(item_order(8, 3))
 
     race = fitness.race(Model("better"), None, [incumbent], pool=[pool, incumbent], cache_key="better")
-    assert not race.stopped and race.informative == 2 and race.items == {"a": 8}
+    assert not race.stopped and race.informative == 5 and race.items == {"a": 8}
     assert race.scores == {"a": 0.5, "extra": 1.0}
     assert fitness.item_values("better") == {"a": [1.0, 1, 1, 1, 0, 0, 0, 0]}  # every item, the data's order
     # the same candidate without screening (no pool): plain racing, the same full scores
     assert fitness.race(Model("better"), None, [incumbent], cache_key="b2").scores == race.scores
+
+
+def test_screening_keeps_a_candidate_that_wins_items_every_trial_got_wrong():
+    """Behind on the items the trials disagree on, ahead on items they all got wrong: a winner
+    (5 of 8 against 4), which screening that left out every agreed item would have stopped."""
+    fitness, a, extra = screening_fitness()
+    incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
+    a.values["late"], extra.values["late"] = [0.0, 0, 1, 1, 1, 1, 1, 0], 1.0
+    race = fitness.race(Model("late"), None, [incumbent], pool=[pool, incumbent], cache_key="late")
+    assert not race.stopped and race.items == {"a": 8} and race.scores["a"] == 5 / 8
+
+
+@given(st.lists(st.tuples(*[st.sampled_from([0.0, 1.0])] * 4), min_size=2, max_size=24))
+@settings(max_examples=100, deadline=None)
+def test_the_gain_on_the_informative_items_bounds_the_true_gain(columns):
+    """Whatever the candidate and the trials: its gain over the incumbent with the left-out items
+    counted as ties is at least its true gain, so a stop on the informative items is never wrong
+    for lack of the others (the property that makes screening a bound, not an assumption)."""
+    incumbent, pool, other, candidate = (np.array(values) for values in zip(*columns))
+    gains = Gains([{"a": 1.0}], frozenset({"a"}))
+    plan = screen(gains, [Reference(0, {"a": incumbent}, {})], [Reference(1, {"a": pool}, {}),
+                                                                  Reference(2, {"a": other}, {})], Racing())
+    true_gain = float(np.mean(candidate - incumbent))
+    informative = plan.positions["a"][:plan.counts["a"]]
+    share = plan.gains.coefficients[0].get("a", 0.0)
+    screened = share * float(np.mean(candidate[informative] - incumbent[informative])) if informative.size else 0.0
+    assert screened >= true_gain - 1e-12
 
 
 def test_a_tie_within_floating_point_noise_is_not_stopped():
@@ -294,7 +338,7 @@ def test_a_screened_estimate_fills_unscored_informative_items_with_the_candidate
     positions = np.array([4, 0, 2, 1, 3, 5])  # the first three informative
     reference = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # in racing order
     # scored the first two informative (values 1, 0): the third gets their mean 0.5; then the
-    # reference's values at positions 1, 3, 5 (assumed equal)
+    # reference's values at positions 1, 3, 5 (left out)
     assert _completed([1.0, 0.0], 3, reference, positions) == [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
     assert _completed([], 3, reference, positions) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # nothing scored
     assert _completed([1.0, 1.0, 0.0], 3, reference, positions) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
@@ -396,10 +440,10 @@ def test_every_item_goes_to_its_nearest_anchor_and_anchors_to_themselves(trials,
 
 def anchored_fitness(anchors: int):
     """Fitness ``a`` (8 items) with screening on the two trials below and ``anchors``; racing
-    order seed 3. The incumbent and the pool agree on items 4-7 (data order) and disagree on 0-3,
-    where items 0, 2 and items 1, 3 are scored alike by them."""
-    keys = {"incumbent": [1, 0, 1, 0, 1, 1, 0, 0], "pool": [0, 1, 0, 1, 1, 1, 0, 0],
-            "worse": [0, 1, 0, 0, 0, 0, 0, 0], "better": [1, 1, 1, 1, 0, 0, 0, 0]}
+    order seed 3. The incumbent and the pool both have items 4-7 (data order) right and disagree
+    on 0-3, where items 0, 2 and items 1, 3 are scored alike by them."""
+    keys = {"incumbent": [1, 0, 1, 0, 1, 1, 1, 1], "pool": [0, 1, 0, 1, 1, 1, 1, 1],
+            "worse": [0, 1, 0, 0, 0, 0, 0, 0], "better": [1, 1, 1, 1, 1, 1, 1, 1]}
     a = Items("a", {k: [float(v) for v in values] for k, values in keys.items()})
     fitness = Fitness([a], racing=Racing(first=1, confidence=0.5, seed=3, screen=2, anchors=anchors))
     return fitness, a
@@ -424,15 +468,15 @@ def test_anchors_predict_the_informative_items_and_stop_a_predicted_loser_after_
     # (it has 1 of 4 right) stops it
     assert race.stopped and not race.decision.estimated and race.items == {"a": 4}
 
-    a.values["loser"] = [0.0, 0, 0, 0, 1, 1, 0, 0]
+    a.values["loser"] = [0.0, 0, 0, 0, 1, 1, 1, 1]
     race = fitness.race(Model("loser"), None, [incumbent], pool=[pool, incumbent], cache_key="loser")
     assert race.stopped and race.decision.estimated and race.items == {"a": 2}
     # the estimate: the anchors' values predict items 0-3 (all 0); the incumbent's values elsewhere
-    assert race.scores["a"] == pytest.approx(2 / 8)
+    assert race.scores["a"] == pytest.approx(4 / 8)
     assert list(fitness.metrics["a"].item_order) == list(order)  # the racing order is back
 
     race = fitness.race(Model("better"), None, [incumbent], pool=[pool, incumbent], cache_key="better")
-    assert not race.stopped and race.items == {"a": 8} and race.scores == {"a": 0.5}
+    assert not race.stopped and race.items == {"a": 8} and race.scores == {"a": 1.0}
 
 
 def test_anchors_need_screening():
