@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--growth", type=float, default=2.0, help="racing: chunk growth")
     parser.add_argument("--confidence", type=float, default=0.99, help="racing: confidence")
     parser.add_argument("--screen", type=int, default=0,
-                        help="racing: screening on the items the last SCREEN fully scored trials disagree on (0: off)")
+                        help="racing: screening, leaving out the items the last SCREEN fully scored trials and the "
+                             "incumbent all have right (0: off)")
     parser.add_argument("--anchors", type=int, default=0,
                         help="racing: with --screen, score ANCHORS informative items first, stop on their prediction")
     parser.add_argument("--limit", type=int, default=None,

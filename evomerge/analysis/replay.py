@@ -29,7 +29,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.fitness import Fitness, Racing
-from evomerge.fitness.racing import Reference, Screen, decide, estimate, in_item_order, screen
+from evomerge.fitness.racing import Reference, Screen, decide, estimate, in_item_order, restricted, screen
 from evomerge.search.driver import best_of
 from evomerge.search.records import TrialRecords, trial_records
 
@@ -127,8 +127,11 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
             plan = screen(gains, [references[t.number] for t in reference_trials], pool, racing)
             if plan.anchors and estimate(plan, _scored(items, plan, plan.anchors), records.metrics).stop:
                 stop_at = {name: plan.anchors.get(name, 0) for name in raced}
-            for chunk in plan.chunks if stop_at is None else []:
-                if decide(plan.gains, _scored(items, plan, chunk), records.metrics, plan.references,
+            steps = [(chunk, plan.gains, plan.references) for chunk in plan.chunks]
+            steps += [(chunk, *restricted(gains, [references[t.number] for t in reference_trials], plan.positions,
+                                          chunk)) for chunk in plan.rest]
+            for chunk, chunk_gains, chunk_references in steps if stop_at is None else []:
+                if decide(chunk_gains, _scored(items, plan, chunk), records.metrics, chunk_references,
                           racing.confidence).stop:
                     stop_at = {name: max(chunk.get(name, 0), plan.anchors.get(name, 0)) for name in raced}
                     break

@@ -42,7 +42,7 @@ from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Direction, Metric, scoring
 from evomerge.fitness.cache import ScoreCache
 from evomerge.fitness.racing import (Decision, Gains, Racing, Reference, decide, estimate, item_order, predicted,
-                                     screen)
+                                     restricted, screen)
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +242,17 @@ class Fitness:
         try:
             for name in names:  # the metric scores in screening order while it is raced
                 self.metrics[name].item_order = racing_orders[name][plan.positions[name]]
-            steps = ([(plan.anchors, True)] if plan.anchors else []) + [(chunk, False) for chunk in plan.chunks]
-            for chunk, by_anchors in steps:
+            steps = ([(plan.anchors, "anchors")] if plan.anchors else []) + [(c, "informative") for c in plan.chunks]
+            for chunk, step in steps + [(c, "left out") for c in plan.rest]:
                 for name, n in chunk.items():
                     self._extend(self.metrics[name], model, tokenizer, "search", values[name], n)
                 scored = {name: self._unit_values(name, values[name][:n]) for name, n in chunk.items()}
-                decision = (estimate(plan, scored, exact) if by_anchors
-                            else decide(plan.gains, scored, exact, plan.references, self.racing.confidence))
+                if step == "anchors":
+                    decision = estimate(plan, scored, exact)
+                else:
+                    chunk_gains, chunk_references = ((plan.gains, plan.references) if step == "informative" else
+                                                     restricted(gains, references, plan.positions, chunk))
+                    decision = decide(chunk_gains, scored, exact, chunk_references, self.racing.confidence)
                 if decision.stop:
                     reference = next(r for r in references if r.number == decision.beaten_by)
                     scores = dict(exact)

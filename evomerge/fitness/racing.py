@@ -300,7 +300,9 @@ class Screen:
     racing positions in screening order (the informative items first, in racing order, then the
     others); ``counts[m]``, its informative items; ``gains`` and ``references`` restricted to the
     informative items (a metric without one leaves the race: its difference is at most 0 for sure); and
-    the ``chunks`` of informative items after which to decide, the last all of them. With
+    the ``chunks`` of informative items after which to decide, the last all of them. ``rest``:
+    for a candidate not stopped on them, the items in screening order (informative ones and the
+    first left-out ones) after which to decide exactly (:func:`restricted`), before all. With
     anchors, ``anchors[m]`` of metric ``m``'s informative items come first in ``positions[m]``,
     and ``clusters[m][i]`` is the anchor (its index among them) that predicts informative item
     ``i`` (screening order)."""
@@ -310,6 +312,7 @@ class Screen:
     gains: Gains
     references: list[Reference]
     chunks: list[dict[str, int]]
+    rest: list[dict[str, int]] = field(default_factory=list)
     anchors: dict[str, int] = field(default_factory=dict)
     clusters: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -327,26 +330,39 @@ def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Referen
         informative = np.any(values != best, axis=0) if best is not None else np.ones(values.shape[1], dtype=bool)
         positions[name] = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
         counts[name] = int(informative.sum())
-    raced = frozenset(m for m in gains.raced if counts[m] > 0)
+    raced = [m for m in sorted(gains.raced) if counts[m] > 0]
     anchors, clusters = {}, {}
     if racing.anchors:
         total = sum(counts.values())
-        for name in sorted(raced):
+        for name in raced:
             informative = positions[name][:counts[name]]
             values = np.stack([np.asarray(t.items[name], dtype=float)[informative] for t in trials])
             k = max(1, round(racing.anchors * counts[name] / total))
             medoids, assignment = anchor_items(values, k)
-            rest = np.setdiff1d(np.arange(counts[name]), medoids)  # both in racing order
-            order = np.concatenate([medoids, rest])
+            others = np.setdiff1d(np.arange(counts[name]), medoids)  # both in racing order
+            order = np.concatenate([medoids, others])
             positions[name] = np.concatenate([informative[order], positions[name][counts[name]:]])
             anchors[name] = len(medoids)
             clusters[name] = assignment[order]
+    left_out = racing.chunks({m: len(positions[m]) - counts[m] for m in sorted(gains.raced)})[:-1]
+    rest = [{m: counts[m] + chunk[m] for m in chunk} for chunk in left_out]
+    return Screen(positions, counts, *restricted(gains, references, positions, counts),
+                  racing.chunks({m: counts[m] for m in raced}), rest, anchors, clusters)
+
+
+def restricted(gains: Gains, references: Sequence[Reference], positions: Mapping[str, np.ndarray],
+               counts: Mapping[str, int]) -> tuple[Gains, list[Reference]]:
+    """The gains and ``references`` over each raced metric's first ``counts[m]`` items in
+    screening order ``positions[m]`` (its coefficient scaled by ``counts[m] / N_m``; a metric
+    with none leaves the race). With the informative items among them, the left-out ones
+    count as ties, so each gain is an upper bound of the true one (module docstring); once all
+    of them are scored, :func:`decide` on them is exact."""
+    raced = frozenset(m for m in gains.raced if counts[m] > 0)
     coefficients = [{m: b * (counts[m] / len(positions[m]) if m in gains.raced else 1.0) for m, b in k.items()
                      if m not in gains.raced or m in raced} for k in gains.coefficients]
-    restricted = [Reference(r.number, {m: np.asarray(r.items[m])[positions[m][:counts[m]]] for m in raced},
-                            r.scores) for r in references]
-    return Screen(positions, counts, Gains(coefficients, raced), restricted,
-                  racing.chunks({m: counts[m] for m in sorted(raced)}), anchors, clusters)
+    kept = [Reference(r.number, {m: np.asarray(r.items[m])[positions[m][:counts[m]]] for m in raced}, r.scores)
+            for r in references]
+    return Gains(coefficients, raced), kept
 
 
 def unbeatable(gains: Gains, name: str) -> float | None:

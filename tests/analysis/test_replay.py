@@ -133,7 +133,9 @@ def test_replay_leaves_out_references_with_other_item_counts_as_a_search_does():
     replay = replay_racing(study, fitness(), Racing(first=8, screen=2))
     by_number = {t.number: t for t in replay.trials}
     assert not by_number[6].stopped  # nothing of its count to race against: in full
-    assert not by_number[7].stopped  # its incumbent is the short trial, left out: nothing to race (as live)
+    # raced against trial 4 (all ones, the first of the equal bests; the short trial is left out),
+    # and stopped on the items trial 4 and the pool have right: it lost them
+    assert by_number[7].stopped and by_number[7].items < N
 
 
 def test_replay_script_prints_and_writes_rows(tmp_path, monkeypatch, capsys):
