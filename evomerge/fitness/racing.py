@@ -66,8 +66,11 @@ coefficients scaled by the informative share), and the last decision comes when 
 scored, with the exact gain on them. An item every trial got wrong stays informative: a
 candidate may be the first to get it right. What the window chooses is only how many items are
 left out: a left-out item the candidate would have lost hides that loss, which costs a stop,
-never a winner. A candidate that survives is scored on every item, and its values join the pool
-the next informative items are found from. A stopped candidate's estimate takes its own mean on
+never a winner. So a candidate that survives the informative items is then scored on the
+left-out ones in chunks (``Screen.rest``), each decision exact on the items scored so far with
+the others still counted as ties (:func:`restricted`): once its losses there pass its lead, it is
+stopped, with no risk. A candidate that survives them all is scored on every item, and its values
+join the pool the next informative items are found from. A stopped candidate's estimate takes its own mean on
 the informative items it scored for those it did not, and the references' (best) values on the
 others (optimistic there). (Screening as first built left out every item the trials agreed on,
 the wrong ones too; the replay found that it dropped winners: docs/benchmarks.md.)

@@ -107,6 +107,18 @@ def test_replay_screens_once_its_pool_is_full_and_keeps_a_winner_on_items_all_go
     assert not by_number[4].stopped and "0 false drops" in replay.summary()
 
 
+def test_replay_stops_a_survivor_on_the_left_out_items_it_lost():
+    """Trial 2 is 8 items ahead of trial 0 on the informative items (32-63) and has lost positions
+    0-23 of the left-out ones: with chunks of 8, it is level after 8 of them and stopped after 16."""
+    study = optuna.create_study(direction="maximize")
+    for values in [ones((0, 40)), ones((0, 32), (40, 48)), ones((24, 48))]:
+        study.add_trial(create_trial(value=float(np.mean(values)), params={}, distributions={},
+                                     user_attrs={RESULT: result(values)}))
+    replay = replay_racing(study, fitness(), Racing(first=8, screen=2))
+    slip = replay.trials[2]
+    assert slip.stopped and slip.items == 48 and slip.tokens == 5 * 48 and replay.false_drops == []
+
+
 def test_replay_with_anchors_stops_a_predicted_loser_after_its_anchors():
     """screen=2, anchors=1: of the 32 informative items (screening_study), the 16 that every
     trial got wrong are the largest group scored alike, so one anchor among them (position 48)

@@ -307,6 +307,21 @@ def test_screening_keeps_a_candidate_that_wins_items_every_trial_got_wrong():
     assert not race.stopped and race.items == {"a": 8} and race.scores["a"] == 5 / 8
 
 
+def test_a_survivor_of_the_informative_items_is_stopped_on_the_left_out_ones_it_loses():
+    """"slip" is one item ahead on the informative items (item 3) but loses items 2 and 4, which the
+    incumbent and the pool both have right: left out, scored after the informative ones (racing
+    order: items 2, 4, 5), and once its losses there pass its lead it is stopped, exactly."""
+    fitness, a, extra = screening_fitness()
+    incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
+    a.values["slip"], extra.values["slip"] = [1.0, 0, 0, 1, 0, 1, 0, 0], 1.0
+    plan = screen(fitness.gains, [incumbent], [pool, incumbent], fitness.racing)
+    assert plan.rest == [{"a": 6}, {"a": 7}]  # the left-out chunks (first 1, growth 2), before all 8
+    race = fitness.race(Model("slip"), None, [incumbent], pool=[pool, incumbent], cache_key="slip")
+    # after item 2 (lost): level, a tie; after item 4 (lost): one behind with item 5 to go, at most a tie
+    assert race.stopped and race.items == {"a": 7} and race.decision.upper[1] == [pytest.approx(-1 / 8)]
+    assert race.scores["a"] == pytest.approx(3 / 8)  # item 5 left: the incumbent's value, 1
+
+
 @given(st.lists(st.tuples(*[st.sampled_from([0.0, 1.0])] * 4), min_size=2, max_size=24))
 @settings(max_examples=100, deadline=None)
 def test_the_gain_on_the_informative_items_bounds_the_true_gain(columns):
