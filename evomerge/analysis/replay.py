@@ -14,8 +14,8 @@ estimate, the items being a random sample of the metric's), and whether the drop
 replay's incumbent above 0; several objectives: no kept trial dominates it). Trials that were
 not scored in full (pruned, failed, a repeated plan) or recorded no per-item values are skipped.
 With ``racing.screen``, a trial is raced on the informative items of the last ``screen`` kept
-trials and the references, as a screening search would (:mod:`evomerge.fitness.racing`), and
-with ``racing.anchors`` its anchors decide first.
+trials and the references, then exactly on the left-out ones, as a screening search would
+(:mod:`evomerge.fitness.racing`), and with ``racing.anchors`` its anchors decide first.
 """
 
 from __future__ import annotations

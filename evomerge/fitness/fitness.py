@@ -187,8 +187,9 @@ class Fitness:
         raced metrics' per-item values in racing order; one whose item counts differ from this
         fitness's is ignored. Without references the candidate is scored in full. With
         ``racing.screen`` and a ``pool`` (the last fully scored trials, as references), the
-        candidate is raced on all items but those on which every trial of ``pool`` and
-        ``references`` has the best value (screening: :mod:`~evomerge.fitness.racing`). A
+        candidate is raced first on all items but those on which every trial of ``pool`` and
+        ``references`` has the best value, then exactly on those (screening:
+        :mod:`~evomerge.fitness.racing`). A
         survivor's scores are cached under ``cache_key`` as :meth:`evaluate`'s, and a cached
         candidate is not scored again. Raises FitnessError when a raced metric's item is not a
         number in [0, 1].
@@ -230,7 +231,8 @@ class Fitness:
 
     def _screen(self, model: nn.Module, tokenizer: Any, gains: Gains, exact: dict[str, float],
                 references: Sequence[Reference], pool: Sequence[Reference], items: dict[str, list[Any]]) -> Race:
-        """Racing on the informative items (screening): a stopped candidate's :class:`Race`, whose
+        """Racing on the informative items, then exactly on the left-out ones (screening): a
+        stopped candidate's :class:`Race`, whose
         scores complete the items not scored (:func:`_completed`); a survivor's values
         of every raced metric's items, all scored, end in ``items`` (racing order) and its
         returned Race carries only the last decision."""
@@ -370,7 +372,8 @@ class Fitness:
 def _completed(scored: list[Any], informative: int, reference: np.ndarray, positions: np.ndarray,
                prediction: np.ndarray | None = None) -> list[float]:
     """A screened candidate's values of one metric, completed for its estimate: ``scored`` (the
-    first informative items, in screening order ``positions``), then, for the informative items
+    first items in screening order ``positions``: informative ones, then perhaps some of the
+    left-out ones), then, for the informative items
     it did not score, their ``prediction`` from the anchors (all informative items, screening
     order) or else its mean on the scored ones (the reference's values when it scored none), then
     the reference's values on the others (the best value: the candidate's are at most that)."""

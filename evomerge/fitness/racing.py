@@ -70,10 +70,11 @@ never a winner. So a candidate that survives the informative items is then score
 left-out ones in chunks (``Screen.rest``), each decision exact on the items scored so far with
 the others still counted as ties (:func:`restricted`): once its losses there pass its lead, it is
 stopped, with no risk. A candidate that survives them all is scored on every item, and its values
-join the pool the next informative items are found from. A stopped candidate's estimate takes its own mean on
-the informative items it scored for those it did not, and the references' (best) values on the
-others (optimistic there). (Screening as first built left out every item the trials agreed on,
-the wrong ones too; the replay found that it dropped winners: docs/benchmarks.md.)
+join the pool the next informative items are found from. A stopped candidate's estimate takes its
+own mean on the informative items it scored for those it did not, its own values on the left-out
+items it scored, and the references' (best) values on the others (optimistic there). (Screening as
+first built left out every item the trials agreed on, the wrong ones too; the replay found that it
+dropped winners: docs/benchmarks.md.)
 
 Anchors (``anchors: K``, with screening; off by default). Item selection in the manner of
 tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clustered by how the

@@ -32,6 +32,7 @@ JOURNAL_PREFIX = "journal:"
 GRACE = 3  # missed heartbeats after which a running trial's worker counts as dead
 MAX_RETRY = 1  # a dead worker's trial runs again once (a candidate that kills its worker fails twice)
 STORAGE_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)  # the database went away
+SQLITE_BUSY_TIMEOUT = 30  # seconds a SQLite connection waits for another's write lock (pysqlite: 5)
 CREATE_ATTEMPTS = 5  # openings of a new database that lose the race to create its tables are retried
 
 
@@ -88,7 +89,8 @@ def open_storage(url: str, *, heartbeat: int | None = None) -> optuna.storages.B
     if heartbeat is not None:
         options = {"heartbeat_interval": heartbeat, "grace_period": GRACE * heartbeat,
                    "heartbeat_stale_trial_callback": RETRY}
-    engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else None
+    engine = ({"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else
+              {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if url.startswith("sqlite") else None)
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with warnings.catch_warnings():
