@@ -189,10 +189,9 @@ class Fitness:
         ``racing.screen`` and a ``pool`` (the last fully scored trials, as references), the
         candidate is raced first on all items but those on which every trial of ``pool`` and
         ``references`` has the best value, then exactly on those (screening:
-        :mod:`~evomerge.fitness.racing`). A
-        survivor's scores are cached under ``cache_key`` as :meth:`evaluate`'s, and a cached
-        candidate is not scored again. Raises FitnessError when a raced metric's item is not a
-        number in [0, 1].
+        :mod:`~evomerge.fitness.racing`). A survivor's scores are cached under ``cache_key`` as
+        :meth:`evaluate`'s, and a cached candidate is not scored again. Raises FitnessError when
+        a raced metric's item is not a number in [0, 1].
         """
         if self.racing is None:
             raise ValueError("this fitness has no racing settings")
@@ -232,10 +231,9 @@ class Fitness:
     def _screen(self, model: nn.Module, tokenizer: Any, gains: Gains, exact: dict[str, float],
                 references: Sequence[Reference], pool: Sequence[Reference], items: dict[str, list[Any]]) -> Race:
         """Racing on the informative items, then exactly on the left-out ones (screening): a
-        stopped candidate's :class:`Race`, whose
-        scores complete the items not scored (:func:`_completed`); a survivor's values
-        of every raced metric's items, all scored, end in ``items`` (racing order) and its
-        returned Race carries only the last decision."""
+        stopped candidate's :class:`Race`, whose scores complete the items not scored
+        (:func:`_completed`); a survivor's values of every raced metric's items, all scored, end
+        in ``items`` (racing order) and its returned Race carries only the last decision."""
         names = sorted(gains.raced)
         plan = screen(gains, references, pool, self.racing)
         values: dict[str, list[Any]] = {name: [] for name in names}

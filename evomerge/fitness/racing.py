@@ -303,11 +303,11 @@ class Screen:
     """A candidate's race under screening (module docstring): ``positions[m]``, metric ``m``'s
     racing positions in screening order (the informative items first, in racing order, then the
     others); ``counts[m]``, its informative items; ``gains`` and ``references`` restricted to the
-    informative items (a metric without one leaves the race: its difference is at most 0 for sure); and
-    the ``chunks`` of informative items after which to decide, the last all of them. ``rest``:
-    for a candidate not stopped on them, the items in screening order (informative ones and the
-    first left-out ones) after which to decide exactly (:func:`restricted`), before all. With
-    anchors, ``anchors[m]`` of metric ``m``'s informative items come first in ``positions[m]``,
+    informative items (a metric without one leaves the race: its difference is at most 0 for
+    sure); and the ``chunks`` of informative items after which to decide, the last all of them.
+    ``rest``: for a candidate not stopped on them, the items in screening order (informative ones
+    and the first left-out ones) after which to decide exactly (:func:`restricted`), before all.
+    With anchors, ``anchors[m]`` of metric ``m``'s informative items come first in ``positions[m]``,
     and ``clusters[m][i]`` is the anchor (its index among them) that predicts informative item
     ``i`` (screening order)."""
 
@@ -374,7 +374,9 @@ def unbeatable(gains: Gains, name: str) -> float | None:
     every objective with a nonzero coefficient of it wants it higher, 0 when they all want it
     lower, None when they disagree or none uses it."""
     signs = {math.copysign(1.0, k[name]) for k in gains.coefficients if k.get(name)}
-    return {frozenset([1.0]): 1.0, frozenset([-1.0]): 0.0}.get(frozenset(signs))
+    if signs == {1.0}:
+        return 1.0
+    return 0.0 if signs == {-1.0} else None
 
 
 def anchor_items(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
