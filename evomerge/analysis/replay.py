@@ -20,6 +20,7 @@ trials and the references, then exactly on the left-out ones, as a screening sea
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,12 +125,12 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
                 if len(pool) == racing.screen else [])
         stop_at = None
         if reference_trials and pool:  # screening: the informative items, in screening order
-            plan = screen(gains, [references[t.number] for t in reference_trials], pool, racing)
+            chosen = [references[t.number] for t in reference_trials]
+            plan = screen(gains, chosen, pool, racing)
             if plan.anchors and estimate(plan, _scored(items, plan, plan.anchors), records.metrics).stop:
                 stop_at = {name: plan.anchors.get(name, 0) for name in raced}
-            steps = [(chunk, plan.gains, plan.references) for chunk in plan.chunks]
-            steps += [(chunk, *restricted(gains, [references[t.number] for t in reference_trials], plan.positions,
-                                          chunk)) for chunk in plan.rest]
+            steps = itertools.chain(((chunk, plan.gains, plan.references) for chunk in plan.chunks),
+                                    ((chunk, *restricted(gains, chosen, plan.positions, chunk)) for chunk in plan.rest))
             for chunk, chunk_gains, chunk_references in steps if stop_at is None else []:
                 if decide(chunk_gains, _scored(items, plan, chunk), records.metrics, chunk_references,
                           racing.confidence).stop:
