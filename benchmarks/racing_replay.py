@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="screening: the last trials that decide the informative items (default 0: off)")
     parser.add_argument("--anchors", type=int, action="append",
                         help="with --screen: informative items scored first to predict the rest (default 0: off)")
+    parser.add_argument("--probe", type=int, action="append",
+                        help="with --screen: left-out items every candidate scores first (default 0: none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -54,16 +56,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fitness = load_fitness(spec if isinstance(spec, dict) else Path(spec))
     study = open_study(*locate_study(args.experiment, args.study, args.storage))
     rows = []
-    for first, growth, confidence, seed, screen, anchors in itertools.product(
+    for first, growth, confidence, seed, screen, anchors, probe in itertools.product(
             args.first or [32], args.growth or [2.0], args.confidence or [0.99], args.seed or [0], args.screen or [0],
-            args.anchors or [0]):
-        if anchors and not screen:  # anchors are chosen from the screening trials
+            args.anchors or [0], args.probe or [0]):
+        if (anchors or probe) and not screen:  # both are drawn from what screening finds
             continue
         replay = replay_racing(study, fitness, Racing(first=first, growth=growth, confidence=confidence, seed=seed,
-                                                      screen=screen, anchors=anchors))
+                                                      screen=screen, anchors=anchors, probe=probe))
         print(replay.summary())
         rows.append({"first": first, "growth": growth, "confidence": confidence, "seed": seed, "screen": screen,
-                     "anchors": anchors,
+                     "anchors": anchors, "probe": probe,
                      **replay.totals(), "false_drop_trials": replay.false_drops, "skipped": len(replay.skipped)})
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -15,12 +15,14 @@ replay's incumbent above 0; several objectives: no kept trial dominates it). Tri
 not scored in full (pruned, failed, a repeated plan) or recorded no per-item values are skipped.
 With ``racing.screen``, a trial is raced on the informative items of the last ``screen`` kept
 trials and the references, then exactly on the left-out ones, as a screening search would
-(:mod:`evomerge.fitness.racing`), and with ``racing.anchors`` its anchors decide first.
+(:mod:`evomerge.fitness.racing`; with ``racing.probe``, its probe first), and with
+``racing.anchors`` its anchors decide first. A trial stopped under screening also records the
+estimate a search would have handed its sampler, next to its value in full: how far the two
+part (:meth:`Replay.estimate_error`) is what the sampler is misled by.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +32,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.fitness import Fitness, Racing
-from evomerge.fitness.racing import Reference, Screen, decide, estimate, in_item_order, restricted, screen
+from evomerge.fitness.racing import Reference, Screen, completions, decide, decide_step, in_item_order, screen
 from evomerge.search.driver import best_of
 from evomerge.search.records import TrialRecords, trial_records
 
@@ -48,6 +50,8 @@ class Replayed:
     stopped: bool
     false_drop: bool
     lead: float | None = None  # a false drop's lead over the replay's incumbent (one objective)
+    estimate: float | None = None  # a trial stopped under screening: the estimate a search would report (one objective)
+    value: float | None = None  # its value in full (one objective)
 
 
 @dataclass(frozen=True)
@@ -68,29 +72,44 @@ class Replay:
         leads = [t.lead for t in self.trials if t.false_drop and t.lead is not None]
         return max(leads) if leads else None
 
+    def estimate_error(self) -> tuple[float, float] | None:
+        """How the estimates of trials stopped under screening, which a sampler learns from, match
+        their values in full: (mean estimate − value, the rank correlation of the two); None with
+        fewer than 3 such trials. A sampler like CMA-ES ranks trials, so the rank correlation is
+        what it sees; a bias growing with the distance to the incumbent lowers it."""
+        pairs = np.array([(t.estimate, t.value) for t in self.trials if t.estimate is not None and t.value is not None])
+        if len(pairs) < 3:
+            return None
+        return float(np.mean(pairs[:, 0] - pairs[:, 1])), rank_correlation(pairs[:, 0], pairs[:, 1])
+
     def totals(self) -> dict[str, float]:
-        """Items and tokens with racing and in full, their ratios, and the trials stopped."""
+        """Items and tokens with racing and in full, their ratios, the trials stopped and the
+        estimates' error (:meth:`estimate_error`, None when there is none)."""
         items, full = sum(t.items for t in self.trials), sum(t.full_items for t in self.trials)
         tokens, full_tokens = sum(t.tokens for t in self.trials), sum(t.full_tokens for t in self.trials)
+        error = self.estimate_error()
         return {"trials": len(self.trials), "stopped": sum(t.stopped for t in self.trials),
                 "false_drops": len(self.false_drops), "largest_lead": self.largest_lead,
                 "items": items, "full_items": full,
                 "items_ratio": full / items if items else 0.0, "tokens": tokens, "full_tokens": full_tokens,
-                "tokens_ratio": full_tokens / tokens if tokens else 0.0}
+                "tokens_ratio": full_tokens / tokens if tokens else 0.0,
+                "estimate_bias": error[0] if error else None, "estimate_rank_correlation": error[1] if error else None}
 
     def summary(self) -> str:
         """Two lines for a person."""
         t = self.totals()
         racing = self.racing
         return (f"racing first={racing.first} growth={racing.growth} confidence={racing.confidence} "
-                f"seed={racing.seed} screen={racing.screen} anchors={racing.anchors}: "
+                f"seed={racing.seed} screen={racing.screen} probe={racing.probe} anchors={racing.anchors}: "
                 f"{t['stopped']} of {t['trials']} trials stopped "
                 f"({len(self.skipped)} skipped), {t['false_drops']} false drops"
                 + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "")
                 + (f", the largest leading the incumbent by {self.largest_lead:.4g}" if self.largest_lead else "")
                 + "\n"
                 f"items {t['items']:,} of {t['full_items']:,} ({t['items_ratio']:.2f}x fewer), "
-                f"tokens {t['tokens']:,.0f} of {t['full_tokens']:,.0f} ({t['tokens_ratio']:.2f}x fewer)")
+                f"tokens {t['tokens']:,.0f} of {t['full_tokens']:,.0f} ({t['tokens_ratio']:.2f}x fewer)"
+                + (f"; stopped trials' estimates: bias {t['estimate_bias']:+.3f}, rank correlation with their "
+                   f"values {t['estimate_rank_correlation']:.2f}" if t["estimate_bias"] is not None else ""))
 
 
 def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness, racing: Racing,
@@ -124,17 +143,17 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
         pool = ([references[t.number] for t in pool if _same_sizes(references[t.number], sizes)]
                 if len(pool) == racing.screen else [])
         stop_at = None
-        if reference_trials and pool:  # screening: the informative items, in screening order
+        estimate_value = None
+        if reference_trials and pool:  # screening: the probe and the informative items, in screening order
             chosen = [references[t.number] for t in reference_trials]
             plan = screen(gains, chosen, pool, racing)
-            if plan.anchors and estimate(plan, _scored(items, plan, plan.anchors), records.metrics).stop:
-                stop_at = {name: plan.anchors.get(name, 0) for name in raced}
-            steps = itertools.chain(((chunk, plan.gains, plan.references) for chunk in plan.chunks),
-                                    ((chunk, *restricted(gains, chosen, plan.positions, chunk)) for chunk in plan.rest))
-            for chunk, chunk_gains, chunk_references in steps if stop_at is None else []:
-                if decide(chunk_gains, _scored(items, plan, chunk), records.metrics, chunk_references,
-                          racing.confidence).stop:
-                    stop_at = {name: max(chunk.get(name, 0), plan.anchors.get(name, 0)) for name in raced}
+            for step, chunk in enumerate(plan.steps):
+                scored = _scored(items, plan, chunk)
+                decision = decide_step(plan, step, scored, records.metrics, racing.confidence)
+                if decision.stop:
+                    stop_at = chunk
+                    beaten_by = references[decision.beaten_by]
+                    estimate_value = _estimate(fitness, plan, scored, beaten_by, records.metrics)
                     break
         elif reference_trials:
             for chunk in racing.chunks(sizes)[:-1]:
@@ -150,7 +169,7 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
         counts = _counts(fitness, records, stop_at, exact)
         replayed.append(Replayed(trial.number, sum(counts.values()), sum(_full(records).values()),
                                  _tokens(records, counts), _tokens(records, _full(records)), stop_at is not None,
-                                 false_drop, lead))
+                                 false_drop, lead, estimate_value, trial.values[0] if len(directions) == 1 else None))
         if stop_at is None:
             kept.append(trial)
             references[trial.number] = Reference(trial.number, items, records.metrics)
@@ -160,6 +179,17 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
 def _scored(items: dict[str, np.ndarray], plan: Screen, chunk: dict[str, int]) -> dict[str, np.ndarray]:
     """A trial's values (racing order) of the first ``chunk[m]`` items of each metric in screening order."""
     return {name: items[name][plan.positions[name][:n]] for name, n in chunk.items()}
+
+
+def _estimate(fitness: Fitness, plan: Screen, scored: dict[str, np.ndarray], reference: Reference,
+              metrics: dict[str, float]) -> float | None:
+    """A stopped trial's estimate, as :meth:`Fitness.race` reports it (one objective; else None)."""
+    if len(fitness.directions) != 1:
+        return None
+    scores = dict(metrics)
+    for name, values in completions(plan, scored, reference).items():
+        scores.update(fitness.metrics[name].aggregate(values))
+    return fitness.objectives(scores)[0]
 
 
 def _same_sizes(reference: Reference, sizes: dict[str, int]) -> bool:
@@ -199,3 +229,17 @@ def _would_lead(trial: FrozenTrial, references: list[FrozenTrial], directions: S
     if len(directions) == 1:
         return all(mine[0] > other[0] for other in theirs)
     return not any(all(o >= m for o, m in zip(other, mine)) for other in theirs)
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (tied values share their mean rank); 0
+    when either is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    scale = float(np.sqrt(np.sum(rx ** 2) * np.sum(ry ** 2)))
+    return float(np.sum(rx * ry)) / scale if scale else 0.0
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    _, inverse, counts = np.unique(np.asarray(values, dtype=float), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inverse]

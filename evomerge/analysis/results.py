@@ -97,11 +97,14 @@ def cost_lines(records: list[TrialRecords]) -> list[str]:
         screened = [r for r in raced if "informative" in r.race]
         if screened:
             informative = sorted(r.race["informative"] for r in screened)
-            on_left_out = sum(r.raced_out and r.race["items"] > r.race["informative"] for r in screened)
+            probe = sorted(r.race.get("probe", 0) for r in screened)
+            on_left_out = sum(r.raced_out and r.race["items"] > r.race["informative"] + r.race.get("probe", 0)
+                              for r in screened)
             lines.append(f"screening: {len(screened)} trials raced on the informative items first (median "
-                         f"{informative[len(informative) // 2]:,}), {sum(r.raced_out for r in screened)} of them "
-                         f"stopped, {on_left_out} of those on the left-out items (which the screening trials "
-                         "all had right)")
+                         f"{informative[len(informative) // 2]:,}"
+                         + (f", after a probe of {probe[len(probe) // 2]:,} left-out items" if probe[-1] else "")
+                         + f"), {sum(r.raced_out for r in screened)} of them stopped, {on_left_out} of those on the "
+                         "left-out items (which the screening trials all had right)")
         by_anchors = [r for r in screened if r.race.get("estimated")]
         if by_anchors:
             lines.append(f"anchors: {len(by_anchors)} of them stopped on their anchors' prediction (median "

@@ -81,6 +81,7 @@ class RacingSpec(_Strict):
     seed: NonNegativeInt = 0  # of the item order
     screen: NonNegativeInt = 0  # screening: the last trials that decide the informative items (0: off)
     anchors: NonNegativeInt = 0  # with screen: informative items scored first to predict the rest (0: off)
+    probe: NonNegativeInt = 0  # with screen: left-out items every candidate scores first (0: none)
 
 
 class FitnessSpec(_Strict):
@@ -124,6 +125,9 @@ def load_fitness(source: str | Path | dict[str, Any], base_dir: str | Path | Non
         fail(("racing",), "racing replaces stages (the median pruner): give one of them")
     if spec.racing is not None and spec.racing.anchors and not spec.racing.screen:
         fail(("racing", "anchors"), "anchors need screening: give racing.screen too (the trials they are chosen from)")
+    if spec.racing is not None and spec.racing.probe and not spec.racing.screen:
+        fail(("racing", "probe"), "a probe needs screening: give racing.screen too (it is drawn from the items "
+             "screening leaves out)")
     builder = _Builder(spec, base, limit, fail)
     metrics = [builder.metric(name, raw) for name, raw in spec.metrics.items()]
     racing = Racing(**spec.racing.model_dump()) if spec.racing is not None else None

@@ -41,8 +41,8 @@ from torch import nn
 from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Direction, Metric, scoring
 from evomerge.fitness.cache import ScoreCache
-from evomerge.fitness.racing import (Decision, Gains, Racing, Reference, decide, estimate, item_order, predicted,
-                                     restricted, screen)
+from evomerge.fitness.racing import (Decision, Gains, Racing, Reference, completions, decide, decide_step, item_order,
+                                     screen)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class Race:
     """The outcome of :meth:`Fitness.race`: ``scores`` of every metric when the candidate ran to
     the end, else (``stopped``) of the optimized metrics on the items scored, whose objective
     values are ``estimate``; ``decision``: the last decision taken (None when none was);
-    ``items``: the items of each raced metric scored; ``informative``: with screening, the
-    informative items of all raced metrics (None without)."""
+    ``items``: the items of each raced metric scored; ``informative`` and ``probe``: with screening,
+    the informative items and the probe of all raced metrics (None without)."""
 
     scores: dict[str, float]
     stopped: bool
@@ -74,6 +74,7 @@ class Race:
     decision: Decision | None
     items: dict[str, int]
     informative: int | None = None
+    probe: int | None = None
 
 
 class Fitness:
@@ -205,7 +206,7 @@ class Fitness:
         items = self._item_store(cache_key, "search")
         references, pool = ([r for r in group if all(len(r.items.get(name, ())) == n for name, n in sizes.items())]
                             for group in (references, pool))
-        decision, informative = None, None
+        decision, informative, probe = None, None, None
         if references:
             exact = self._score_counts(model, tokenizer, "search", items,
                                        {m.name: m.num_items("search") for m in self._optimized
@@ -214,7 +215,7 @@ class Fitness:
                 screened = self._screen(model, tokenizer, gains, exact, references, pool, items)
                 if screened.stopped:
                     return screened
-                decision, informative = screened.decision, screened.informative
+                decision, informative, probe = screened.decision, screened.informative, screened.probe
             else:
                 for chunk in self.racing.chunks(sizes)[:-1]:
                     scores = {**exact, **self._score_counts(model, tokenizer, "search", items, chunk)}
@@ -226,14 +227,15 @@ class Fitness:
         scores = self._score(model, tokenizer, "search", 1.0, items)
         if cache_key is not None:
             self._cache.put(cache_key, "search", 1.0, scores)
-        return Race(scores, False, self.objectives(scores), decision, sizes, informative)
+        return Race(scores, False, self.objectives(scores), decision, sizes, informative, probe)
 
     def _screen(self, model: nn.Module, tokenizer: Any, gains: Gains, exact: dict[str, float],
                 references: Sequence[Reference], pool: Sequence[Reference], items: dict[str, list[Any]]) -> Race:
-        """Racing on the informative items, then exactly on the left-out ones (screening): a
-        stopped candidate's :class:`Race`, whose scores complete the items not scored
-        (:func:`_completed`); a survivor's values of every raced metric's items, all scored, end
-        in ``items`` (racing order) and its returned Race carries only the last decision."""
+        """Racing under screening (:func:`~evomerge.fitness.racing.screen`): the probe and the
+        informative items, then the left-out ones. A stopped candidate's :class:`Race`, whose
+        scores complete the items not scored (:func:`~evomerge.fitness.racing.completions`); a
+        survivor's values of every raced metric's items, all scored, end in ``items`` (racing
+        order) and its returned Race carries only the last decision."""
         names = sorted(gains.raced)
         plan = screen(gains, references, pool, self.racing)
         values: dict[str, list[Any]] = {name: [] for name in names}
@@ -242,27 +244,19 @@ class Fitness:
         try:
             for name in names:  # the metric scores in screening order while it is raced
                 self.metrics[name].item_order = racing_orders[name][plan.positions[name]]
-            steps = ([(plan.anchors, "anchors")] if plan.anchors else []) + [(c, "informative") for c in plan.chunks]
-            for chunk, step in steps + [(c, "left out") for c in plan.rest]:
+            for step, chunk in enumerate(plan.steps):
                 for name, n in chunk.items():
                     self._extend(self.metrics[name], model, tokenizer, "search", values[name], n)
-                scored = {name: self._unit_values(name, values[name][:n]) for name, n in chunk.items()}
-                if step == "anchors":
-                    decision = estimate(plan, scored, exact)
-                else:
-                    chunk_gains, chunk_references = ((plan.gains, plan.references) if step == "informative" else
-                                                     restricted(gains, references, plan.positions, chunk))
-                    decision = decide(chunk_gains, scored, exact, chunk_references, self.racing.confidence)
+                scored = {name: self._unit_values(name, values[name]) for name in names}
+                decision = decide_step(plan, step, scored, exact, self.racing.confidence)
                 if decision.stop:
                     reference = next(r for r in references if r.number == decision.beaten_by)
                     scores = dict(exact)
-                    for name in names:
-                        prediction = (predicted(plan, name, values[name][:plan.anchors[name]])
-                                      if name in plan.anchors else None)
-                        scores.update(self.metrics[name].aggregate(_completed(
-                            values[name], plan.counts[name], reference.items[name], plan.positions[name], prediction)))
+                    for name, completed in completions(plan, scored, reference).items():
+                        scores.update(self.metrics[name].aggregate(completed))
                     return Race(scores, True, self.objectives(scores), decision,
-                                {name: len(values[name]) for name in names}, sum(plan.counts.values()))
+                                {name: len(values[name]) for name in names}, sum(plan.counts.values()),
+                                sum(plan.probe.values()))
             for name in names:
                 self._extend(self.metrics[name], model, tokenizer, "search", values[name], len(plan.positions[name]))
         finally:
@@ -274,7 +268,7 @@ class Fitness:
                 ordered[position] = value
             items[name] = ordered
         return Race({}, False, [], decision, {name: len(plan.positions[name]) for name in names},
-                    sum(plan.counts.values()))
+                    sum(plan.counts.values()), sum(plan.probe.values()))
 
     def item_values(self, cache_key: str, split: str = "search") -> dict[str, list[float]]:
         """The per-item values of candidate ``cache_key`` on ``split`` kept from its scoring, in
@@ -365,20 +359,3 @@ class Fitness:
             entry.items += count - first
             entry.tokens += metric.tokens_scored - tokens
             entry.seconds += seconds
-
-
-def _completed(scored: list[Any], informative: int, reference: np.ndarray, positions: np.ndarray,
-               prediction: np.ndarray | None = None) -> list[float]:
-    """A screened candidate's values of one metric, completed for its estimate: ``scored`` (the
-    first items in screening order ``positions``: informative ones, then perhaps some of the
-    left-out ones), then, for the informative items
-    it did not score, their ``prediction`` from the anchors (all informative items, screening
-    order) or else its mean on the scored ones (the reference's values when it scored none), then
-    the reference's values on the others (the best value: the candidate's are at most that)."""
-    values = [float(v) for v in scored]
-    missing = positions[len(values):informative]
-    if prediction is not None:
-        filler = [float(v) for v in prediction[len(values):informative]]
-    else:
-        filler = [float(np.mean(values))] * len(missing) if values else np.asarray(reference)[missing].tolist()
-    return values + filler + np.asarray(reference)[positions[max(informative, len(values)):]].tolist()

@@ -67,14 +67,24 @@ scored, with the exact gain on them. An item every trial got wrong stays informa
 candidate may be the first to get it right. What the window chooses is only how many items are
 left out: a left-out item the candidate would have lost hides that loss, which costs a stop,
 never a winner. So a candidate that survives the informative items is then scored on the
-left-out ones in chunks (``Screen.rest``), each decision exact on the items scored so far with
-the others still counted as ties (:func:`restricted`): once its losses there pass its lead, it is
-stopped, with no risk. A candidate that survives them all is scored on every item, and its values
-join the pool the next informative items are found from. A stopped candidate's estimate takes its
-own mean on the informative items it scored for those it did not, its own values on the left-out
-items it scored, and the references' (best) values on the others (optimistic there). (Screening as
-first built left out every item the trials agreed on, the wrong ones too; the replay found that it
-dropped winners: docs/benchmarks.md.)
+left-out ones in chunks, each decision exact on the items scored so far with the others still
+counted as ties (:func:`decide_screened`): once its losses there pass its lead, it is stopped,
+with no risk. A candidate that survives them all is scored on every item, and its values join
+the pool the next informative items are found from.
+
+The probe (``probe: P``, with screening). A stopped candidate's *estimate* is what the sampler
+learns from (``evomerge.search.samplers``): its own mean on the informative items it scored for
+those it did not, and for the left-out items it did not score its mean on the left-out items it
+did (:func:`completed`). Without a probe a candidate stopped on the informative items has
+scored none of them, and they take the references' best values: a candidate far from the
+incumbent, which loses many of them, is ranked as if it had kept them all, and a search whose
+candidates are mostly stopped can drift where its estimates are most optimistic (measured:
+docs/benchmarks.md). The probe is the first ``P`` left-out items in racing order (each metric
+its share of them, :func:`shares`), a simple random sample of them, which every screened
+candidate scores first: its mean there estimates the others without bias, and its exact
+difference there enters every decision (a candidate that loses the probe is stopped sooner).
+(Screening as first built left out every item the trials agreed on, the wrong ones too; the
+replay found that it dropped winners: docs/benchmarks.md.)
 
 Anchors (``anchors: K``, with screening; off by default). Item selection in the manner of
 tinyBenchmarks' anchor points (Polo et al., 2024): the informative items are clustered by how the
@@ -120,7 +130,9 @@ class Racing:
     evaluation would make the incumbent is stopped (module docstring). ``seed``: of the item order.
     ``screen``: the trials, besides the references, that decide which items are informative
     (screening, module docstring; 0: off). ``anchors``: the informative items, over all raced
-    metrics, scored first to predict the others (anchors, module docstring; 0: off).
+    metrics, scored first to predict the others (anchors, module docstring; 0: off). ``probe``:
+    with screening, the left-out items, over all raced metrics, every candidate scores first (the
+    probe, module docstring; 0: none).
     """
 
     first: int = 32
@@ -129,6 +141,7 @@ class Racing:
     seed: int = 0
     screen: int = 0
     anchors: int = 0
+    probe: int = 0
 
     def __post_init__(self) -> None:
         if self.first < 1:
@@ -143,6 +156,10 @@ class Racing:
             raise ValueError(f"racing.screen must be at least 0 (0: off), got {self.screen}")
         if self.anchors < 0:
             raise ValueError(f"racing.anchors must be at least 0 (0: off), got {self.anchors}")
+        if self.probe < 0:
+            raise ValueError(f"racing.probe must be at least 0 (0: none), got {self.probe}")
+        if self.probe and not self.screen:
+            raise ValueError("racing.probe needs racing.screen: the probe is drawn from the items screening leaves out")
         if self.anchors and not self.screen:
             raise ValueError("racing.anchors needs racing.screen: the anchors are chosen from the screening trials")
 
@@ -156,13 +173,21 @@ class Racing:
             end *= self.growth
         chunks: list[dict[str, int]] = []
         for end in ends:
-            chunk = {name: min(size, max(1, math.ceil(end * size / total - 1e-9))) for name, size in sizes.items()}
+            chunk = shares(end, sizes)
             if not chunks or chunk != chunks[-1]:
                 chunks.append(chunk)
         full = dict(sizes)
         if not chunks or chunks[-1] != full:
             chunks.append(full)
         return chunks
+
+
+def shares(count: float, sizes: Mapping[str, int]) -> dict[str, int]:
+    """``count`` items split over metrics of ``sizes`` items by their share of all of them: each
+    metric ``ceil(count · size / total)``, at least one while it has any, at most its size."""
+    total = sum(sizes.values())
+    return {name: min(size, max(1, math.ceil(count * size / total - 1e-9))) if size else 0
+            for name, size in sizes.items()}
 
 
 def item_order(size: int, seed: int) -> np.ndarray:
@@ -280,9 +305,12 @@ class Decision:
 
 
 def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mapping[str, float],
-           references: Sequence[Reference], confidence: float) -> Decision:
+           references: Sequence[Reference], confidence: float,
+           known: Mapping[int, Sequence[float]] | None = None) -> Decision:
     """Whether to stop a candidate whose raced metrics' first items (racing order) are
-    ``candidate`` and whose other optimized metrics scored ``exact``, against ``references``."""
+    ``candidate`` and whose other optimized metrics scored ``exact``, against ``references``.
+    ``known[r][k]``: a part of gain ``k`` over reference ``r`` known exactly that ``gains`` do
+    not hold (screening: the probe's)."""
     if not references:
         return Decision(False)
     raced = [m for m in gains.raced if any(c.get(m) for c in gains.coefficients)]
@@ -290,8 +318,9 @@ def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mappin
     upper: dict[int, list[float]] = {}
     for reference in references:
         bounds = {m: difference_bounds(candidate[m], reference.items[m], alpha) for m in raced}
+        offsets = known[reference.number] if known is not None else [0.0] * len(gains.coefficients)
         upper[reference.number] = [
-            gains.exact(k, exact, reference)
+            offsets[k] + gains.exact(k, exact, reference)
             + sum(b * bounds[m][1 if b > 0 else 0] for m, b in coefficients.items() if m in gains.raced)
             for k, coefficients in enumerate(gains.coefficients)]
     beaten_by = next((number for number, bounds in upper.items() if all(u < -TIE for u in bounds)), None)
@@ -300,73 +329,156 @@ def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mappin
 
 @dataclass(frozen=True)
 class Screen:
-    """A candidate's race under screening (module docstring): ``positions[m]``, metric ``m``'s
-    racing positions in screening order (the informative items first, in racing order, then the
-    others); ``counts[m]``, its informative items; ``gains`` and ``references`` restricted to the
-    informative items (a metric without one leaves the race: its difference is at most 0 for
-    sure); and the ``chunks`` of informative items after which to decide, the last all of them.
-    ``rest``: for a candidate not stopped on them, the items in screening order (informative ones
-    and the first left-out ones) after which to decide exactly (:func:`restricted`), before all.
-    With anchors, ``anchors[m]`` of metric ``m``'s informative items come first in ``positions[m]``,
-    and ``clusters[m][i]`` is the anchor (its index among them) that predicts informative item
-    ``i`` (screening order)."""
+    """A candidate's race under screening (module docstring). ``positions[m]``: metric ``m``'s
+    racing positions in screening order: its ``probe[m]`` probe items, its ``counts[m]``
+    informative items (in racing order; with anchors, its ``anchors[m]`` anchors first), then the
+    other left-out items (racing order). ``gains`` and ``references``: those of the whole race.
+    ``steps``: the items of each metric, a prefix of screening order, after which to decide
+    (:func:`decide_screened`): while the informative items are raced (the first, with anchors,
+    decided by their prediction, :func:`estimate`; the last, all informative items), then on the
+    left-out items (``left_out``: the index of the first such step), before all.
+    ``clusters[m][i]``: the anchor (its index among them) that predicts informative item ``i``."""
 
     positions: dict[str, np.ndarray]
+    probe: dict[str, int]
     counts: dict[str, int]
     gains: Gains
     references: list[Reference]
-    chunks: list[dict[str, int]]
-    rest: list[dict[str, int]] = field(default_factory=list)
+    steps: list[dict[str, int]]
+    left_out: int
     anchors: dict[str, int] = field(default_factory=dict)
     clusters: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def informative(self, name: str) -> np.ndarray:
+        """Metric ``name``'s informative items (racing positions, screening order)."""
+        start = self.probe[name]
+        return self.positions[name][start:start + self.counts[name]]
 
 
 def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Reference], racing: Racing) -> Screen:
     """The screening of a candidate raced against ``references``: the informative items are all
     but those on which every trial of ``references`` and ``pool`` has the best value
-    (:func:`unbeatable`). Each raced metric's coefficient is scaled by its informative share
-    ``counts[m] / N_m``."""
+    (:func:`unbeatable`); the probe, the first ``racing.probe`` of the others in racing order
+    (each metric its share of them, :func:`shares`)."""
     trials = [*references, *pool]
-    positions, counts = {}, {}
+    informative, left_out = {}, {}
     for name in sorted(gains.raced):
         values = np.stack([np.asarray(t.items[name], dtype=float) for t in trials])
         best = unbeatable(gains, name)
-        informative = np.any(values != best, axis=0) if best is not None else np.ones(values.shape[1], dtype=bool)
-        positions[name] = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
-        counts[name] = int(informative.sum())
-    raced = [m for m in sorted(gains.raced) if counts[m] > 0]
+        mask = np.any(values != best, axis=0) if best is not None else np.ones(values.shape[1], dtype=bool)
+        informative[name], left_out[name] = np.flatnonzero(mask), np.flatnonzero(~mask)
+    counts = {name: int(items.size) for name, items in informative.items()}
+    probe = shares(racing.probe, {name: int(items.size) for name, items in left_out.items()}) if racing.probe else (
+        dict.fromkeys(informative, 0))
     anchors, clusters = {}, {}
     if racing.anchors:
         total = sum(counts.values())
-        for name in raced:
-            informative = positions[name][:counts[name]]
-            values = np.stack([np.asarray(t.items[name], dtype=float)[informative] for t in trials])
-            k = max(1, round(racing.anchors * counts[name] / total))
-            medoids, assignment = anchor_items(values, k)
-            others = np.setdiff1d(np.arange(counts[name]), medoids)  # both in racing order
-            order = np.concatenate([medoids, others])
-            positions[name] = np.concatenate([informative[order], positions[name][counts[name]:]])
+        for name in (m for m in informative if counts[m]):
+            values = np.stack([np.asarray(t.items[name], dtype=float)[informative[name]] for t in trials])
+            medoids, assignment = anchor_items(values, max(1, round(racing.anchors * counts[name] / total)))
+            order = np.concatenate([medoids, np.setdiff1d(np.arange(counts[name]), medoids)])  # both in racing order
+            informative[name] = informative[name][order]
             anchors[name] = len(medoids)
             clusters[name] = assignment[order]
-    left_out = racing.chunks({m: len(positions[m]) - counts[m] for m in sorted(gains.raced)})[:-1]
-    rest = [{m: counts[m] + chunk[m] for m in chunk} for chunk in left_out]
-    return Screen(positions, counts, *restricted(gains, references, positions, counts),
-                  racing.chunks({m: counts[m] for m in raced}), rest, anchors, clusters)
+    positions = {name: np.concatenate([left_out[name][:probe[name]], informative[name], left_out[name][probe[name]:]])
+                 for name in informative}
+    steps = [{m: probe[m] + anchors.get(m, 0) for m in positions}] if anchors else []
+    for chunk in racing.chunks({m: counts[m] for m in positions if counts[m]}):
+        steps.append({m: probe[m] + max(chunk.get(m, 0), anchors.get(m, 0)) for m in positions})
+    rest = racing.chunks({m: len(positions[m]) - probe[m] - counts[m] for m in positions})[:-1]
+    return Screen(positions, probe, counts, gains, list(references),
+                  steps + [{m: probe[m] + counts[m] + chunk[m] for m in chunk} for chunk in rest],
+                  len(steps), anchors, clusters)
 
 
-def restricted(gains: Gains, references: Sequence[Reference], positions: Mapping[str, np.ndarray],
-               counts: Mapping[str, int]) -> tuple[Gains, list[Reference]]:
-    """The gains and ``references`` over each raced metric's first ``counts[m]`` items in
-    screening order ``positions[m]`` (its coefficient scaled by ``counts[m] / N_m``; a metric
-    with none leaves the race). With the informative items among them, the left-out ones
-    count as ties, so each gain is an upper bound of the true one (module docstring); once all
-    of them are scored, :func:`decide` on them is exact."""
-    raced = frozenset(m for m in gains.raced if counts[m] > 0)
-    coefficients = [{m: b * (counts[m] / len(positions[m]) if m in gains.raced else 1.0) for m, b in k.items()
-                     if m not in gains.raced or m in raced} for k in gains.coefficients]
-    kept = [Reference(r.number, {m: np.asarray(r.items[m])[positions[m][:counts[m]]] for m in raced}, r.scores)
+def decide_step(plan: Screen, step: int, values: Mapping[str, Sequence[float]], exact: Mapping[str, float],
+                confidence: float) -> Decision:
+    """The decision after ``plan.steps[step]``, ``values[m]`` the items scored in screening order:
+    with anchors, their prediction after the first step (:func:`estimate`), else the bounds
+    (:func:`decide_screened`)."""
+    if plan.anchors and step == 0:
+        return estimate(plan, values, exact)
+    return decide_screened(plan, values, exact, confidence)
+
+
+def decide_screened(plan: Screen, values: Mapping[str, Sequence[float]], exact: Mapping[str, float],
+                    confidence: float) -> Decision:
+    """:func:`decide` under screening: ``values[m]``, metric ``m``'s first items in screening
+    order. What is scored of the probe (and, once a metric's informative items are all scored,
+    of its left-out items) is known exactly; the informative items scored so far bound the
+    rest of them; the left-out items not scored count as ties (module docstring)."""
+    raced = {m: plan.informative(m) for m in plan.positions
+             if plan.counts[m] and len(values[m]) < plan.probe[m] + plan.counts[m]}
+    gains, references = restricted(plan.gains, plan.references, raced, plan.positions)
+    known = _known_gains(plan, values, {m: min(len(values[m]), plan.probe[m]) if m in raced else len(values[m])
+                                         for m in plan.positions})
+    candidate = {m: values[m][plan.probe[m]:] for m in raced}
+    return decide(gains, candidate, exact, references, confidence, known)
+
+
+def _known_gains(plan: Screen, values: Mapping[str, Sequence[float]],
+                 known: Mapping[str, int]) -> dict[int, list[float]]:
+    """Over each reference, each objective's part from each metric's first ``known[m]`` items in
+    screening order (scored: ``values``), exactly: ``Σ_m b_km · Σ (c_i − r_i) / N_m``."""
+    out = {}
+    for reference in plan.references:
+        totals = {m: float(np.sum(np.asarray(values[m][:n], dtype=float)
+                                  - np.asarray(reference.items[m])[plan.positions[m][:n]])) / len(plan.positions[m])
+                  for m, n in known.items()}
+        out[reference.number] = [sum(b * totals[m] for m, b in coefficients.items() if m in totals)
+                                 for coefficients in plan.gains.coefficients]
+    return out
+
+
+def restricted(gains: Gains, references: Sequence[Reference], population: Mapping[str, np.ndarray],
+               positions: Mapping[str, np.ndarray]) -> tuple[Gains, list[Reference]]:
+    """The gains and ``references`` of a race on a population of items: ``population[m]``, the
+    racing positions of metric ``m``'s items that are bounded (racing order: a random sample of
+    them is what is scored), its coefficient scaled by their share of its ``len(positions[m])``
+    items. A raced metric not in ``population`` leaves the race (its part is known or a tie)."""
+    coefficients = [{m: b * (len(population[m]) / len(positions[m]) if m in gains.raced else 1.0)
+                     for m, b in k.items() if m not in gains.raced or m in population} for k in gains.coefficients]
+    kept = [Reference(r.number, {m: np.asarray(r.items[m])[population[m]] for m in population}, r.scores)
             for r in references]
-    return Gains(coefficients, raced), kept
+    return Gains(coefficients, frozenset(population)), kept
+
+
+def completed(plan: Screen, name: str, scored: Sequence[float], reference: Reference,
+              prediction: np.ndarray | None = None) -> list[float]:
+    """A stopped screened candidate's values of metric ``name``'s items (screening order),
+    completed for its estimate: ``scored``, its first items; each informative item not scored,
+    its ``prediction`` (from the anchors: every informative item, screening order) or else the
+    candidate's mean on the informative items it scored; each left-out item not scored, its mean
+    on the left-out items it scored (the probe: a random sample of them). Where it scored none of
+    a kind, the ``reference``'s values (the best, on left-out items)."""
+    values = np.asarray(scored, dtype=float)
+    probe, count, n = plan.probe[name], plan.counts[name], len(scored)
+    left_out = np.ones(len(plan.positions[name]), dtype=bool)
+    left_out[probe:probe + count] = False
+    out = np.asarray(reference.items[name], dtype=float)[plan.positions[name]]  # kept where nothing tells
+    out[:n] = values
+    for kind in (True, False):
+        missing = np.flatnonzero(left_out == kind)
+        missing = missing[missing >= n]
+        seen = values[left_out[:n] == kind]
+        if not kind and prediction is not None:
+            out[missing] = np.asarray(prediction, dtype=float)[missing - probe]
+        elif seen.size:
+            out[missing] = seen.mean()
+    return out.tolist()
+
+
+def completions(plan: Screen, values: Mapping[str, Sequence[float]], reference: Reference) -> dict[str, list[float]]:
+    """A stopped screened candidate's values of every raced metric, completed (:func:`completed`;
+    with anchors, its unscored informative items predicted by them): ``values[m]``, metric ``m``'s
+    first items in screening order; ``reference``, the one that stopped it."""
+    out = {}
+    for name, scored in values.items():
+        start = plan.probe[name]
+        anchors = plan.anchors.get(name)
+        prediction = predicted(plan, name, scored[start:start + anchors]) if anchors else None
+        out[name] = completed(plan, name, scored, reference, prediction)
+    return out
 
 
 def unbeatable(gains: Gains, name: str) -> float | None:
@@ -422,17 +534,19 @@ def predicted(plan: Screen, name: str, anchors: Sequence[float]) -> np.ndarray:
     return np.asarray(anchors, dtype=float)[plan.clusters[name]]
 
 
-def estimate(plan: Screen, candidate: Mapping[str, Sequence[float]], exact: Mapping[str, float]) -> Decision:
-    """The anchors' decision (module docstring): ``candidate[m]``, the values of metric ``m``'s
-    anchors; stop when some reference's predicted gain is below 0 on every objective. The
-    decision's ``upper`` holds the predicted gains."""
+def estimate(plan: Screen, values: Mapping[str, Sequence[float]], exact: Mapping[str, float]) -> Decision:
+    """The anchors' decision (module docstring): ``values[m]``, metric ``m``'s probe and anchors
+    (screening order); stop when some reference's predicted gain is below 0 on every objective.
+    The decision's ``upper`` holds the predicted gains (the probe's part exact)."""
     if not plan.references:
         return Decision(False, estimated=True)
-    gains = plan.gains
-    means = {m: predicted(plan, m, candidate[m]) for m in plan.anchors}
+    known = _known_gains(plan, values, plan.probe)
+    means = {m: predicted(plan, m, values[m][plan.probe[m]:plan.probe[m] + plan.anchors[m]]) for m in plan.anchors}
     upper = {reference.number: [
-        gains.exact(k, exact, reference)
-        + sum(b * float(np.mean(means[m] - reference.items[m])) for m, b in coefficients.items() if m in gains.raced)
-        for k, coefficients in enumerate(gains.coefficients)] for reference in plan.references}
+        known[reference.number][k] + plan.gains.exact(k, exact, reference)
+        + sum(b * plan.counts[m] / len(plan.positions[m])
+              * float(np.mean(means[m] - np.asarray(reference.items[m])[plan.informative(m)]))
+              for m, b in coefficients.items() if m in means)
+        for k, coefficients in enumerate(plan.gains.coefficients)] for reference in plan.references}
     beaten_by = next((number for number, gains_of in upper.items() if all(g < -TIE for g in gains_of)), None)
     return Decision(beaten_by is not None, upper, beaten_by, estimated=True)

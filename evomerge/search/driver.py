@@ -400,6 +400,7 @@ class Runner:
                               "items": sum(race.items.values())}
             if race.informative is not None:
                 result["race"]["informative"] = race.informative
+                result["race"]["probe"] = race.probe
             if race.decision.estimated:
                 result["race"]["estimated"] = True
         if not race.stopped:

@@ -21,7 +21,8 @@ as Optuna's samplers pack their state into few attributes:
   against and the replay reads) and ``race`` (a trial raced against references: ``stopped``,
   ``items`` scored of the raced metrics, ``estimate``: the objective values on the items scored,
   ``upper``: the upper bounds of its gains over ``reference`` at the last decision; with
-  screening, ``informative``: its informative items; ``estimated``: true when that decision was
+  screening, ``informative``: its informative items, ``probe``: the left-out items it scored
+  first; ``estimated``: true when that decision was
   the anchors' prediction, ``upper`` then holding the predicted gains).
 
 ``warm_start`` (True on the space's known recipes) is an attribute of its own too: it is written

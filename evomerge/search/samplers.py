@@ -16,7 +16,8 @@ since Optuna 4.4, so ``cmaes`` refuses the option rather than silently running w
 Pruned trials (``consider_pruned``, which a search turns on when its fitness races: a trial that
 racing stopped is pruned, its estimate on the items it scored its last intermediate value, at
 step = items scored; with screening, completed for the items it did not score: its own mean on
-the informative ones, the incumbent's (best) values on the left-out ones). ``cmaes`` passes
+the informative ones, and on the left-out ones its mean on those it scored, the probe, or
+without one the incumbent's (best) values: ``evomerge.fitness.racing``). ``cmaes`` passes
 ``consider_pruned_trials=True`` to a CmaEsSampler (Optuna's, which copies pruned trials
 shallowly: :class:`evomerge.compat.optuna.CmaEsSampler`), which then takes such a trial, with
 its last intermediate value as its value, as a member of

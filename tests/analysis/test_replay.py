@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from evomerge.analysis.replay import replay_racing
+from evomerge.analysis.replay import rank_correlation, replay_racing
 from evomerge.fitness import Fitness, Racing
 from evomerge.fitness.racing import in_data_order
 from evomerge.search.records import RESULT, encode_items
@@ -131,6 +131,35 @@ def test_replay_with_anchors_stops_a_predicted_loser_after_its_anchors():
     assert plain.trials[2].stopped and plain.trials[2].items == N // 2  # without anchors: every informative item
     assert not by_number[3].stopped and by_number[3].items == N + 1  # right at the anchor: scored in full
     assert "anchors=1" in replay.summary()
+
+
+def test_replay_reports_a_stopped_trials_estimate_and_the_probe_corrects_it():
+    """Trial 2 loses left-out positions 0-7 and every informative item (32-63). Without a probe
+    its estimate takes the references' 1 on all 32 left-out items (0.5 against its 0.375); with
+    ``probe=8`` it scores positions 0-7 first and its estimate takes its mean there (0) for the
+    left-out items it did not score: the probe is what tells the sampler about such losses."""
+    study = optuna.create_study(direction="maximize")
+    for values in [ones((0, 40)), ones((0, 32), (40, 48)), ones((8, 32)), ones((0, 32)), ones((0, 36))]:
+        study.add_trial(create_trial(value=float(np.mean(values)), params={}, distributions={},
+                                     user_attrs={RESULT: result(values)}))
+    plain = replay_racing(study, fitness(), Racing(first=N, screen=2))
+    assert plain.trials[2].stopped and plain.trials[2].estimate == 0.5 and plain.trials[2].value == 0.375
+    probed = replay_racing(study, fitness(), Racing(first=N, screen=2, probe=8))
+    assert probed.trials[2].stopped and probed.trials[2].items == 8 + 32 and probed.trials[2].estimate == 0.0
+    # trials 3 and 4 have every left-out item right: the probe changes nothing for them
+    assert [t.estimate for t in probed.trials[3:]] == [t.estimate for t in plain.trials[3:]] == [0.5, 0.5625]
+    bias, correlation = plain.estimate_error()
+    assert bias == np.mean([0.5 - 0.375, 0.0, 0.0])
+    assert correlation == rank_correlation([0.5, 0.5, 0.5625], [0.375, 0.5, 0.5625]) < 1  # a tie where there is none
+    assert probed.estimate_error() == (np.mean([0.0 - 0.375, 0.0, 0.0]), 1.0)
+    assert "rank correlation with their values" in probed.summary() and "probe=8" in probed.summary()
+
+
+def test_rank_correlation_closed_forms():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert rank_correlation([1, 2, 3], [1, 3, 2]) == 0.5  # Spearman: 1 - 6·2 / (3·8)
+    assert rank_correlation([1, 1, 2], [1, 2, 3]) == np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1]  # a tie: mean rank
 
 
 def test_replay_leaves_out_references_with_other_item_counts_as_a_search_does():

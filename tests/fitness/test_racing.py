@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from evomerge.errors import ConfigError, FitnessError
 from evomerge.fitness import Fitness, Metric, Racing, load_fitness
-from evomerge.fitness.racing import (Gains, Reference, decide, difference_bounds, in_data_order, in_item_order,
-                                     item_order, mean_lower_bound, mean_upper_bound, screen)
+from evomerge.fitness.racing import (Gains, Reference, completed, decide, decide_screened, difference_bounds,
+                                     in_data_order, in_item_order, item_order, mean_lower_bound, mean_upper_bound,
+                                     restricted, screen)
 
 DATA = Path(__file__).parents[1] / "data" / "fitness"
 
@@ -160,7 +161,9 @@ def test_chunks_grow_by_growth_and_split_in_proportion():
 
 
 @pytest.mark.parametrize("field,value,message", [("first", 0, "at least 1"), ("growth", 1.0, "above 1"),
-                                                 ("confidence", 1.0, r"in \(0, 1\)")])
+                                                 ("confidence", 1.0, r"in \(0, 1\)"),
+                                                 ("probe", -1, "at least 0"),
+                                                 ("probe", 4, "probe needs racing.screen")])
 def test_racing_settings_are_checked(field, value, message):
     with pytest.raises(ValueError, match=message):
         Racing(**{field: value})
@@ -243,10 +246,14 @@ def test_screen_orders_the_informative_items_first_and_scales_their_gains():
     # left out: the items both have right (a: 0 and 2; b: all); items both have wrong stay in
     assert plan.counts == {"a": 4, "b": 0}
     assert list(plan.positions["a"]) == [1, 3, 4, 5, 0, 2] and list(plan.positions["b"]) == [0, 1, 2, 3]
-    # a's coefficient times its informative share; b is right everywhere and leaves the race; x is exact
-    assert plan.gains.coefficients == [{"a": pytest.approx(2 / 3), "x": 0.5}] and plan.gains.raced == {"a"}
-    assert [list(r.items["a"]) for r in plan.references] == [[0.0, 1.0, 0.0, 0.0]] and plan.references[0].number == 7
-    assert plan.chunks == [{"a": 2}, {"a": 4}]  # the last decision after every informative item
+    # raced on the informative items: a's coefficient times its informative share; b is right
+    # everywhere and leaves the race; x is exact
+    raced, references = restricted(plan.gains, plan.references, {"a": plan.informative("a")}, plan.positions)
+    assert raced.coefficients == [{"a": pytest.approx(2 / 3), "x": 0.5}] and raced.raced == {"a"}
+    assert [list(r.items["a"]) for r in references] == [[0.0, 1.0, 0.0, 0.0]] and references[0].number == 7
+    # the last informative decision after every informative item; then the left-out chunks
+    assert plan.steps[:plan.left_out] == [{"a": 2, "b": 0}, {"a": 4, "b": 0}]
+    assert plan.steps[plan.left_out:] == [{"a": 5, "b": 2}, {"a": 6, "b": 3}]
 
 
 def test_the_left_out_items_are_those_at_the_value_no_candidate_can_beat():
@@ -262,15 +269,15 @@ def test_the_left_out_items_are_those_at_the_value_no_candidate_can_beat():
     assert unbeatable(both, "a") is None and screen(both, *trials, Racing()).counts == {"a": 6}
 
 
-def screening_fitness(screen_trials: int = 2):
+def screening_fitness(screen_trials: int = 2, probe: int = 0):
     """Fitness ``a`` (one metric, 8 items) with screening; the incumbent and the pool disagree on
     items 0, 1, both have items 2, 4, 5 right and items 3, 6, 7 wrong; racing order seed 3 scores
-    items 1 2 3 4 0 7 5 6, so the informative items come as 1 3 0 7 6."""
+    items 1 2 3 4 0 7 5 6, so the informative items come as 1 3 0 7 6, the left-out ones as 2 4 5."""
     keys = {"incumbent": [1, 0, 1, 0, 1, 1, 0, 0], "pool": [0, 1, 1, 0, 1, 1, 0, 0],
             "worse": [0, 0, 1, 0, 0, 0, 0, 0], "better": [1, 1, 1, 1, 0, 0, 0, 0]}
     a = Items("a", {k: [float(v) for v in values] for k, values in keys.items()})
     extra = Exact("extra", {k: 1.0 for k in keys}, weight=0.0)
-    fitness = Fitness([a, extra], racing=Racing(first=1, confidence=0.5, seed=3, screen=screen_trials))
+    fitness = Fitness([a, extra], racing=Racing(first=1, confidence=0.5, seed=3, screen=screen_trials, probe=probe))
     return fitness, a, extra
 
 
@@ -315,28 +322,52 @@ def test_a_survivor_of_the_informative_items_is_stopped_on_the_left_out_ones_it_
     incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
     a.values["slip"], extra.values["slip"] = [1.0, 0, 0, 1, 0, 1, 0, 0], 1.0
     plan = screen(fitness.gains, [incumbent], [pool, incumbent], fitness.racing)
-    assert plan.rest == [{"a": 6}, {"a": 7}]  # the left-out chunks (first 1, growth 2), before all 8
+    assert plan.steps[plan.left_out:] == [{"a": 6}, {"a": 7}]  # left-out chunks (first 1, growth 2), before all 8
     race = fitness.race(Model("slip"), None, [incumbent], pool=[pool, incumbent], cache_key="slip")
     # after item 2 (lost): level, a tie; after item 4 (lost): one behind with item 5 to go, at most a tie
     assert race.stopped and race.items == {"a": 7} and race.decision.upper[1] == [pytest.approx(-1 / 8)]
-    assert race.scores["a"] == pytest.approx(3 / 8)  # item 5 left: the incumbent's value, 1
+    # item 5 left: its mean on the left-out items it scored (items 2 and 4, a random sample of them), 0
+    assert race.scores["a"] == pytest.approx(2 / 8)
 
 
-@given(st.lists(st.tuples(*[st.sampled_from([0.0, 1.0])] * 4), min_size=2, max_size=24))
+def test_the_probe_is_scored_first_counts_exactly_and_estimates_the_left_out_items():
+    """probe=2: items 2 and 4, the first left-out ones in racing order, come first. "worse" has
+    item 2 right and item 4 wrong: one item behind the incumbent, known exactly before any
+    informative item, and its estimate gives item 5 (not scored) its mean on the probe, 0.5,
+    where without a probe it would take the incumbent's 1."""
+    fitness, a, extra = screening_fitness(probe=2)
+    incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
+    plan = screen(fitness.gains, [incumbent], [pool, incumbent], fitness.racing)
+    order = item_order(8, 3)
+    assert plan.probe == {"a": 2} and order[plan.positions["a"]].tolist() == [2, 4, 1, 3, 0, 7, 6, 5]
+    assert plan.steps[0] == {"a": 3}  # the probe and the first informative item
+    upper = decide_screened(plan, {"a": [1.0, 0.0]}, {}, 0.5).upper[1][0]  # the probe alone: at most its loss
+    assert upper == pytest.approx(-1 / 8 + 5 / 8)  # the informative items unseen: each could be a win
+    race = fitness.race(Model("worse"), None, [incumbent], pool=[pool, incumbent], cache_key="worse")
+    assert race.stopped and race.probe == 2 and race.informative == 5
+    scored = race.items["a"] - 2  # informative items scored: "worse" has them all wrong
+    mean = 0.0  # its mean on the informative items it scored (all wrong) for the others
+    assert race.scores["a"] == pytest.approx((1 + 0 + 0 * scored + mean * (5 - scored) + 0.5) / 8)
+    plain, *_ = screening_fitness()
+    assert plain.race(Model("worse"), None, [incumbent], pool=[pool, incumbent]).scores["a"] == pytest.approx(3 / 8)
+
+
+@given(st.lists(st.tuples(*[st.sampled_from([0.0, 1.0])] * 4), min_size=2, max_size=24), st.integers(0, 6))
 @settings(max_examples=100, deadline=None)
-def test_the_gain_on_the_informative_items_bounds_the_true_gain(columns):
-    """Whatever the candidate and the trials: its gain over the incumbent with the left-out items
-    counted as ties is at least its true gain, so a stop on the informative items is never wrong
-    for lack of the others (the property that makes screening a bound, not an assumption)."""
+def test_the_gain_on_the_informative_items_bounds_the_true_gain(columns, probe):
+    """Whatever the candidate, the trials and the probe: once the probe and the informative
+    items are scored, its gain over the incumbent with the other left-out items counted as ties
+    is at least its true gain, so a stop there is never wrong for lack of the others (the
+    property that makes screening a bound, not an assumption)."""
     incumbent, pool, other, candidate = (np.array(values) for values in zip(*columns))
     gains = Gains([{"a": 1.0}], frozenset({"a"}))
     plan = screen(gains, [Reference(0, {"a": incumbent}, {})], [Reference(1, {"a": pool}, {}),
-                                                                  Reference(2, {"a": other}, {})], Racing())
+                                                                  Reference(2, {"a": other}, {})],
+                  Racing(screen=2, probe=probe))
+    assert plan.probe["a"] == min(probe, len(candidate) - plan.counts["a"])
     true_gain = float(np.mean(candidate - incumbent))
-    informative = plan.positions["a"][:plan.counts["a"]]
-    share = plan.gains.coefficients[0].get("a", 0.0)
-    screened = share * float(np.mean(candidate[informative] - incumbent[informative])) if informative.size else 0.0
-    assert screened >= true_gain - 1e-12
+    scored = {"a": candidate[plan.positions["a"][:plan.probe["a"] + plan.counts["a"]]]}
+    assert decide_screened(plan, scored, {}, 0.9).upper[0][0] >= true_gain - 1e-12
 
 
 def test_a_tie_within_floating_point_noise_is_not_stopped():
@@ -347,16 +378,20 @@ def test_a_tie_within_floating_point_noise_is_not_stopped():
     assert decide(gains, {}, {"x": 0.29}, [reference], 0.9).stop
 
 
-def test_a_screened_estimate_fills_unscored_informative_items_with_the_candidates_mean():
-    from evomerge.fitness.fitness import _completed
-
-    positions = np.array([4, 0, 2, 1, 3, 5])  # the first three informative
-    reference = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # in racing order
-    # scored the first two informative (values 1, 0): the third gets their mean 0.5; then the
-    # reference's values at positions 1, 3, 5 (left out)
-    assert _completed([1.0, 0.0], 3, reference, positions) == [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
-    assert _completed([], 3, reference, positions) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # nothing scored
-    assert _completed([1.0, 1.0, 0.0], 3, reference, positions) == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+def test_a_screened_estimate_fills_unscored_items_with_the_candidates_mean_on_their_kind():
+    incumbent = Reference(0, {"a": np.array([1.0, 0, 1, 1, 0, 0])}, {})  # racing order
+    pool = [Reference(1, {"a": np.array([1.0, 1, 1, 0, 0, 0])}, {})]
+    gains = Gains([{"a": 1.0}], frozenset({"a"}))
+    plain = screen(gains, [incumbent], pool, Racing(screen=1))  # left out: positions 0 and 2
+    assert list(plain.positions["a"]) == [1, 3, 4, 5, 0, 2]
+    # the first two informative scored (1, 0): the other two get their mean; the left-out items
+    # the reference's values (1: no probe to tell)
+    assert completed(plain, "a", [1.0, 0.0], incumbent) == [1.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    assert completed(plain, "a", [], incumbent) == [0.0, 1.0, 0.0, 0.0, 1.0, 1.0]  # nothing scored
+    probed = screen(gains, [incumbent], pool, Racing(screen=1, probe=1))  # position 0 is scored first
+    assert list(probed.positions["a"]) == [0, 1, 3, 4, 5, 2] and probed.probe == {"a": 1}
+    # lost the probe (0): the unscored left-out item takes its mean there, 0
+    assert completed(probed, "a", [0.0, 1.0, 0.0], incumbent) == [0.0, 1.0, 0.0, 0.5, 0.5, 0.0]
 
 
 def test_a_candidate_level_on_the_informative_items_is_scored_in_full():
@@ -408,6 +443,8 @@ def test_a_definition_turns_racing_on_and_orders_the_lm_eval_items(llama):
     ({"frist": 3}, "racing.frist: unknown field"),
     ({"seed": -1}, "racing.seed: Input should be greater than or equal to 0"),
     ({"anchors": 8}, "racing.anchors: anchors need screening: give racing.screen too"),
+    ({"probe": 8}, "racing.probe: a probe needs screening: give racing.screen too"),
+    ({"probe": -2, "screen": 4}, "racing.probe: Input should be greater than or equal to 0"),
 ])
 def test_bad_racing_blocks_are_one_line_errors(racing, message):
     with pytest.raises(ConfigError) as error:

@@ -60,7 +60,7 @@ class Skill(Metric):
 
 
 def racing_search(family, tmp_path, *, sampler="cmaes", objective="weighted_sum", n_trials=16, first=8,
-                  confidence=0.99, name="t", screen=0, anchors=0):
+                  confidence=0.99, name="t", screen=0, anchors=0, probe=0):
     """An experiment on ``family`` whose fitness is replaced by Skill metrics (toward the first
     source; with ``separate``, also toward the second), with racing."""
     data = experiment_dict(family, tmp_path, sampler=sampler, n_trials=n_trials, name=name)
@@ -73,7 +73,7 @@ def racing_search(family, tmp_path, *, sampler="cmaes", objective="weighted_sum"
     metrics = [Skill("skill", family[0], family[1])]
     if objective == "separate":
         metrics.append(Skill("other", family[0], family[2]))
-    racing = Racing(first=first, confidence=confidence, screen=screen, anchors=anchors)
+    racing = Racing(first=first, confidence=confidence, screen=screen, anchors=anchors, probe=probe)
     search.fitness = Fitness(metrics, objective=objective, racing=racing)
     search.study.sampler = make_sampler(search.experiment.optimizer, search.space, search.fitness.directions,
                                         consider_pruned=True)
@@ -123,8 +123,9 @@ def test_a_racing_search_stops_hopeless_candidates_and_records_what_it_scored(ll
     assert replay.false_drops == []
 
 
-def test_a_screening_search_races_on_the_informative_items_once_its_pool_is_full(llama, tmp_path):
-    search = racing_search(llama, tmp_path, n_trials=24, screen=4)
+@pytest.mark.parametrize("probe", [0, 4])
+def test_a_screening_search_races_on_the_informative_items_once_its_pool_is_full(llama, tmp_path, probe):
+    search = racing_search(llama, tmp_path, n_trials=24, screen=4, probe=probe)
     assert Runner(search, progress=False).run(24, None) == 24
     trials = sorted(search.study.get_trials(), key=lambda t: t.number)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -132,23 +133,28 @@ def test_a_screening_search_races_on_the_informative_items_once_its_pool_is_full
     assert screened, "no trial was screened"
     assert {trial_records(t).raced_out for t in screened} == {True, False}  # some stopped, some scored in full
     for trial in screened:  # each raced after four complete trials; a stopped one before its last item
-        records = trial_records(trial)
+        race = trial_records(trial).race
         assert sum(t.number < trial.number for t in complete) >= 4
-        assert records.race["informative"] <= ITEMS
-        if records.raced_out:
-            assert records.race["items"] < ITEMS and not records.items
+        assert race["informative"] + race["probe"] <= ITEMS and race["probe"] <= probe
+        if trial_records(trial).raced_out:
+            assert race["probe"] <= race["items"] < ITEMS and not trial_records(trial).items
         else:
-            assert records.race["items"] == ITEMS and len(records.items["skill"]) == ITEMS
+            assert race["items"] == ITEMS and len(trial_records(trial).items["skill"]) == ITEMS
+    if probe:
+        assert any(trial_records(t).race["probe"] for t in screened)
     assert all("informative" not in (trial_records(t).race or {}) for t in trials
                if sum(c.number < t.number for c in complete) < 4)
     assert search.study.best_trial.state == TrialState.COMPLETE
     status = CliRunner().invoke(main, ["status", "--study", "t", "--storage", f"sqlite:///{tmp_path}/study.db"])
-    informative = sorted(trial_records(t).race["informative"] for t in screened)[len(screened) // 2]
-    stopped = [trial_records(t).race for t in screened if trial_records(t).raced_out]
-    on_left_out = sum(race["items"] > race["informative"] for race in stopped)
-    assert status.exit_code == 0 and (f"screening: {len(screened)} trials raced on the informative items first "
-                                      f"(median {informative}), {len(stopped)} of them stopped, {on_left_out} of "
-                                      "those on the left-out items") in status.output
+    races = [trial_records(t).race for t in screened]
+    informative = sorted(race["informative"] for race in races)[len(races) // 2]
+    probes = sorted(race["probe"] for race in races)
+    stopped = [race for race in races if race["stopped"]]
+    on_left_out = sum(race["items"] > race["informative"] + race["probe"] for race in stopped)
+    assert status.exit_code == 0 and (
+        f"screening: {len(screened)} trials raced on the informative items first (median {informative}"
+        + (f", after a probe of {probes[len(probes) // 2]} left-out items" if probe else "")
+        + f"), {len(stopped)} of them stopped, {on_left_out} of those on the left-out items") in status.output
 
 
 def test_a_search_with_anchors_stops_predicted_losers_after_their_anchors(llama, tmp_path):
