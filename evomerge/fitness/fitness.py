@@ -41,6 +41,7 @@ from torch import nn
 from evomerge.errors import FitnessError
 from evomerge.fitness.base import SPLITS, Direction, Metric, scoring
 from evomerge.fitness.cache import ScoreCache
+from evomerge.fitness.loglikelihood import reusing_prefixes
 from evomerge.fitness.racing import (Decision, Gains, Racing, Reference, completions, decide, decide_step, item_order,
                                      screen)
 
@@ -192,10 +193,16 @@ class Fitness:
         ``references`` has the best value, then exactly on those (screening:
         :mod:`~evomerge.fitness.racing`). A survivor's scores are cached under ``cache_key`` as
         :meth:`evaluate`'s, and a cached candidate is not scored again. Raises FitnessError when
-        a raced metric's item is not a number in [0, 1].
+        a raced metric's item is not a number in [0, 1]. A prompt prefix is run once for all
+        the calls of the race (:func:`~evomerge.fitness.loglikelihood.reusing_prefixes`).
         """
         if self.racing is None:
             raise ValueError("this fitness has no racing settings")
+        with reusing_prefixes():
+            return self._race(model, tokenizer, references, pool, cache_key)
+
+    def _race(self, model: nn.Module, tokenizer: Any, references: Sequence[Reference], pool: Sequence[Reference],
+              cache_key: str | None) -> Race:
         gains = self.gains
         with scoring(model):
             for metric in self.metrics.values():
@@ -324,7 +331,7 @@ class Fitness:
     def _scored(self, model: nn.Module, tokenizer: Any, split: str, items: dict[str, list[Any]],
                 names: Any, wanted: Callable[[Metric], int]) -> dict[str, float]:
         scores: dict[str, float] = {}
-        with scoring(model):
+        with scoring(model), reusing_prefixes():
             for name, metric in self.metrics.items():
                 if name not in names:
                     continue

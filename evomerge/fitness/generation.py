@@ -12,8 +12,9 @@ an argmax can differ only where two logits are within rounding of each other.
 
 * *Shared prefix.* The longest token prefix common to every prompt of the batch (a chat
   template's system turn, fixed few-shot examples) runs once; its keys and values are expanded
-  to the batch (:func:`evomerge.fitness.loglikelihood.prefix_states`). Each prompt keeps at least
-  its last token after it.
+  to the batch (:func:`evomerge.fitness.loglikelihood.prefix_states`; inside
+  :func:`~evomerge.fitness.loglikelihood.reusing_prefixes`, once for all the batches and calls
+  of the block). Each prompt keeps at least its last token after it.
 * *Drafts, verified in one pass.* A prompt may come with a *draft*: the tokens it is expected to
   generate (an evaluation's reference answer and its stop). The prompt's remaining tokens and
   its draft run in one forward pass, with the LM head only at the positions that predict a
@@ -90,7 +91,7 @@ def generate_greedy(model: nn.Module, prompts: Sequence[Sequence[int]], drafts: 
     size = len(prompts)
     if prefix:
         cache = DynamicCache([(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1))
-                              for k, v in prefix_states(model, prefix, device)], config=model.config)
+                              for k, v in prefix_states(model, prefix, device)[0]], config=model.config)
     else:
         cache = DynamicCache(config=model.config)
 

@@ -24,7 +24,10 @@ allows 1e-4); in bfloat16 by more, as any two batchings of bfloat16 do.
   Suffixes are right-padded after it: position ids continue from the prefix's length and, as in
   HFLM, no attention mask is needed (a padding token comes after every real one). Used only when
   two or more distinct inputs share a prefix and every cache layer is a plain ``DynamicLayer``
-  (sliding-window, linear-attention and quantized caches keep their own state).
+  (sliding-window, linear-attention and quantized caches keep their own state). Inside
+  :func:`reusing_prefixes` (the fitness opens one for each candidate it scores) a prefix's keys
+  and values are kept, so a candidate scored in several calls, as racing scores it, runs the
+  start its prefixes share once, and each call only what its prefix adds to it.
 * *LM head at scored positions only.* ``logits_to_keep`` (transformers' public argument) gets a
   boolean mask of the scored positions, so the model computes its output embedding and any final
   logit processing (Gemma's softcapping, ...) on those rows only, with its own code.
@@ -45,7 +48,9 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +61,9 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (context token ids, continuation t
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5.x's name, then its older one
 _probed: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+# inside reusing_prefixes: (id(model), device) -> {prefix: its keys and values per layer}
+_reused: ContextVar[dict[tuple[int, torch.device], dict[tuple[int, ...], list]] | None] = ContextVar(
+    "evomerge_reused_prefixes", default=None)
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ def score_loglikelihood(model: nn.Module, requests: Sequence[Pair], *, max_lengt
         members.setdefault(tokens, []).append(index)
     device = model.get_input_embeddings().weight.device
     prefix = shared_prefix(model, keep)
-    states = prefix_states(model, prefix, device) if prefix else None
+    states, computed = prefix_states(model, prefix, device) if prefix else (None, 0)
     values: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     order = sorted(keep, key=lambda tokens: (-len(tokens), tokens))  # longest first, as HFLM
     for start in range(0, len(order), batch_size):
@@ -116,7 +124,7 @@ def score_loglikelihood(model: nn.Module, requests: Sequence[Pair], *, max_lengt
         scored = _score_rows(logprobs, [(keep[tokens], [requests[i][1] for i in members[tokens]]) for tokens in batch])
         for index, value in zip(indices, scored):
             values[index] = value
-    return Scored(values, len(prefix) + sum(len(tokens) - len(prefix) for tokens in keep))
+    return Scored(values, computed + sum(len(tokens) - len(prefix) for tokens in keep))
 
 
 def shared_prefix(model: nn.Module, keep: dict[tuple[int, ...], int]) -> tuple[int, ...]:
@@ -141,16 +149,53 @@ def _plain_cache(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
+@contextmanager
+def reusing_prefixes() -> Iterator[None]:
+    """Within the block, the keys and values of every prefix computed for a model are kept, and a
+    later call on the same model (:func:`prefix_states`) reuses them: a candidate scored in several
+    calls (racing scores it in chunks) runs its shared prefix once, not once a call. The model's
+    weights must not change inside the block. Nested blocks share the outermost one's store."""
+    if _reused.get() is not None:
+        yield
+        return
+    token = _reused.set({})
+    try:
+        yield
+    finally:
+        _reused.reset(token)
+
+
 def prefix_states(model: nn.Module, prefix: tuple[int, ...], device: torch.device
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's keys and values for ``prefix`` (batch 1), no logits computed."""
+                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Each layer's keys and values for ``prefix`` (batch 1), no logits computed, and the tokens
+    the model ran for them: inside :func:`reusing_prefixes`, only those after the longest start
+    ``prefix`` shares with a prefix already run on ``model`` (whose keys and values there, which
+    depend on those tokens only, are extended)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    ids = torch.tensor([prefix], device=device)
-    model(input_ids=ids, use_cache=True, logits_to_keep=torch.zeros_like(ids, dtype=torch.bool),
-          **{cache_argument(model): cache})
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    store = _reused.get()
+    known = store.setdefault((id(model), device), {}) if store is not None else {}
+    done, start = [], 0
+    for tokens, states in known.items():
+        length = _common_length(tokens, prefix)
+        if length > start:
+            done, start = [(k[:, :, :length], v[:, :, :length]) for k, v in states], length
+    if start < len(prefix):
+        cache = DynamicCache(done, config=model.config) if done else DynamicCache(config=model.config)
+        ids = torch.tensor([prefix[start:]], device=device)
+        model(input_ids=ids, position_ids=torch.arange(start, len(prefix), device=device)[None], use_cache=True,
+              logits_to_keep=torch.zeros_like(ids, dtype=torch.bool), **{cache_argument(model): cache})
+        done = [(layer.keys, layer.values) for layer in cache.layers]
+    if store is not None:
+        known[prefix] = done
+    return done, len(prefix) - start
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
 
 
 def _batch_logprobs(model: nn.Module, batch: list[tuple[int, ...]], keep: dict[tuple[int, ...], int],
@@ -222,7 +267,7 @@ def _reason(model: nn.Module) -> str | None:
     device, plain = model.get_input_embeddings().weight.device, _plain_cache(model)
     try:  # three tokens: one as a cached prefix (where a prefix would be used), two scored
         with torch.no_grad():
-            states = prefix_states(model, (0,), device) if plain else None
+            states = prefix_states(model, (0,), device)[0] if plain else None
             logprobs = _batch_logprobs(model, [(0, 0, 0)], {(0, 0, 0): 2}, int(plain), states, device, None)
     except torch.OutOfMemoryError:
         raise  # transient: not a property of the model, so not remembered as one

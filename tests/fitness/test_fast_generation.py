@@ -11,6 +11,7 @@ no logits that close, so an argmax flip would be a bug, not rounding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 
 from evomerge.fitness import load_fitness
 from evomerge.fitness.generation import eos_token_ids, generate_greedy, greedy_config_reason
+from evomerge.fitness.loglikelihood import reusing_prefixes
 from tests.chat_tokenizers import chatml_tokenizer
 from tests.fitness.test_fast_loglikelihood import CHATML, build, greedy_items, write_tasks, zoo_prompts
 
@@ -51,9 +53,10 @@ def render(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_generate_greedy_equals_decoding_from_scratch(model, tokenizer, chat):
-    """Right drafts, half-right drafts, wrong drafts, no drafts: the same tokens as the oracle."""
+@pytest.mark.parametrize("chat,reuse", [(False, False), (True, False), (True, True)])
+def test_generate_greedy_equals_decoding_from_scratch(model, tokenizer, chat, reuse):
+    """Right drafts, half-right drafts, wrong drafts, no drafts: the same tokens as the oracle;
+    ``reuse``: every call inside one reusing_prefixes block, later batches on the first's prefix."""
     newline = tokenizer.convert_tokens_to_ids("\n")
 
     def done(tokens):
@@ -67,7 +70,7 @@ def test_generate_greedy_equals_decoding_from_scratch(model, tokenizer, chat):
     kinds = [lambda e: e, lambda e: e[:2] + [wrong] + e[3:], lambda e: [wrong] * 4, lambda e: [],
              lambda e: e + [wrong] * 5]
     drafts = [kinds[i % len(kinds)](e) for i, e in enumerate(expected)]
-    with torch.no_grad():
+    with torch.no_grad(), reusing_prefixes() if reuse else contextlib.nullcontext():
         for batch in (1, 4, len(prompts)):
             got = []
             for start in range(0, len(prompts), batch):

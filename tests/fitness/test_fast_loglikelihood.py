@@ -26,6 +26,7 @@ from evomerge.fitness import load_fitness
 from evomerge.fitness.loglikelihood import (
     lm_eval_input_tokens,
     model_input,
+    reusing_prefixes,
     score_loglikelihood,
     unavailable_reason,
 )
@@ -294,6 +295,67 @@ def test_tokens_scored_counts_forward_tokens(tokenizer, tmp_path):
     generate.evaluate(model, tokenizer, "test")
     prompts = sum(len(tokenizer(item["prompt"]).input_ids) for item in items)
     assert prompts < generate.metrics["gen"].tokens_scored <= prompts + len(items) * 15  # max_gen_toks 16
+
+
+def test_a_prefix_runs_once_for_all_the_calls_of_a_reusing_block(model, tokenizer):
+    """Inside reusing_prefixes a later call on the same model takes the keys and values of the
+    start its prefix shares with one run before: the same values as lm-eval's, that start not
+    run (nor counted) again; a longer prefix runs only what it adds, a shorter one nothing.
+    Outside a block nothing is kept."""
+    common = "the cat sat on the mat and the dog ran far away"
+    words = ["then", "now", "so", "and", "but", "yet", "or", "still"]
+    calls = {"first": [request(f"{common} {w} it", " sat") for w in words[:4]],
+             "second": [request(f"{common} {w} it", " ran") for w in words[4:]],
+             "longer": [request(f"{common} and then {w} it", " sat") for w in words[:4]],
+             "shorter": [request(f"the cat sat on the {w} it", " sat") for w in words[:4]]}
+    lm = hflm(model, tokenizer)
+    prefixes = {}
+    for name, requests in calls.items():
+        pairs = encode_loglikelihood_requests(lm, requests)
+        inputs = [model_input(c, k, lm.max_length) for c, k in pairs]
+        prefixes[name] = shared_prefix(inputs, {i: len(k) for i, (_, k) in zip(inputs, pairs)})
+    assert prefixes["first"] == prefixes["second"] > prefixes["shorter"] > 2
+    assert prefixes["longer"] > prefixes["first"]
+    fresh = {name: compare(model, tokenizer, requests, batch_size=2)[0] for name, requests in calls.items()}
+    with reusing_prefixes():
+        reused = {name: compare(model, tokenizer, requests, batch_size=2)[0] for name, requests in calls.items()}
+    assert reused["first"].tokens == fresh["first"].tokens
+    for name in ("second", "longer"):  # the first call's prefix is not run again
+        assert reused[name].tokens == fresh[name].tokens - prefixes["first"], name
+    assert reused["shorter"].tokens == fresh["shorter"].tokens - prefixes["shorter"]  # all of it run before
+    again = compare(model, tokenizer, calls["second"], batch_size=2)[0]  # the block is closed: run in full
+    assert again.tokens == fresh["second"].tokens
+
+
+def test_a_race_runs_the_shared_prefix_once_over_its_chunks(tokenizer, tmp_path, monkeypatch):
+    """Fitness.race scores a candidate in chunks (here four calls), all inside one reusing block:
+    the model runs from position 0 (the system turn) once. Without the block, once a call."""
+    import contextlib
+
+    import evomerge.fitness.fitness as fitness_module
+    from evomerge.fitness.racing import Reference, in_item_order
+
+    model = build("llama", tokenizer)
+    tasks = write_tasks(tmp_path, [{"prompt": p, "answer": "1"} for p in zoo_prompts(4)], "_zoo_greedy_template_yaml")
+    definition = {"include_path": str(tasks), "racing": {"first": 2, "confidence": 0.5}, "metrics": {
+        "chat": {"type": "lm_eval", "task": "probe", "metric": "acc", "apply_chat_template": True}}}
+    starts = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: starts.append(kwargs.get("position_ids") is None
+                                                   or int(kwargs["position_ids"][0, 0]) == 0), with_kwargs=True)
+    try:
+        for reuse in (True, False):
+            if not reuse:
+                monkeypatch.setattr(fitness_module, "reusing_prefixes", contextlib.nullcontext)
+            fitness = load_fitness(definition)
+            scores, values = fitness.evaluate_items(model, tokenizer, "search")
+            reference = Reference(0, {"chat": in_item_order(values["chat"], 0)}, scores)
+            starts.clear()
+            race = fitness.race(model, tokenizer, [reference])  # level with itself: never stopped, every chunk scored
+            assert not race.stopped and race.scores == scores
+            assert sum(starts) == (1 if reuse else len(fitness.racing.chunks({"chat": 12}))), (reuse, starts)
+    finally:
+        handle.remove()
 
 
 class Wrapped(LlamaForCausalLM):
