@@ -8,6 +8,11 @@ evomerge.fitness.racing), then compares them:
   racing's best minus full evaluation's in mean skill, with the 95% paired bootstrap interval and
   the sign test of :mod:`evomerge.analysis.paired`. "Within the interval" means the interval
   reaches 0 or above: the racing search's best is not significantly worse;
+* **rescore** (``--rescore``): every trial of the racing search scored in full afterwards (as
+  long again as a full search): the **live false drops** (stopped trials whose value in full beat
+  the incumbent of their time, the replay's count on the trials this search proposed) and how the
+  estimates its sampler learned from match those values (mean estimate − value and their rank
+  correlation, over all stopped trials and over each quarter of the search);
 * **cost**: tokens and items scored over all trials (the trials' ``scored`` records: forward-pass
   tokens, ``Metric.tokens_scored``), the trials' wall time (sum of their durations: materializing,
   scoring, records) and trials per minute. Both searches use the same scorer (the fast
@@ -27,12 +32,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import yaml
+from optuna.trial import TrialState
 
 from evomerge.analysis.heldout import search_materializer, skill_metrics
 from evomerge.analysis.paired import compare
+from evomerge.analysis.replay import rank_correlation
 from evomerge.analysis.results import pick_trial
 from evomerge.engine.config import parse_config
 from evomerge.io import shipped
@@ -55,11 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "incumbent all have right (0: off)")
     parser.add_argument("--anchors", type=int, default=0,
                         help="racing: with --screen, score ANCHORS informative items first, stop on their prediction")
+    parser.add_argument("--probe", type=int, default=0,
+                        help="racing: with --screen, left-out items every candidate scores first (0: none)")
     parser.add_argument("--limit", type=int, default=None,
                         help="racing search only: score at most this many search items of every lm-eval metric")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the budget)")
     parser.add_argument("--lm-eval-tokens", action="store_true",
                         help="also count one full evaluation's tokens through lm-eval's own path")
+    parser.add_argument("--rescore", action="store_true",
+                        help="also score every racing trial in full: live false drops and the estimates' error")
     parser.add_argument("--json", type=Path, default=None, help="write the row here too")
     return parser.parse_args(argv)
 
@@ -113,6 +126,43 @@ def heldout(searches: dict) -> tuple[dict, dict]:
     return items, scores
 
 
+def rescored(search) -> dict:
+    """Every trial of a racing search scored in full on the search split (module docstring)."""
+    materializer = search_materializer(search)
+    rows = []
+    for trial in search.study.trials:
+        stopped = trial.state == TrialState.PRUNED
+        if not (trial.state == TrialState.COMPLETE or stopped and trial.intermediate_values):
+            continue  # failed, or stopped with no estimate (several objectives)
+        records = trial_records(trial)
+        model = materializer.apply(parse_config(records.plan, f"<trial {trial.number}>"),
+                                   seed=search.experiment.seed if records.seed is None else records.seed)
+        value = search.fitness.objectives(search.fitness.evaluate(model, materializer.tokenizer, "search"))[0]
+        estimate = trial.intermediate_values[max(trial.intermediate_values)] if stopped else trial.value
+        rows.append((trial.number, stopped, estimate, value))
+    incumbent, false_drops = -math.inf, []
+    for number, stopped, _, value in rows:  # one worker: trial order is the order the search met them
+        if stopped and value > incumbent + 1e-12:
+            false_drops.append(number)
+        elif not stopped:
+            incumbent = max(incumbent, value)
+    stopped = [(number, estimate, value) for number, is_stopped, estimate, value in rows if is_stopped]
+    end = max((number for number, *_ in rows), default=0) + 1
+    quarters = [errors([(e, v) for n, e, v in stopped if q * end / 4 <= n < (q + 1) * end / 4]) for q in range(4)]
+    return {"false_drops": false_drops, **errors([(e, v) for _, e, v in stopped]), "quarters": quarters}
+
+
+def errors(pairs: list[tuple[float, float]]) -> dict:
+    """Stopped trials' (estimate, value) pairs: how many, the mean estimate − value, their rank
+    correlation (from 3 pairs) and the best value."""
+    if not pairs:
+        return {"stopped": 0, "bias": None, "rank_correlation": None, "best_value": None}
+    estimates, values = np.array(pairs).T
+    return {"stopped": len(pairs), "bias": round(float(np.mean(estimates - values)), 4),
+            "rank_correlation": round(rank_correlation(estimates, values), 3) if len(pairs) >= 3 else None,
+            "best_value": round(float(values.max()), 4)}
+
+
 def lm_eval_tokens(search) -> dict:
     """Tokens of one full search-split evaluation of the base, through the fast paths (loglikelihood
     and generation) and through lm-eval's own calls."""
@@ -139,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     experiment = load_experiment(args.experiment)
     experiment.optimizer.seed = args.seed
     racing = {"first": args.first, "growth": args.growth, "confidence": args.confidence, "screen": args.screen,
-              "anchors": args.anchors}
+              "anchors": args.anchors, "probe": args.probe}
     searches = {"full": run_search(experiment, storage=args.full, n_trials=args.trials, progress=False),
                 "raced": run_search(with_racing(experiment, racing, args.limit), storage=args.raced,
                                     n_trials=args.trials, progress=False)}
@@ -154,6 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
            "within": paired.high >= 0}
     if args.lm_eval_tokens:
         row["one_evaluation_tokens"] = lm_eval_tokens(searches["full"])
+    if args.rescore:
+        row["rescore"] = rescored(searches["raced"])
+        print(f"rescored: {len(row['rescore']['false_drops'])} live false drops; stopped trials' estimates: "
+              f"bias {row['rescore']['bias']:+.3f}, rank correlation {row['rescore']['rank_correlation']:.2f} "
+              f"(by quarter: {', '.join(str(q['rank_correlation']) for q in row['rescore']['quarters'])})")
     print(f"seed {args.seed}: full best trial {scores['full']['trial']} mean skill {scores['full']['mean_skill']:.3f}, "
           f"raced best trial {scores['raced']['trial']} {scores['raced']['mean_skill']:.3f}; raced - full "
           f"{paired.difference:+.3f} [{paired.low:+.3f}, {paired.high:+.3f}] p {paired.p_value:.2g}; tokens "
