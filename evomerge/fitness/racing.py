@@ -306,15 +306,17 @@ class Decision:
 
 def decide(gains: Gains, candidate: Mapping[str, Sequence[float]], exact: Mapping[str, float],
            references: Sequence[Reference], confidence: float,
-           known: Mapping[int, Sequence[float]] | None = None) -> Decision:
+           known: Mapping[int, Sequence[float]] | None = None, split: int | None = None) -> Decision:
     """Whether to stop a candidate whose raced metrics' first items (racing order) are
     ``candidate`` and whose other optimized metrics scored ``exact``, against ``references``.
     ``known[r][k]``: a part of gain ``k`` over reference ``r`` known exactly that ``gains`` do
-    not hold (screening: the probe's)."""
+    not hold (screening: the probe's). ``split``: the metrics whose bounds share the confidence
+    (default: those raced here); it must not shrink during one candidate's race, or the union
+    bound over its looks no longer holds."""
     if not references:
         return Decision(False)
     raced = [m for m in gains.raced if any(c.get(m) for c in gains.coefficients)]
-    alpha = (1 - confidence) / max(1, len(raced) * len(references))
+    alpha = (1 - confidence) / max(1, (len(raced) if split is None else split) * len(references))
     upper: dict[int, list[float]] = {}
     for reference in references:
         bounds = {m: difference_bounds(candidate[m], reference.items[m], alpha) for m in raced}
@@ -413,7 +415,9 @@ def decide_screened(plan: Screen, values: Mapping[str, Sequence[float]], exact: 
     known = _known_gains(plan, values, {m: min(len(values[m]), plan.probe[m]) if m in raced else len(values[m])
                                          for m in plan.positions})
     candidate = {m: values[m][plan.probe[m]:] for m in raced}
-    return decide(gains, candidate, exact, references, confidence, known)
+    # the confidence stays split over every metric with informative items, also once some are all scored
+    split = sum(1 for m in plan.positions if plan.counts[m] and any(k.get(m) for k in plan.gains.coefficients))
+    return decide(gains, candidate, exact, references, confidence, known, split)
 
 
 def _known_gains(plan: Screen, values: Mapping[str, Sequence[float]],

@@ -330,6 +330,22 @@ def test_a_survivor_of_the_informative_items_is_stopped_on_the_left_out_ones_it_
     assert race.scores["a"] == pytest.approx(2 / 8)
 
 
+def test_the_confidence_stays_split_over_a_metric_once_its_informative_items_are_all_scored():
+    """Metric a has one informative item, b sixteen: after the first step a is known exactly and
+    only b is bounded, but b's bound keeps its share of the confidence (split over both): letting
+    a metric leave the split mid-race would spend more than 1 − confidence over the race's looks."""
+    gains = Gains([{"a": 1.0, "b": 1.0}], frozenset({"a", "b"}))
+    trials = [Reference(0, {"a": np.array([0.0, 1, 1, 1]), "b": np.zeros(16)}, {})]
+    plan = screen(gains, trials, trials, Racing(first=2, screen=1))
+    assert plan.counts == {"a": 1, "b": 16} and plan.steps[0] == {"a": 1, "b": 2}
+    values = {"a": [0.0], "b": [0.0] * 8}  # level with the reference on every item scored
+    upper = decide_screened(plan, values, {}, 0.9).upper[0][0]
+    b_only, references = restricted(plan.gains, plan.references, {"b": plan.informative("b")}, plan.positions)
+    both = decide(b_only, {"b": values["b"]}, {}, references, 0.9, split=2).upper[0][0]
+    alone = decide(b_only, {"b": values["b"]}, {}, references, 0.9).upper[0][0]
+    assert upper == pytest.approx(both) and alone < both  # a looser bound than b's alone would give
+
+
 def test_the_probe_is_scored_first_counts_exactly_and_estimates_the_left_out_items():
     """probe=2: items 2 and 4, the first left-out ones in racing order, come first. "worse" has
     item 2 right and item 4 wrong: one item behind the incumbent, known exactly before any
