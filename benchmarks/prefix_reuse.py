@@ -6,8 +6,8 @@ the block (``evomerge.fitness.fitness.reusing_prefixes`` replaced by a null cont
 * **one evaluation** (``Fitness.evaluate``): one call per metric, so only a prefix start the
   metrics share is saved (a chat template's system turn);
 * **one race** (``Fitness.race`` against a reference that is the base itself, level on every item,
-  so never stopped: every racing chunk is a call, the pattern of a raced candidate), with the
-  fitness's ``racing:`` block or ``racing: {first: 32, growth: 2}``.
+  so never stopped: every racing chunk is a call, the pattern of a raced candidate), with
+  ``racing: {first: 32, growth: 2}``.
 
 Prints the forward-pass tokens (``Metric.tokens_scored``), the seconds, and the per-item values'
 agreement (the same items right either way). Run it from the folder the experiment's relative
@@ -22,12 +22,11 @@ import argparse
 import contextlib
 import time
 
-import yaml
+from racing_search import with_racing  # run as a script: benchmarks/ is on the path
 
 import evomerge.fitness.fitness as fitness_module
 from evomerge.fitness import load_fitness
 from evomerge.fitness.racing import Reference, in_item_order
-from evomerge.io import shipped
 from evomerge.search.experiment import load_experiment
 
 
@@ -59,16 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     experiment = load_experiment(args.experiment)
-    if isinstance(experiment.fitness, dict):
-        raise SystemExit("give the experiment's fitness as a file or a shipped name")
-    path = shipped.find("fitness", experiment.fitness)
-    definition = yaml.safe_load(path.read_text())
-    folders = definition.get("include_path", [])
-    definition["include_path"] = [str(path.parent / p) for p in ([folders] if isinstance(folders, str) else folders)]
-    for metric in definition["metrics"].values():
-        if metric.get("type") == "perplexity":
-            metric["data"] = {split: str(path.parent / file) for split, file in metric["data"].items()}
-    definition.setdefault("racing", {"first": 32, "growth": 2})
+    definition = with_racing(experiment, {"first": 32, "growth": 2}).fitness  # its paths made absolute
     model = AutoModelForCausalLM.from_pretrained(experiment.models.base).eval()
     tokenizer = AutoTokenizer.from_pretrained(experiment.models.base)
     reused = measure(definition, model, tokenizer)
