@@ -338,7 +338,7 @@ class Screen:
     ``steps``: the items of each metric, a prefix of screening order, after which to decide
     (:func:`decide_screened`): while the informative items are raced (the first, with anchors,
     decided by their prediction, :func:`estimate`; the last, all informative items), then on the
-    left-out items (``left_out``: the index of the first such step), before all.
+    left-out items, before all.
     ``clusters[m][i]``: the anchor (its index among them) that predicts informative item ``i``."""
 
     positions: dict[str, np.ndarray]
@@ -347,7 +347,6 @@ class Screen:
     gains: Gains
     references: list[Reference]
     steps: list[dict[str, int]]
-    left_out: int
     anchors: dict[str, int] = field(default_factory=dict)
     clusters: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -389,8 +388,7 @@ def screen(gains: Gains, references: Sequence[Reference], pool: Sequence[Referen
         steps.append({m: probe[m] + max(chunk.get(m, 0), anchors.get(m, 0)) for m in positions})
     rest = racing.chunks({m: len(positions[m]) - probe[m] - counts[m] for m in positions})[:-1]
     return Screen(positions, probe, counts, gains, list(references),
-                  steps + [{m: probe[m] + counts[m] + chunk[m] for m in chunk} for chunk in rest],
-                  len(steps), anchors, clusters)
+                  steps + [{m: probe[m] + counts[m] + chunk[m] for m in chunk} for chunk in rest], anchors, clusters)
 
 
 def decide_step(plan: Screen, step: int, values: Mapping[str, Sequence[float]], exact: Mapping[str, float],

@@ -252,8 +252,7 @@ def test_screen_orders_the_informative_items_first_and_scales_their_gains():
     assert raced.coefficients == [{"a": pytest.approx(2 / 3), "x": 0.5}] and raced.raced == {"a"}
     assert [list(r.items["a"]) for r in references] == [[0.0, 1.0, 0.0, 0.0]] and references[0].number == 7
     # the last informative decision after every informative item; then the left-out chunks
-    assert plan.steps[:plan.left_out] == [{"a": 2, "b": 0}, {"a": 4, "b": 0}]
-    assert plan.steps[plan.left_out:] == [{"a": 5, "b": 2}, {"a": 6, "b": 3}]
+    assert plan.steps == [{"a": 2, "b": 0}, {"a": 4, "b": 0}, {"a": 5, "b": 2}, {"a": 6, "b": 3}]
 
 
 def test_the_left_out_items_are_those_at_the_value_no_candidate_can_beat():
@@ -322,7 +321,7 @@ def test_a_survivor_of_the_informative_items_is_stopped_on_the_left_out_ones_it_
     incumbent, pool = reference_of(fitness, "incumbent", 1), reference_of(fitness, "pool", 2)
     a.values["slip"], extra.values["slip"] = [1.0, 0, 0, 1, 0, 1, 0, 0], 1.0
     plan = screen(fitness.gains, [incumbent], [pool, incumbent], fitness.racing)
-    assert plan.steps[plan.left_out:] == [{"a": 6}, {"a": 7}]  # left-out chunks (first 1, growth 2), before all 8
+    assert plan.steps[-2:] == [{"a": 6}, {"a": 7}]  # the left-out chunks (first 1, growth 2), before all 8
     race = fitness.race(Model("slip"), None, [incumbent], pool=[pool, incumbent], cache_key="slip")
     # after item 2 (lost): level, a tie; after item 4 (lost): one behind with item 5 to go, at most a tie
     assert race.stopped and race.items == {"a": 7} and race.decision.upper[1] == [pytest.approx(-1 / 8)]
