@@ -15,15 +15,18 @@ an argmax can differ only where two logits are within rounding of each other.
   to the batch (:func:`evomerge.fitness.loglikelihood.prefix_states`; inside
   :func:`~evomerge.fitness.loglikelihood.reusing_prefixes`, once for all the batches and calls
   of the block). Each prompt keeps at least its last token after it.
-* *Drafts, verified in one pass.* A prompt may come with a *draft*: the tokens it is expected to
-  generate (an evaluation's reference answer and its stop). The prompt's remaining tokens and
-  its draft run in one forward pass, with the LM head only at the positions that predict a
-  generated token. Greedy decoding would generate the draft's tokens as long as each is the
-  argmax at the position before it; so the generated tokens are read off that pass up to and
-  including the first argmax that differs from the draft (the causal mask makes each of those
-  logits the one incremental decoding computes). Decoding then goes on, one token per step, from
-  the first rejected draft position, which the attention mask hides from then on. A draft is a
-  guess: a wrong one costs its tokens, never a different output.
+* *Guesses, verified in one pass.* A prompt may come with *drafts*: guesses of the tokens it
+  generates (in an evaluation, the answers earlier models gave and the reference answer with its
+  stop). Each pass runs, per prompt, the tokens not yet in the cache (first its remaining prompt
+  tokens, then its last generated token) and the rest of the first draft that goes on from what
+  it has generated so far, with the LM head only at the positions that predict a generated
+  token. Greedy decoding would generate the guessed tokens as long as each is the argmax at the
+  position before it; so the generated tokens are read off the pass up to and including the
+  first argmax that differs from the guess (the causal mask makes each of those logits the one
+  incremental decoding computes), and the attention mask hides the rejected guess tokens from
+  then on. A prompt with no draft that goes on decodes one token per pass. A guess costs its
+  tokens, never a different output; a good one saves passes (a batch runs as many as its
+  slowest prompt needs).
 * *Finished prompts leave the batch* (their rows of the cache are dropped).
 
 **Where it applies.** A transformers decoder-only model that passes
@@ -72,11 +75,13 @@ def eos_token_ids(model: nn.Module) -> frozenset[int]:
     return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
 
 
-def generate_greedy(model: nn.Module, prompts: Sequence[Sequence[int]], drafts: Sequence[Sequence[int]], *,
-                    max_new_tokens: int, done: Callable[[list[int]], bool]) -> list[list[int]]:
+def generate_greedy(model: nn.Module, prompts: Sequence[Sequence[int]], drafts: Sequence[Sequence[Sequence[int]]],
+                    *, max_new_tokens: int, done: Callable[[list[int]], bool]) -> list[list[int]]:
     """Per prompt (one batch), the tokens greedy decoding generates (module doc): until ``done``
-    is true of the tokens so far, or ``max_new_tokens``. ``drafts[i]``: prompt ``i``'s expected
-    tokens (empty: none). The model must be in eval mode, under ``torch.no_grad``."""
+    is true of the tokens so far, or ``max_new_tokens``. ``drafts[i]``: guesses of the tokens
+    prompt ``i`` generates, in order of preference (none: no guess); each pass verifies, per
+    prompt, the first guess that goes on from the tokens generated so far. The model must be in
+    eval mode, under ``torch.no_grad``."""
     from transformers import DynamicCache
 
     if not prompts or max_new_tokens < 1:
@@ -87,7 +92,6 @@ def generate_greedy(model: nn.Module, prompts: Sequence[Sequence[int]], drafts: 
     prefix = shared_prefix(model, {tuple(prompt): 1 for prompt in prompts})
     offset = len(prefix)
     suffixes = [list(prompt[offset:]) for prompt in prompts]
-    drafts = [list(draft[:max_new_tokens - 1]) for draft in drafts]  # a later draft token predicts nothing kept
     size = len(prompts)
     if prefix:
         cache = DynamicCache([(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1))
@@ -95,58 +99,54 @@ def generate_greedy(model: nn.Module, prompts: Sequence[Sequence[int]], drafts: 
     else:
         cache = DynamicCache(config=model.config)
 
-    # one pass: each prompt's remaining tokens and its draft, logits where a generated token is predicted
-    rows = [suffix + draft for suffix, draft in zip(suffixes, drafts)]
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows])
-    real = torch.zeros(size, width, dtype=torch.bool)
-    selected = torch.zeros(size, width, dtype=torch.bool)
-    for i, (suffix, row) in enumerate(zip(suffixes, rows)):
-        real[i, :len(row)] = True
-        selected[i, len(suffix) - 1:len(row)] = True
-    mask = torch.cat([torch.ones(size, offset, dtype=torch.bool), real], dim=1)
-    positions = torch.arange(offset, offset + width).expand(size, -1)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.long().to(device),
-                   position_ids=positions.to(device), use_cache=True, logits_to_keep=selected.to(device),
-                   **{cache_argument(model): cache}).logits
-    picks = logits.argmax(dim=-1).tolist()
-
-    outputs: list[list[int]] = []
-    active: list[int] = []  # prompts still generating
-    start = 0
-    for i, draft in enumerate(drafts):
-        row_picks, start = picks[start:start + len(draft) + 1], start + len(draft) + 1
-        generated: list[int] = []
-        finished = False
-        for j, token in enumerate(row_picks):
-            generated.append(token)
-            finished = done(generated) or len(generated) >= max_new_tokens
-            if finished or j == len(draft) or token != draft[j]:
-                break
-        outputs.append(generated)
-        if not finished:
-            active.append(i)
-            mask[i, offset + len(suffixes[i]) + len(generated) - 1:] = False  # rejected draft tokens, padding
-
-    # then one token per step for the prompts still generating
-    mask = mask.long().to(device)
-    if active and len(active) < size:
-        cache.batch_select_indices(torch.tensor(active, device=device))
-    mask = mask[active]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(size))  # prompts still generating
+    mask = torch.ones(size, offset, dtype=torch.bool, device=device)  # the cache's columns a row sees
     while active:
-        step = torch.tensor([[outputs[i][-1]] for i in active], device=device)
-        where = torch.tensor([[offset + len(suffixes[i]) + len(outputs[i]) - 1] for i in active], device=device)
-        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(input_ids=step, attention_mask=mask, position_ids=where, use_cache=True, logits_to_keep=1,
-                       **{cache_argument(model): cache}).logits
-        still = []
-        for row, (i, token) in enumerate(zip(active, logits[:, -1].argmax(dim=-1).tolist())):
-            outputs[i].append(token)
-            if not (done(outputs[i]) or len(outputs[i]) >= max_new_tokens):
-                still.append(row)
-        if len(still) < len(active):
+        # each prompt's tokens not yet in the cache (first pass: its remaining prompt; then its last
+        # generated token), then its guess; logits where a generated token is predicted
+        fed = [suffixes[i] if not outputs[i] else outputs[i][-1:] for i in active]
+        guesses = [_guess(drafts[i], outputs[i], max_new_tokens) for i in active]
+        rows = [tokens + guess for tokens, guess in zip(fed, guesses)]
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows])
+        real = torch.zeros(len(active), width, dtype=torch.bool)
+        selected = torch.zeros(len(active), width, dtype=torch.bool)
+        for j, (tokens, row) in enumerate(zip(fed, rows)):
+            real[j, :len(row)] = True
+            selected[j, len(tokens) - 1:len(row)] = True
+        starts = torch.tensor([offset + len(suffixes[i]) + len(outputs[i]) - len(tokens)
+                               for i, tokens in zip(active, fed)])
+        mask = torch.cat([mask, real.to(device)], dim=1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.long(),
+                       position_ids=(starts[:, None] + torch.arange(width)).to(device), use_cache=True,
+                       logits_to_keep=selected.to(device), **{cache_argument(model): cache}).logits
+        picks = logits.argmax(dim=-1).tolist()
+
+        still, start = [], 0
+        for j, (i, tokens, guess) in enumerate(zip(active, fed, guesses)):
+            row_picks, start = picks[start:start + len(guess) + 1], start + len(guess) + 1
+            for k, token in enumerate(row_picks):
+                outputs[i].append(token)
+                finished = done(outputs[i]) or len(outputs[i]) >= max_new_tokens
+                if finished or k == len(guess) or token != guess[k]:
+                    break
+            mask[j, mask.shape[1] - width + len(tokens) + k:] = False  # rejected guess tokens, padding
+            if not finished:
+                still.append(j)
+        if len(still) < len(active):  # finished prompts leave the batch
             if still:
                 cache.batch_select_indices(torch.tensor(still, device=device))
             mask = mask[still]
-            active = [active[row] for row in still]
+            active = [active[j] for j in still]
     return outputs
+
+
+def _guess(drafts: Sequence[Sequence[int]], generated: list[int], max_new_tokens: int) -> list[int]:
+    """The tokens after ``generated`` of the first draft that goes on from them (none: []), at most
+    as many as a pass can still use (the last generated token predicts one more)."""
+    n = len(generated)
+    for draft in drafts:
+        if len(draft) > n and list(draft[:n]) == generated:
+            return list(draft[n:max_new_tokens - 1])
+    return []

@@ -12,6 +12,7 @@ no logits that close, so an argmax flip would be a bug, not rounding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import pytest
@@ -55,7 +56,7 @@ def render(tokenizer, prompt: str) -> str:
 
 @pytest.mark.parametrize("chat,reuse", [(False, False), (True, False), (True, True)])
 def test_generate_greedy_equals_decoding_from_scratch(model, tokenizer, chat, reuse):
-    """Right drafts, half-right drafts, wrong drafts, no drafts: the same tokens as the oracle;
+    """Right guesses, half-right, wrong, none, several: the same tokens as the oracle;
     ``reuse``: every call inside one reusing_prefixes block, later batches on the first's prefix."""
     newline = tokenizer.convert_tokens_to_ids("\n")
 
@@ -67,9 +68,13 @@ def test_generate_greedy_equals_decoding_from_scratch(model, tokenizer, chat, re
     expected = [naive_greedy(model, p, done) for p in prompts]
     assert any(len(e) < MAX_NEW for e in expected) and any(len(e) == MAX_NEW for e in expected)
     wrong = tokenizer.convert_tokens_to_ids("q")
-    kinds = [lambda e: e, lambda e: e[:2] + [wrong] + e[3:], lambda e: [wrong] * 4, lambda e: [],
-             lambda e: e + [wrong] * 5]
-    drafts = [kinds[i % len(kinds)](e) for i, e in enumerate(expected)]
+    kinds = [lambda e: [e], lambda e: [e[:2] + [wrong] + e[3:]], lambda e: [[wrong] * 4], lambda e: [],
+             lambda e: [e + [wrong] * 5],
+             # several guesses: a wrong one then the right one (taken up after the rejection); two
+             # half-right ones that part at different tokens; one that stops short
+             lambda e: [[wrong] * 3, e], lambda e: [e[:1] + [wrong] + e[2:], e[:3] + [wrong]], lambda e: [e[:2]]]
+    drafts = [kinds[i % len(kinds)](e) for i, e in enumerate(expected * 2)]
+    prompts, expected = prompts * 2, expected * 2
     with torch.no_grad(), reusing_prefixes() if reuse else contextlib.nullcontext():
         for batch in (1, 4, len(prompts)):
             got = []
@@ -136,3 +141,26 @@ def test_greedy_config_and_hidden_stops_fall_back(tokenizer, tmp_path, caplog):
     assert (fast, fast_tokens) == (slow, slow_tokens)  # the same forward calls: lm-eval's
     (fast, fast_tokens), (slow, slow_tokens) = both_paths(definition, model, tokenizer)
     assert fast == slow and fast_tokens != slow_tokens  # without it, the fast path
+
+
+def test_a_model_scored_after_another_gets_its_own_values(model, tokenizer, tmp_path):
+    """The fast path drafts each prompt with what the last model scored generated from it (a
+    guess it verifies): a model scored after another that answers differently gets the values
+    lm-eval's own path gives it alone."""
+    items = greedy_items(model, tokenizer, zoo_prompts(8))
+    tasks = write_tasks(tmp_path, items, "_zoo_template_yaml")
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.3 * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    definition = {"include_path": str(tasks), "metrics": {"gen": {
+        "type": "lm_eval", "task": "probe", "metric": "exact_match", "batch_size": 1000,
+        "gen_kwargs": {"max_gen_toks": MAX_NEW}}}}
+    fitness = load_fitness(definition)
+    with torch.no_grad():
+        first = fitness.evaluate_items(model, tokenizer, "test")[1]
+        after = fitness.evaluate_items(other, tokenizer, "test")[1]
+    alone = both_paths(definition, other, tokenizer)[1][0]  # lm-eval's path, a fresh metric
+    assert after == alone
+    assert first != after  # the other model answers differently: its drafts were partly wrong
