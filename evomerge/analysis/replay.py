@@ -52,6 +52,8 @@ class Replayed:
     lead: float | None = None  # a false drop's lead over the replay's incumbent (one objective)
     estimate: float | None = None  # a trial stopped under screening: the estimate a search would report (one objective)
     value: float | None = None  # its value in full (one objective)
+    exact_stop: bool = False  # stopped under screening only once all its informative items were scored: no bound
+    behind: float | None = None  # a stopped trial's value in full below the incumbent's (one objective)
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,17 @@ class Replay:
         return float(np.mean(pairs[:, 0] - pairs[:, 1])), rank_correlation(pairs[:, 0], pairs[:, 1])
 
     def totals(self) -> dict[str, float]:
-        """Items and tokens with racing and in full, their ratios, the trials stopped and the
-        estimates' error (:meth:`estimate_error`, None when there is none)."""
+        """Items and tokens with racing and in full, their ratios, the trials stopped (and of
+        them those stopped only by an exact decision, with their median shortfall from the
+        incumbent in full) and the estimates' error (:meth:`estimate_error`, None when there is
+        none)."""
         items, full = sum(t.items for t in self.trials), sum(t.full_items for t in self.trials)
         tokens, full_tokens = sum(t.tokens for t in self.trials), sum(t.full_tokens for t in self.trials)
         error = self.estimate_error()
+        behind = [t.behind for t in self.trials if t.exact_stop and t.behind is not None]
         return {"trials": len(self.trials), "stopped": sum(t.stopped for t in self.trials),
+                "exact_stops": sum(t.exact_stop for t in self.trials),
+                "exact_stops_median_behind": float(np.median(behind)) if behind else None,
                 "false_drops": len(self.false_drops), "largest_lead": self.largest_lead,
                 "items": items, "full_items": full,
                 "items_ratio": full / items if items else 0.0, "tokens": tokens, "full_tokens": full_tokens,
@@ -102,7 +109,10 @@ class Replay:
         return (f"racing first={racing.first} growth={racing.growth} confidence={racing.confidence} "
                 f"seed={racing.seed} screen={racing.screen} probe={racing.probe} anchors={racing.anchors}: "
                 f"{t['stopped']} of {t['trials']} trials stopped "
-                f"({len(self.skipped)} skipped), {t['false_drops']} false drops"
+                f"({len(self.skipped)} skipped; {t['exact_stops']} only once every informative item was scored"
+                + (f", a median {t['exact_stops_median_behind']:.4g} behind the incumbent"
+                   if t["exact_stops_median_behind"] is not None else "")
+                + f"), {t['false_drops']} false drops"
                 + (f" (trials {', '.join(map(str, self.false_drops))})" if self.false_drops else "")
                 + (f", the largest leading the incumbent by {self.largest_lead:.4g}" if self.largest_lead else "")
                 + "\n"
@@ -144,6 +154,7 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
                 if len(pool) == racing.screen else [])
         stop_at = None
         estimate_value = None
+        exact_stop = False
         if reference_trials and pool:  # screening: the probe and the informative items, in screening order
             chosen = [references[t.number] for t in reference_trials]
             plan = screen(gains, chosen, pool, racing)
@@ -154,6 +165,7 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
                     stop_at = chunk
                     beaten_by = references[decision.beaten_by]
                     estimate_value = _estimate(fitness, plan, scored, beaten_by, records.metrics)
+                    exact_stop = all(chunk[m] >= plan.probe[m] + plan.counts[m] for m in chunk)
                     break
         elif reference_trials:
             for chunk in racing.chunks(sizes)[:-1]:
@@ -166,10 +178,15 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
         if false_drop and len(directions) == 1:
             sign = 1.0 if directions[0] == StudyDirection.MAXIMIZE else -1.0
             lead = sign * (trial.values[0] - reference_trials[0].values[0])
+        behind = None
+        if stop_at is not None and len(directions) == 1:
+            sign = 1.0 if directions[0] == StudyDirection.MAXIMIZE else -1.0
+            behind = sign * (reference_trials[0].values[0] - trial.values[0])
         counts = _counts(fitness, records, stop_at, exact)
         replayed.append(Replayed(trial.number, sum(counts.values()), sum(_full(records).values()),
                                  _tokens(records, counts), _tokens(records, _full(records)), stop_at is not None,
-                                 false_drop, lead, estimate_value, trial.values[0] if len(directions) == 1 else None))
+                                 false_drop, lead, estimate_value, trial.values[0] if len(directions) == 1 else None,
+                                 exact_stop, behind))
         if stop_at is None:
             kept.append(trial)
             references[trial.number] = Reference(trial.number, items, records.metrics)

@@ -103,6 +103,10 @@ def test_replay_screens_once_its_pool_is_full_and_keeps_a_winner_on_items_all_go
     by_number = {t.number: t for t in replay.trials}
     assert not by_number[0].stopped and not by_number[1].stopped  # a tie is not stopped; the pool fills
     assert by_number[2].stopped and by_number[2].items == N // 2 and by_number[2].tokens == 5 * N // 2
+    # stopped on the exact decision after all 32 informative items, 8 items (0.125) behind trial 0
+    assert by_number[2].exact_stop and by_number[2].behind == 0.625 - 0.5
+    assert replay.totals()["exact_stops"] == 1 and replay.totals()["exact_stops_median_behind"] == 0.125
+    assert "1 only once every informative item was scored, a median 0.125 behind" in replay.summary()
     assert not by_number[3].stopped and by_number[3].items == N + 1 and replay.false_drops == []
     assert not by_number[4].stopped and "0 false drops" in replay.summary()
 
@@ -127,6 +131,7 @@ def test_replay_with_anchors_stops_a_predicted_loser_after_its_anchors():
     replay = replay_racing(screening_study(), fitness(), Racing(first=N, screen=2, anchors=1))
     by_number = {t.number: t for t in replay.trials}
     assert by_number[2].stopped and by_number[2].items == 1  # 0 at the anchor: predicted all wrong
+    assert not by_number[2].exact_stop  # a prediction, before the informative items were scored
     plain = replay_racing(screening_study(), fitness(), Racing(first=N, screen=2))
     assert plain.trials[2].stopped and plain.trials[2].items == N // 2  # without anchors: every informative item
     assert not by_number[3].stopped and by_number[3].items == N + 1  # right at the anchor: scored in full
