@@ -61,6 +61,7 @@ import torch.nn.functional as F
 import yaml
 
 from evomerge.fitness import load_fitness
+from evomerge.fitness.lmeval import LmEvalMetric
 from evomerge.zoo.synthetic import SIZES, build_family
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -230,6 +231,16 @@ def direct_generate(model, tokenizer, rows: list[dict], batch_size: int, gen_tok
     return hits / len(rows)
 
 
+def first_time(fitness, model, tokenizer) -> dict[str, float]:
+    """``fitness.evaluate`` of a model as if it were the first scored: without the answers a
+    generation metric keeps from the rounds before as guesses (a search's next candidate is
+    another model, whose answers those only partly predict: benchmarks/generation_drafts.py)."""
+    for metric in fitness.metrics.values():
+        if isinstance(metric, LmEvalMetric):
+            metric.forget_answers()
+    return fitness.evaluate(model, tokenizer)
+
+
 def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -246,7 +257,7 @@ def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
     os.chdir(work)  # simple_evaluate reads the task's relative data files from the working directory
     try:
         seconds, _ = timed({
-            "ours": lambda: fitness.evaluate(model, tokenizer),
+            "ours": lambda: first_time(fitness, model, tokenizer),
             "lm-eval": lambda: slow.evaluate(model, tokenizer),
             "theirs": lambda: direct_generate(model, tokenizer, rows, args.batch_size, args.gen_tokens),
             "simple": lambda: lm_eval.simple_evaluate(
@@ -259,7 +270,7 @@ def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
     slow_s, tokens = seconds["lm-eval"], {}
     for name, candidate in (("fast", fitness), ("lm-eval", slow)):
         before = candidate.metrics["add"].tokens_scored
-        candidate.evaluate(model, tokenizer)
+        first_time(candidate, model, tokenizer)
         tokens[name] = candidate.metrics["add"].tokens_scored - before
     per_item = (ours_s - theirs_s) / args.items * 1e3
     label = f"lm-eval s/candidate ({args.items} items, {args.gen_tokens} new tokens)"
@@ -267,7 +278,7 @@ def bench_lm_eval(model, tokenizer, args, work: Path) -> list[tuple]:
              f"fast generation; overhead {per_item:+.2f} ms/item; computes {tokens['fast']} tokens"),
             ("  through lm-eval's generate_until (fast_generation: false)", f"{slow_s:.3f}", f"{theirs_s:.3f}",
              f"{theirs_s / slow_s:.2f}x", f"computes {tokens['lm-eval']} tokens; same values: "
-             f"{fitness.evaluate(model, tokenizer) == slow.evaluate(model, tokenizer)}"),
+             f"{first_time(fitness, model, tokenizer) == slow.evaluate(model, tokenizer)}"),
             ("  lm_eval.simple_evaluate per candidate (tasks rebuilt)", f"{simple_s:.3f}", f"{theirs_s:.3f}",
              f"{theirs_s / simple_s:.2f}x", ""),
             ("  load_fitness (task objects built once per search)", f"{load_s:.3f}", "", "", "")]
@@ -335,7 +346,7 @@ def bench_loglikelihood(model, tokenizer, args, definition: dict, label: str) ->
     max_length = lm.max_length
     tokens = sum(len((c + k)[-(max_length + 1):][:-1]) for group in pairs for c, k in group)
     before = {name: m.tokens_scored for name, m in fast.metrics.items()}
-    fast.evaluate(model, tokenizer)
+    first_time(fast, model, tokenizer)
     computed = sum(m.tokens_scored - before[name] for name, m in fast.metrics.items())
 
     def anchor():
@@ -345,7 +356,7 @@ def bench_loglikelihood(model, tokenizer, args, definition: dict, label: str) ->
         ours = [v for group, size in zip(pairs, batches)
                 for v in score_loglikelihood(model, group, max_length=max_length, batch_size=size).values]
     bare = anchor()
-    seconds, _ = timed({"fast": lambda: fast.evaluate(model, tokenizer),
+    seconds, _ = timed({"fast": lambda: first_time(fast, model, tokenizer),
                         "anchor": anchor,
                         "lm-eval": lambda: slow.evaluate(model, tokenizer)}, args.repeats)
     fast_s, anchor_s, slow_s = seconds["fast"], seconds["anchor"], seconds["lm-eval"]

@@ -8,7 +8,7 @@ then the document's target; after a rejection, the first guess that goes on from
 generated is verified in the next pass. This replays a finished study's candidates in trial order and scores each
 one's generation metrics on the search split twice, by two fitness instances of the experiment:
 
-* **targets**: drafts from the targets only (the metric's memory of earlier answers ignored);
+* **targets**: drafts from the targets only (``LmEvalMetric.forget_answers`` before each candidate);
 * **last answers**: the metric's memory of recent answers on, as a search runs;
 
 and, as the oracle and the anchor, by lm-eval's own path (``fast_generation: false``: HFLM's
@@ -67,11 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     materializer = search_materializer(search)
     trials = [t for t in search.study.trials if first <= t.number < end and trial_records(t).plan]
     totals = {label: {"forwards": 0, "tokens": 0, "seconds": 0.0} for label in fitnesses}
-    drafts = LmEvalMetric._drafts  # the benchmark's own switch (targets only), replaced here alone
-
-    def targets_only(task, lm, requests, answers):  # noqa: ANN001, ANN202
-        return drafts(task, lm, requests, {})
-
     for trial in trials:
         records = trial_records(trial)
         model = materializer.apply(parse_config(records.plan, f"<trial {trial.number}>"),
@@ -82,9 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             labels = ["targets", "last answers"]
             for label in (labels if trial.number % 2 else labels[::-1]) + ["lm-eval's path"]:  # alternate
-                LmEvalMetric._drafts = staticmethod(targets_only if label == "targets" else drafts)
                 for metric in metrics[label]:
                     metric.prepare(model, materializer.tokenizer, "search")  # the requests, built once
+                    if label == "targets":
+                        metric.forget_answers()
                 before = [m.tokens_scored for m in metrics[label]]
                 forwards[0], start = 0, time.perf_counter()
                 with scoring(model), reusing_prefixes():
@@ -95,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
                 totals[label]["tokens"] += sum(m.tokens_scored - b for m, b in zip(metrics[label], before))
         finally:
             hook.remove()
-            LmEvalMetric._drafts = staticmethod(drafts)
         assert values["targets"] == values["last answers"] == values["lm-eval's path"], (
             f"trial {trial.number}: the per-item values differ")
     a, b, c = totals["targets"], totals["last answers"], totals["lm-eval's path"]

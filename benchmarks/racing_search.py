@@ -99,13 +99,21 @@ def with_racing(experiment: Experiment, racing: dict, limit: int | None = None) 
 
 
 def cost(study) -> dict:
-    """Trials, items and tokens scored, and the trials' wall time, of a finished study."""
+    """Trials, items and tokens scored, and the trials' wall time, of a finished study; by metric,
+    the items, tokens and scoring seconds its trials recorded."""
     trials = [t for t in study.trials if t.datetime_complete is not None]
     records = [trial_records(t) for t in trials]
     seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    by_metric: dict[str, dict] = {}
+    for record in records:
+        for name, entry in record.scored.items():
+            total = by_metric.setdefault(name, {"items": 0, "tokens": 0, "seconds": 0.0})
+            for key in total:
+                total[key] += entry.get(key, 0)
     return {"trials": len(trials), "raced_out": sum(r.raced_out for r in records),
             "items": sum(r.items_scored for r in records), "tokens": sum(r.tokens_scored for r in records),
-            "seconds": round(seconds, 1), "trials_per_min": round(60 * len(trials) / seconds, 2)}
+            "seconds": round(seconds, 1), "trials_per_min": round(60 * len(trials) / seconds, 2),
+            "by_metric": {name: {**total, "seconds": round(total["seconds"], 1)} for name, total in by_metric.items()}}
 
 
 def heldout(searches: dict) -> tuple[dict, dict]:

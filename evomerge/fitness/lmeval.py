@@ -289,6 +289,11 @@ class LmEvalMetric(Metric):
         self._said: set[str] = set()  # fallback reasons already logged
         self._answers: dict[tuple[int, ...], list[list[int]]] = {}  # prompt tokens -> recent greedy answers
 
+    def forget_answers(self) -> None:
+        """Drop the greedy answers kept as the next model's guesses (fast generation): the next
+        model is scored as the first one is, with the documents' targets as its only guesses."""
+        self._answers.clear()
+
     def sources(self) -> list[Path]:
         files = (self.tasks["test"].config.dataset_kwargs or {}).get("data_files")
         return [self.path] + ([Path(f) for f in _flat(files) if Path(f).is_file()] if files else [])

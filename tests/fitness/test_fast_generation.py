@@ -164,3 +164,26 @@ def test_a_model_scored_after_another_gets_its_own_values(model, tokenizer, tmp_
     alone = both_paths(definition, other, tokenizer)[1][0]  # lm-eval's path, a fresh metric
     assert after == alone
     assert first != after  # the other model answers differently: its drafts were partly wrong
+
+
+def test_the_same_model_again_costs_its_guesses_only_and_forget_answers_resets(model, tokenizer, tmp_path):
+    """A model scored again is guessed right on every item by its own last answers: it computes
+    fewer tokens than the first time (every wrong answer then cost a decoding); after
+    ``forget_answers`` it computes what the first time did."""
+    items = greedy_items(model, tokenizer, zoo_prompts(8))
+    tasks = write_tasks(tmp_path, items, "_zoo_template_yaml")
+    fitness = load_fitness({"include_path": str(tasks), "metrics": {"gen": {
+        "type": "lm_eval", "task": "probe", "metric": "exact_match", "batch_size": 1000,
+        "gen_kwargs": {"max_gen_toks": MAX_NEW}}}})
+    metric = fitness.metrics["gen"]
+    costs = []
+    with torch.no_grad():
+        for forget in (False, False, True):
+            if forget:
+                metric.forget_answers()
+            before = metric.tokens_scored
+            values = fitness.evaluate_items(model, tokenizer, "test")[1]
+            costs.append((metric.tokens_scored - before, values))
+    (first, values), (again, same), (reset, after) = costs
+    assert values == same == after and 0 < sum(values["gen"]) < len(items)
+    assert again < first == reset
