@@ -174,14 +174,11 @@ def replay_racing(trials: optuna.Study | Sequence[FrozenTrial], fitness: Fitness
                     stop_at = chunk
                     break
         false_drop = stop_at is not None and _would_lead(trial, reference_trials, directions)
-        lead = None
-        if false_drop and len(directions) == 1:
-            sign = 1.0 if directions[0] == StudyDirection.MAXIMIZE else -1.0
-            lead = sign * (trial.values[0] - reference_trials[0].values[0])
-        behind = None
+        lead = behind = None  # one objective: the trial's value in full over the incumbent's
         if stop_at is not None and len(directions) == 1:
             sign = 1.0 if directions[0] == StudyDirection.MAXIMIZE else -1.0
-            behind = sign * (reference_trials[0].values[0] - trial.values[0])
+            gain = sign * (trial.values[0] - reference_trials[0].values[0])
+            lead, behind = (gain if false_drop else None), -gain
         counts = _counts(fitness, records, stop_at, exact)
         replayed.append(Replayed(trial.number, sum(counts.values()), sum(_full(records).values()),
                                  _tokens(records, counts), _tokens(records, _full(records)), stop_at is not None,

@@ -335,8 +335,8 @@ class LmEvalMetric(Metric):
                 fast = request_type == "generate_until" and self._fast_generation(model, lm)
                 with _counting_tokens(model) as counted:
                     if fast:
-                        drafts = self._drafts(task, lm, requests, self._answers)
-                        with generating_with(lm, partial(self._generate, model, lm, drafts, self._answers)):
+                        drafts = self._drafts(task, lm, requests)
+                        with generating_with(lm, partial(self._generate, model, lm, drafts)):
                             responses = lm.generate_until(requests, disable_tqdm=True)
                     else:
                         responses = getattr(lm, request_type)(requests, disable_tqdm=True)
@@ -386,19 +386,17 @@ class LmEvalMetric(Metric):
             log.warning("%s: generation requests run through transformers' generate: %s", self.name, reason)
         return reason is None
 
-    @staticmethod
-    def _drafts(task: Any, lm: Any, requests: list[Any],
-                answers: dict[tuple[int, ...], list[list[int]]]) -> dict[tuple[int, ...], list[list[int]]]:
+    def _drafts(self, task: Any, lm: Any, requests: list[Any]) -> dict[tuple[int, ...], list[list[int]]]:
         """Each generation request's guesses for :func:`generate_greedy` to verify, by its
-        context's tokens: the answers the last models scored generated from it (``answers``, the
-        latest first), then the document's target followed by the first stop string."""
+        context's tokens: the answers the last models scored generated from it (the latest
+        first), then the document's target followed by the first stop string."""
         drafts = {}
         for request in requests:
             context, kwargs = request.args
             prompt = tuple(lm.tok_encode(context))
             target = task.doc_to_target(request.doc)
             until = kwargs.get("until") or [""]
-            guesses = list(answers.get(prompt, []))
+            guesses = list(self._answers.get(prompt, []))
             if isinstance(target, str):
                 stop = until if isinstance(until, str) else until[0]
                 expected = lm.tok_encode(target + stop, add_special_tokens=False)
@@ -406,10 +404,8 @@ class LmEvalMetric(Metric):
             drafts[prompt] = guesses
         return drafts
 
-    @staticmethod
-    def _generate(model: nn.Module, lm: Any, drafts: dict[tuple[int, ...], list[list[int]]],
-                  answers: dict[tuple[int, ...], list[list[int]]], context: Any, max_length: int, stop: list[str],
-                  fallback: Any, **kwargs: Any) -> Any:
+    def _generate(self, model: nn.Module, lm: Any, drafts: dict[tuple[int, ...], list[list[int]]], context: Any,
+                  max_length: int, stop: list[str], fallback: Any, **kwargs: Any) -> Any:
         """One HFLM generation batch (:func:`evomerge.compat.lm_eval.generating_with`) by
         :func:`generate_greedy`: the same tokens, so the same strings once lm-eval decodes them
         and cuts them at the stop strings. A sequence ends at an eos token (as in ``generate``)
@@ -435,7 +431,7 @@ class LmEvalMetric(Metric):
         outputs = generate_greedy(model, prompts, [drafts.get(tuple(p), []) for p in prompts],
                                   max_new_tokens=max_length - context.shape[1], done=done)
         for prompt, out in zip(prompts, outputs):  # guesses for the next model's passes
-            recent = answers.setdefault(tuple(prompt), [])
+            recent = self._answers.setdefault(tuple(prompt), [])
             recent[:] = [out] + [answer for answer in recent if answer != out][:ANSWERS_KEPT - 1]
         width = max(len(out) for out in outputs)
         result = torch.full((len(prompts), context.shape[1] + width), lm.tokenizer.pad_token_id, dtype=context.dtype)
